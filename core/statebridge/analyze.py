@@ -1,0 +1,85 @@
+"""Reports about states, produced through the ``statebridge_analyze`` hook."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import ConfigError
+from .io import SourceLike, open_source
+from .io.base import Source
+from .meta import TensorMeta, dtype_name
+from .patterns import NUMBER, compress_keys
+
+
+@dataclass
+class Report:
+    """A titled table plus free-form notes; renders as text or as a dict (``--json``)."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    notes: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def render(self) -> str:
+        table = [self.columns, *[[str(c) for c in row] for row in self.rows]]
+        widths = [max(len(str(r[i])) for r in table) for i in range(len(self.columns))]
+        lines = [self.title]
+        for i, row in enumerate(table):
+            lines.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+            if i == 0:
+                lines.append("  " + "  ".join("-" * w for w in widths))
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "columns": self.columns, "rows": self.rows, "notes": self.notes, **self.data}
+
+
+def summary(source: Source) -> Report:
+    """Keys, shapes and dtypes of a state, with numbered layers folded into ranges."""
+    metas = source.metas()
+    buckets: dict[tuple[str, TensorMeta], list[str]] = {}
+    for key, meta in metas.items():
+        buckets.setdefault((NUMBER.sub("#", key), meta), []).append(key)
+    rows = [[compress_keys(keys)[0], str(meta), len(keys)] for (_, meta), keys in buckets.items()]
+    params = sum(m.numel for m in metas.values())
+    size = sum(m.nbytes for m in metas.values())
+    dtypes = Counter(dtype_name(m.dtype) for m in metas.values())
+    notes = [
+        f"{len(metas)} tensors, {params:,} elements, {size / 1024**2:.1f} MB; "
+        + ", ".join(f"{n} {d}" for d, n in dtypes.most_common())
+    ]
+    if source.metadata:
+        notes.append("metadata: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(source.metadata.items())))
+    return Report(
+        f"{source.name}",
+        ["tensors", "dtype[shape]", "count"],
+        rows,
+        notes,
+        {"tensors": len(metas), "elements": params, "bytes": size, "metadata": dict(source.metadata)},
+    )
+
+
+def _short(value: str, limit: int = 60) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def analyze(analysis: str, *sources: SourceLike, model: nn.Module | None = None, **options: Any) -> Report:
+    """Run the analysis named ``analysis`` (``summary``, or one a plugin provides)."""
+    from .plugins import load_plugins
+
+    plugins = load_plugins()
+    opened = [open_source(s) for s in sources]
+    report = plugins.hook.statebridge_analyze(analysis=analysis, sources=opened, model=model, options=dict(options))
+    if report is None:
+        known = sorted(a for plugin in plugins.info for a in plugin.analyses)
+        raise ConfigError(f"no installed plugin provides the analysis {analysis!r}; available: {', '.join(known)}")
+    return report
+
+
+__all__ = ["Report", "analyze", "summary"]

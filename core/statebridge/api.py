@@ -1,0 +1,129 @@
+"""The Python entry points: plan a pipeline, run it to a file, or load it into a module."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .checks import validate
+from .errors import ConfigError
+from .execute import ExecutionStats, execute
+from .io import SourceLike, open_source
+from .plan import Plan
+from .plugins import load_plugins
+from .transaction import atomic_target
+from .transforms.base import Transform
+from .transforms.composite import Pipeline
+from .writers.base import Writer
+from .writers.module import ModuleWriter
+
+PipelineLike = Transform | Sequence[Transform | Mapping[str, Any]] | None
+
+
+def as_pipeline(pipeline: PipelineLike) -> Pipeline:
+    """Accept a transform, a list of transforms or config-form steps, or None (identity)."""
+    if pipeline is None:
+        return Pipeline([])
+    if isinstance(pipeline, Pipeline):
+        return pipeline
+    if isinstance(pipeline, Transform):
+        return Pipeline([pipeline])
+    return Pipeline(list(pipeline))
+
+
+def plan(source: SourceLike, pipeline: PipelineLike = None, **options: Any) -> Plan:
+    """Plan ``pipeline`` against ``source`` from headers alone, and run every validate hook."""
+    built = Plan.build(open_source(source), as_pipeline(pipeline), options)
+    validate(built)
+    return built
+
+
+def writer_for(target: Path, format: str | None = None) -> type[Writer]:
+    """The writer class for ``format``, or for the target's suffix when no format is named."""
+    writers = load_plugins().writers
+    if format is not None:
+        try:
+            return writers[format]
+        except KeyError:
+            raise ConfigError(f"no writer for format {format!r}; installed formats: {', '.join(sorted(writers))}") from None
+    for cls in writers.values():
+        if cls.for_target(target):
+            return cls
+    raise ConfigError(f"cannot tell the output format of {str(target)!r}; set format: one of {', '.join(sorted(writers))}")
+
+
+@dataclass
+class RunReport:
+    """What a run planned and did."""
+
+    plan: Plan
+    target: Path
+    files: list[Path]
+    stats: ExecutionStats
+
+    def render(self) -> str:
+        s = self.stats
+        lines = [
+            f"wrote {self.target}: {s.tensors_written + s.tensors_copied_raw} tensors "
+            f"({s.tensors_copied_raw} copied as raw bytes) in {len(self.files)} files, {s.seconds:.2f} s"
+        ]
+        for record in s.gate_records:
+            lines.append(f"  gate {record.key}: chose {record.chosen}")
+        return "\n".join(lines)
+
+
+def run(
+    source: SourceLike,
+    pipeline: PipelineLike,
+    target: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    shard_size: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+    progress: bool | None = None,
+    gates: Mapping[str, Any] | None = None,
+) -> RunReport:
+    """Stream ``source`` through ``pipeline`` into ``target``, atomically.
+
+    The target (file or shard folder) appears only when everything was written
+    and fsynced; on any error it is left as it was.
+    """
+    target = Path(target)
+    with open_source(source) as src:
+        built = plan(src, pipeline, format=format, shard_size=shard_size, gates=dict(gates or {}))
+        writer = writer_for(target, format)(target, metadata=metadata, shard_size=shard_size)
+        with atomic_target(target, folder=writer.writes_folder) as staging:
+            writer.path = staging
+            try:
+                stats = execute(built, writer, progress=progress, gates=gates)
+                files = writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+    final = [target / f.relative_to(staging) if writer.writes_folder else target for f in files]
+    return RunReport(built, target, final, stats)
+
+
+def load_into(
+    model: nn.Module,
+    source: SourceLike,
+    pipeline: PipelineLike = None,
+    *,
+    strict: bool = True,
+    progress: bool | None = None,
+) -> Plan:
+    """Fill ``model``'s parameters and buffers from ``source`` through ``pipeline``, group by group.
+
+    Works for meta-device models (tensors are assigned) and casts dtypes on the
+    fly.  With ``strict``, every module key must be produced and no other key
+    may be; shape mismatches are always errors, raised before any data is read.
+    """
+    with open_source(source) as src:
+        built = plan(src, pipeline)
+        execute(built, ModuleWriter(model, strict=strict), progress=progress)
+    return built

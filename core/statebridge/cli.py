@@ -1,0 +1,140 @@
+"""The ``statebridge`` command line.
+
+Every error statebridge raises on purpose is printed as one line (or a short
+list) naming the file, key or step, with no traceback, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .analyze import analyze
+from .api import plan, run
+from .config import config_schema, load_config, parse_size
+from .errors import StatebridgeError
+from .plugins import load_plugins
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        return args.func(args) or 0
+    except StatebridgeError as e:
+        print(f"statebridge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("statebridge: interrupted; the target was left as it was", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="statebridge", description="Declarative, checked, streaming transformations of PyTorch model state.")
+    parser.add_argument("--version", action="version", version=f"statebridge {__version__}")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="keys, shapes and dtypes of a checkpoint, layers folded into ranges")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_inspect)
+
+    for name, helptext in (("plan", "show the plan of a config without reading tensor data"), ("run", "run a config: stream the conversion, commit atomically")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("config", help="YAML, TOML or JSON pipeline config")
+        p.add_argument("--source", help="override the config's source")
+        p.add_argument("--target", help="override the config's target")
+        p.add_argument("--format", help="override the output format")
+        p.add_argument("--shard-size", help="largest shard, e.g. 2GB")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--verbose", "-v", action="store_true", help="list every key instead of folded patterns")
+        if name == "run":
+            p.add_argument("--dry-run", action="store_true", help="plan and check only; write nothing")
+            p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.set_defaults(func=_plan if name == "plan" else _run)
+
+    p = sub.add_parser("plugins", help="installed plugins, versions, transforms, writers and hooks")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_plugins)
+
+    p = sub.add_parser("schema", help="JSON schema of the config file")
+    p.set_defaults(func=lambda a: print(json.dumps(config_schema(), indent=2)))
+
+    p = sub.add_parser("analyze", help="run an analysis (summary, or one a plugin provides)")
+    p.add_argument("analysis")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_analyze)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"statebridge: warning: {message}", file=sys.stderr)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    _print_report(analyze("summary", args.path), args.json)
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    _print_report(analyze(args.analysis, *args.paths), args.json)
+
+
+def _print_report(report, as_json: bool) -> None:
+    print(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
+
+
+def _load(args: argparse.Namespace):
+    shard_size = parse_size(args.shard_size) if args.shard_size else None
+    return load_config(args.config, source=args.source, target=args.target, format=args.format, shard_size=shard_size)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    config = _load(args)
+    built = plan(config.source, config.pipeline(), format=config.format, shard_size=config.shard_size)
+    print(json.dumps(built.to_dict(), indent=2) if args.json else built.render(args.verbose))
+
+
+def _run(args: argparse.Namespace) -> None:
+    config = _load(args)
+    if args.dry_run:
+        return _plan(args)
+    if not config.target:
+        raise StatebridgeError(f"{args.config}: no target; set target: in the config or pass --target")
+    built = plan(config.source, config.pipeline(), format=config.format, shard_size=config.shard_size)
+    if not args.json:
+        print(built.render(args.verbose), file=sys.stderr)
+    report = run(
+        config.source,
+        config.pipeline(),
+        Path(config.target),
+        format=config.format,
+        shard_size=config.shard_size,
+        metadata=config.metadata,
+        progress=False if args.no_progress else None,
+        gates=config.gates,
+    )
+    print(json.dumps({"target": str(report.target), "files": [str(f) for f in report.files]}) if args.json else report.render())
+
+
+def _plugins(args: argparse.Namespace) -> None:
+    info = load_plugins().info
+    if args.json:
+        print(json.dumps([vars(p) for p in info], indent=2))
+        return
+    for p in info:
+        status = f"  FAILED: {p.error}" if p.error else ""
+        print(f"{p.name} ({p.distribution} {p.version}){status}")
+        for label, items in (("transforms", p.transforms), ("writers", p.writers), ("analyses", p.analyses), ("hooks", p.hooks)):
+            if items:
+                print(f"  {label}: {', '.join(items)}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

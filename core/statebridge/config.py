@@ -1,0 +1,162 @@
+"""Pipeline config files (YAML, TOML or JSON), validated by pydantic.
+
+A config names a source, a target and the steps between them::
+
+    source: ckpt/                 # paths are relative to the config file
+    target: out/
+    format: safetensors           # optional; guessed from the target
+    shard_size: 2GB               # optional; folder targets are sharded
+    metadata: {origin: llama-3}   # optional; stored in the output
+    gates: {finite: true}         # optional; options for gate plugins
+    steps:
+      - rename: {pattern: "model.**", to: "**"}
+      - concat: {inputs: [layers.*.q.weight, layers.*.k.weight, layers.*.v.weight], output: layers.*.qkv.weight}
+
+Each step is ``{transform-name: params}``; any installed plugin's transform may
+be named.  Errors point at the step and field (``steps[1] (concat).dim: ...``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .transforms.base import PATH_FIELD, format_validation_error
+from .transforms.composite import Pipeline, build_steps
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """``"2GB"`` -> 2_000_000_000, ``"512MiB"`` -> 536_870_912, ``1000`` -> 1000."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ConfigError(f"cannot read size {value!r}; write it like 2GB, 500MB or 512MiB")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "B").upper()])
+
+
+class RunConfig(BaseModel):
+    """A pipeline run: where from, where to, and the steps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="checkpoint to read: file, shard folder, torch pickle or GGUF")
+    target: str | None = Field(None, description="where to write; a folder for sharded safetensors")
+    format: str | None = Field(None, description="writer format (safetensors, torch, gguf, or a plugin's)")
+    shard_size: int | None = Field(None, description="largest shard for folder targets, e.g. 2GB")
+    metadata: dict[str, str] = Field(default_factory=dict, description="string metadata stored in the output")
+    gates: dict[str, Any] = Field(default_factory=dict, description="options passed to gate hooks")
+    steps: list[dict[str, Any]] = Field(default_factory=list, description="transforms, each {name: params}")
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return None if value is None else parse_size(value)
+
+    def pipeline(self) -> Pipeline:
+        return Pipeline(build_steps(self.steps))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML, TOML or JSON file into a mapping (by suffix; YAML otherwise)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {e}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the config must be a mapping with source, target and steps")
+    return dict(data)
+
+
+def load_config(path: str | Path, **overrides: Any) -> RunConfig:
+    """Read and validate a config file; paths in it are resolved against its folder."""
+    path = Path(path)
+    data = read_config_file(path)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_config(data, base=path.parent, name=str(path))
+
+
+def parse_config(data: Mapping[str, Any], base: Path | None = None, name: str = "config") -> RunConfig:
+    """Validate a config mapping; steps are built now, so every error appears before any work."""
+    try:
+        config = RunConfig.model_validate(dict(data))
+    except ValidationError as e:
+        raise ConfigError(f"{name}: {format_validation_error(e, '')}".replace(": .", ": ")) from None
+    if base is not None:
+        config.source = _resolve(config.source, base)
+        if config.target:
+            config.target = _resolve(config.target, base)
+        config.steps = [_resolve_step_paths(step, base) for step in config.steps]
+    try:
+        config.pipeline()
+    except ConfigError as e:
+        raise type(e)(f"{name}: {e}") from None
+    return config
+
+
+def _resolve(value: str, base: Path) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else base / path)
+
+
+def _resolve_step_paths(step: Any, base: Path) -> Any:
+    """Rewrite the path-typed params of a config-form step (and nested steps) against ``base``."""
+    from .plugins import registry
+
+    if not isinstance(step, Mapping) or len(step) != 1:
+        return step
+    ((name, params),) = step.items()
+    if name not in registry() or not isinstance(params, Mapping):
+        return step
+    params = dict(params)
+    fields = registry().get(name).Params.model_fields
+    for field_name, info in fields.items():
+        if PATH_FIELD in info.metadata and isinstance(params.get(field_name), str):
+            params[field_name] = _resolve(params[field_name], base)
+    if isinstance(params.get("steps"), list):
+        params["steps"] = [_resolve_step_paths(s, base) for s in params["steps"]]
+    return {name: params}
+
+
+def config_schema() -> dict[str, Any]:
+    """JSON schema of config files, with one alternative per installed transform."""
+    from .plugins import registry
+
+    schema = RunConfig.model_json_schema()
+    alternatives = []
+    for name, cls in registry().items():
+        params = cls.Params.model_json_schema()
+        alternatives.append(
+            {
+                "type": "object",
+                "title": name,
+                "description": (cls.__doc__ or "").strip().split("\n")[0],
+                "properties": {name: params},
+                "required": [name],
+                "additionalProperties": False,
+            }
+        )
+    schema["properties"]["steps"]["items"] = {"oneOf": alternatives}
+    return schema

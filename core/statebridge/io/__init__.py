@@ -1,0 +1,76 @@
+"""Open any supported checkpoint lazily: :func:`open_source` picks the reader."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import SourceError
+from .base import RawSpan, Source
+from .gguf import GGUFSource
+from .memory import DictSource, ModuleSource
+from .safetensors import INDEX_NAME, SafetensorsFile, ShardedSafetensors
+from .torch_pickle import TORCH_SUFFIXES, TorchPickle
+
+__all__ = [
+    "DictSource",
+    "GGUFSource",
+    "ModuleSource",
+    "RawSpan",
+    "SafetensorsFile",
+    "ShardedSafetensors",
+    "Source",
+    "TorchPickle",
+    "open_source",
+]
+
+SourceLike = Source | str | os.PathLike[str] | Mapping[str, torch.Tensor] | nn.Module
+
+
+def open_source(source: SourceLike) -> Source:
+    """Open a checkpoint lazily from a path, a state dict or a module.
+
+    Paths may be a ``.safetensors`` file, a sharded folder (with or without
+    ``model.safetensors.index.json``), the index file itself, a torch pickle
+    (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) or a ``.gguf`` file.  Anything
+    else is recognised by its first bytes.
+    """
+    if isinstance(source, Source):
+        return source
+    if isinstance(source, nn.Module):
+        return ModuleSource(source)
+    if isinstance(source, Mapping):
+        return DictSource(source)
+    path = Path(source)
+    if not path.exists():
+        raise SourceError(path, "no such file or folder")
+    if path.is_dir():
+        if (path / INDEX_NAME).is_file() or any(path.glob("*.safetensors")):
+            return ShardedSafetensors(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        torches = sorted(p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES)
+        if len(ggufs) == 1 and not torches:
+            return GGUFSource(ggufs[0])
+        if len(torches) == 1 and not ggufs:
+            return TorchPickle(torches[0])
+        raise SourceError(path, "found no single checkpoint here (expected *.safetensors, one .gguf or one torch file)")
+    if path.name.endswith(".index.json"):
+        return ShardedSafetensors(path.parent, index=path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return SafetensorsFile(path)
+    if suffix == ".gguf":
+        return GGUFSource(path)
+    if suffix in TORCH_SUFFIXES:
+        return TorchPickle(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return GGUFSource(path)
+    if magic[:2] == b"PK" or magic[:1] == b"\x80":
+        return TorchPickle(path)
+    return SafetensorsFile(path)

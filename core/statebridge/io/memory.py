@@ -1,0 +1,43 @@
+"""Sources over state already in memory: a dict of tensors, or an ``nn.Module``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..errors import SourceError
+from ..meta import TensorMeta
+from .base import Source
+
+
+class DictSource(Source):
+    """A mapping of names to tensors (for example a ``state_dict()``)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], name: str = "<dict>") -> None:
+        self.name = name
+        self._tensors = dict(tensors)
+        bad = [k for k, v in self._tensors.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise SourceError(name, f"value of {bad[0]!r} is a {type(self._tensors[bad[0]]).__name__}, not a tensor")
+        self._metas = {k: TensorMeta.of(v) for k, v in self._tensors.items()}
+
+    def metas(self) -> Mapping[str, TensorMeta]:
+        return self._metas
+
+    def load(self, key: str) -> torch.Tensor:
+        try:
+            tensor = self._tensors[key]
+        except KeyError:
+            raise SourceError(self.name, f"no tensor named {key!r}") from None
+        if tensor.is_meta:
+            raise SourceError(self.name, f"{key!r} is on the meta device and has no data to read")
+        return tensor.detach().cpu()
+
+
+class ModuleSource(DictSource):
+    """An ``nn.Module``'s parameters and persistent buffers; meta-device modules give metadata only."""
+
+    def __init__(self, module: nn.Module, name: str | None = None) -> None:
+        super().__init__(module.state_dict(keep_vars=True), name or f"<{type(module).__name__}>")

@@ -1,0 +1,224 @@
+"""Lazy safetensors readers: one file, or an HF-style sharded folder with an index.
+
+The header is parsed and checked by hand (so a lying header is caught before
+anything is allocated) and tensors are views into a private copy-on-write
+memory map: loading costs no copy, and a transform that edits a tensor in place
+never touches the file.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..errors import SourceError
+from ..meta import SAFETENSORS_DTYPES, TensorMeta
+from .base import RawSpan, Source
+
+#: refuse headers larger than this (the format's own reference implementation uses 100 MB)
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class SafetensorsFile(Source):
+    """One ``.safetensors`` file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.name = str(self.path)
+        self._mmap: mmap.mmap | None = None
+        self._metas, self._offsets, self._metadata, self._data_start = _read_header(self.path)
+
+    def metas(self) -> Mapping[str, TensorMeta]:
+        return self._metas
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        return self._metadata
+
+    def raw_span(self, key: str) -> RawSpan:
+        begin, end = self._offsets[key]
+        return RawSpan(self.path, self._data_start + begin, end - begin)
+
+    def load(self, key: str) -> torch.Tensor:
+        try:
+            meta = self._metas[key]
+        except KeyError:
+            raise SourceError(self.path, f"no tensor named {key!r}") from None
+        if meta.numel == 0:
+            return torch.empty(meta.shape, dtype=meta.dtype)
+        span = self.raw_span(key)
+        tensor = torch.frombuffer(self._map(), dtype=meta.dtype, count=meta.numel, offset=span.offset)
+        return tensor.reshape(meta.shape)
+
+    def _map(self) -> mmap.mmap:
+        if self._mmap is None:
+            with open(self.path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._mmap
+
+    def close(self) -> None:
+        # Tensors handed out keep the map alive through their buffer; dropping our
+        # reference is enough and avoids "cannot close exported pointers".
+        self._mmap = None
+
+
+def _read_header(
+    path: Path,
+) -> tuple[dict[str, TensorMeta], dict[str, tuple[int, int]], dict[str, str], int]:
+    """Parse and check a safetensors header: metas, byte offsets, metadata, data start."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise SourceError(path, f"file is {size} bytes, too short to be safetensors (truncated?)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise SourceError(path, f"header claims {header_len} bytes (limit {MAX_HEADER_BYTES}); not a safetensors file?")
+            if 8 + header_len > size:
+                raise SourceError(
+                    path, f"header claims {header_len} bytes but the file has only {size - 8} after the prefix (truncated?)"
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise SourceError(path, f"cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(path, f"header is not valid JSON ({e}); not a safetensors file?") from None
+    if not isinstance(header, dict):
+        raise SourceError(path, "header is not a JSON object")
+
+    data_start = 8 + header_len
+    data_size = size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SourceError(path, "__metadata__ must map strings to strings")
+
+    entries: list[tuple[int, str, TensorMeta, tuple[int, int]]] = []
+    for key, info in header.items():
+        if not isinstance(info, dict):
+            raise SourceError(path, f"tensor {key!r}: header entry is not an object")
+        code = info.get("dtype")
+        if code not in SAFETENSORS_DTYPES:
+            raise SourceError(path, f"tensor {key!r}: unknown dtype {code!r}")
+        shape = info.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise SourceError(path, f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers")
+        offsets = info.get("data_offsets")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise SourceError(path, f"tensor {key!r}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+        meta = TensorMeta(tuple(shape), SAFETENSORS_DTYPES[code])
+        begin, end = offsets
+        if end - begin != meta.nbytes:
+            raise SourceError(
+                path, f"tensor {key!r}: data_offsets span {end - begin} bytes but {code}{shape} needs {meta.nbytes}"
+            )
+        if end > data_size:
+            raise SourceError(
+                path,
+                f"tensor {key!r}: data ends at byte {data_start + end} but the file has {size} bytes (truncated?)",
+            )
+        entries.append((begin, key, meta, (begin, end)))
+
+    entries.sort(key=lambda e: (e[0], e[1]))
+    previous_end, previous_key = 0, None
+    for begin, key, meta, (_, end) in entries:
+        if begin < previous_end and meta.nbytes:
+            raise SourceError(path, f"tensors {previous_key!r} and {key!r} overlap in the data section")
+        if meta.nbytes:
+            previous_end, previous_key = end, key
+    metas = {key: meta for _, key, meta, _ in entries}
+    offsets_by_key = {key: span for _, key, _, span in entries}
+    return metas, offsets_by_key, dict(metadata), data_start
+
+
+class ShardedSafetensors(Source):
+    """A folder of safetensors shards: with ``model.safetensors.index.json`` or without one."""
+
+    def __init__(self, folder: str | os.PathLike[str], index: str | os.PathLike[str] | None = None) -> None:
+        self.folder = Path(folder)
+        self.name = str(self.folder)
+        self._metadata: dict[str, str] = {}
+        index_path = Path(index) if index else self.folder / INDEX_NAME
+        if index_path.is_file():
+            files, expected = self._read_index(index_path)
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+            if not files:
+                raise SourceError(self.folder, "no *.safetensors files and no model.safetensors.index.json here")
+            expected = None
+        self.shards = [SafetensorsFile(f) for f in files]
+        self._owner: dict[str, SafetensorsFile] = {}
+        self._metas: dict[str, TensorMeta] = {}
+        for shard in self.shards:
+            for key, meta in shard.metas().items():
+                if expected is not None and expected.get(key) != shard.path.name:
+                    continue  # the index is authoritative: stray copies are ignored
+                if key in self._owner:
+                    raise SourceError(
+                        shard.path, f"tensor {key!r} is also in {self._owner[key].path.name}; which one is meant?"
+                    )
+                self._owner[key] = shard
+                self._metas[key] = meta
+        if expected is not None:
+            missing = [k for k in expected if k not in self._owner]
+            if missing:
+                raise SourceError(
+                    index_path, f"{len(missing)} tensors listed in the index are not in their shard, e.g. {missing[0]!r} in {expected[missing[0]]}"
+                )
+
+    def _read_index(self, index_path: Path) -> tuple[list[Path], dict[str, str]]:
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SourceError(index_path, f"cannot read the shard index: {e}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise SourceError(index_path, "the shard index has no 'weight_map' object of key -> file name")
+        metadata = index.get("metadata") or {}
+        self._metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+        files = []
+        for name in sorted(set(weight_map.values())):
+            shard = (index_path.parent / name).resolve()
+            if Path(name).is_absolute() or index_path.parent.resolve() not in shard.parents:
+                raise SourceError(index_path, f"shard {name!r} lies outside the checkpoint folder")
+            if not shard.is_file():
+                raise SourceError(index_path, f"shard {name!r} named in the index does not exist")
+            files.append(shard)
+        return files, weight_map
+
+    def metas(self) -> Mapping[str, TensorMeta]:
+        return self._metas
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        merged: dict[str, str] = {}
+        for shard in self.shards:
+            merged.update(shard.metadata)
+        merged.update(self._metadata)
+        return merged
+
+    def load(self, key: str) -> torch.Tensor:
+        if key not in self._owner:
+            raise SourceError(self.folder, f"no tensor named {key!r}")
+        return self._owner[key].load(key)
+
+    def raw_span(self, key: str) -> RawSpan:
+        return self._owner[key].raw_span(key)
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()

@@ -1,0 +1,145 @@
+"""The plan: every group a run will execute, known from headers before any tensor byte is read."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .transforms.compose import Lineage, compose
+from .io.base import Source
+from .meta import TensorMeta
+from .patterns import compress_keys
+from .transforms.base import Group, Transform
+from .transforms.composite import Pipeline
+
+
+@dataclass
+class Plan:
+    """A pipeline planned against a source: executable groups, target metadata, lineage and counts."""
+
+    source: Source
+    pipeline: Pipeline
+    groups: list[Group]  # in execution order (source storage order); unchanged tensors included
+    outputs: dict[str, TensorMeta]  # target tensors in write order
+    lineage: dict[str, Lineage]
+    mapped: list[str]  # source keys some step consumed
+    unmapped: list[str]  # source keys no step consumed (carried over unchanged)
+    dropped: list[str]  # source keys removed by a drop step
+    new: list[str]  # target keys made from no source key
+    options: dict[str, Any] = field(default_factory=dict)
+    findings: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, source: Source, pipeline: Transform, options: Mapping[str, Any] | None = None) -> "Plan":
+        pipeline = pipeline if isinstance(pipeline, Pipeline) else Pipeline([pipeline])
+        metas = source.metas()
+        composition = compose(pipeline.steps, metas)
+        produced_by = {key: group for group in composition.groups for key in group.outputs}
+        groups: dict[int, Group] = {}
+        for key, meta in composition.metas.items():
+            group = produced_by.get(key) or Group.rename(key, key, meta)
+            groups.setdefault(id(group), group)
+        consumed = set(composition.consumed)
+        return cls(
+            source=source,
+            pipeline=pipeline,
+            groups=list(groups.values()),
+            outputs=composition.metas,
+            lineage=composition.lineage,
+            mapped=[k for k in metas if k in consumed and k not in set(composition.dropped)],
+            unmapped=[k for k in metas if k not in consumed],
+            dropped=list(dict.fromkeys(composition.dropped)),
+            new=[k for k, lin in composition.lineage.items() if not lin.sources],
+            options=dict(options or {}),
+        )
+
+    # -- figures -----------------------------------------------------------------
+    @property
+    def bytes_read(self) -> int:
+        metas = self.source.metas()
+        return sum(metas[k].nbytes for g in self.groups if g.outputs for k in g.inputs)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(m.nbytes for m in self.outputs.values())
+
+    @property
+    def largest_group_bytes(self) -> int:
+        metas = self.source.metas()
+        return max(
+            (sum(metas[k].nbytes for k in g.inputs) + sum(m.nbytes for m in g.outputs.values()) for g in self.groups),
+            default=0,
+        )
+
+    @property
+    def changed(self) -> dict[str, tuple[str, ...]]:
+        """Target keys whose values or names some step changed, with the operations."""
+        return {k: lin.ops for k, lin in self.lineage.items() if lin.ops}
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "source tensors": len(self.source.metas()),
+            "target tensors": len(self.outputs),
+            "groups": len(self.groups),
+            "mapped": len(self.mapped),
+            "unmapped": len(self.unmapped),
+            "dropped": len(self.dropped),
+            "new": len(self.new),
+        }
+
+    def render(self, verbose: bool = False) -> str:
+        """A human-readable account of the plan (what ``statebridge plan`` prints)."""
+        lines = [f"plan for {self.source.name}: {len(self.pipeline.steps)} steps"]
+        lines.append("  " + ", ".join(f"{v} {k}" for k, v in self.counts().items()))
+        lines.append(
+            f"  reads {_size(self.bytes_read)}, writes {_size(self.bytes_written)}, largest group {_size(self.largest_group_bytes)}"
+        )
+        lines.extend(_section("dropped", self.dropped))
+        lines.extend(_section("new", self.new))
+        ops: dict[str, list[str]] = {}
+        for key, key_ops in self.changed.items():
+            ops.setdefault(" -> ".join(key_ops), []).append(key)
+        if ops:
+            lines.append("  changes:")
+            for op, keys in ops.items():
+                lines.append(f"    {op}:")
+                lines.extend(f"      {k}" for k in (keys if verbose else compress_keys(keys)))
+        if self.unmapped:
+            lines.extend(_section("unchanged (no step touched them)", self.unmapped, verbose))
+        for finding in self.findings:
+            lines.append(f"  {finding}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Machine-readable plan (``statebridge plan --json``)."""
+        return {
+            "source": self.source.name,
+            "counts": self.counts(),
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "largest_group_bytes": self.largest_group_bytes,
+            "groups": [
+                {"inputs": list(g.inputs), "outputs": {k: str(m) for k, m in g.outputs.items()}, "ops": list(g.ops)}
+                for g in self.groups
+            ],
+            "dropped": self.dropped,
+            "new": self.new,
+            "unmapped": self.unmapped,
+            "findings": [str(f) for f in self.findings],
+        }
+
+
+def _section(title: str, keys: list[str], verbose: bool = True) -> list[str]:
+    if not keys:
+        return []
+    shown = keys if verbose else compress_keys(keys)
+    return [f"  {title} ({len(keys)}):", *(f"    {k}" for k in shown)]
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

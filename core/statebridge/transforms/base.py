@@ -1,0 +1,121 @@
+"""What a transform is: a small class that declares its groups before it touches data.
+
+A transform's :meth:`~Transform.plan` receives the metadata of the state as it
+stands at that step (names, shapes, dtypes; no data) and returns
+:class:`Group` objects: which keys each group reads, which keys it writes with
+their shapes and dtypes, and the function that computes them.  Keys no group
+reads pass through the step unchanged; nothing is ever dropped implicitly.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import ConfigError, NotInvertibleError
+from ..meta import TensorMeta
+
+Tensors = dict[str, torch.Tensor]
+Compute = Callable[[Tensors], Tensors]
+
+
+@dataclass(frozen=True, eq=False)
+class Group:
+    """A unit of work: ``inputs`` -> ``outputs`` (with metadata), computed by ``compute``.
+
+    ``renames`` maps each output to the input whose bytes it carries unchanged,
+    when the group only renames; writers then copy those bytes without decoding.
+    ``ops`` names what was done, for lineage and reports.
+    """
+
+    inputs: tuple[str, ...]
+    outputs: Mapping[str, TensorMeta]
+    compute: Compute
+    ops: tuple[str, ...] = ()
+    renames: Mapping[str, str] | None = None
+
+    @classmethod
+    def rename(cls, source: str, target: str, meta: TensorMeta, op: str = "rename") -> "Group":
+        """A group that carries one tensor to a new name, bytes unchanged."""
+        return cls(
+            inputs=(source,),
+            outputs={target: meta},
+            compute=lambda t: {target: t[source]},
+            ops=(op,) if source != target else (),
+            renames={target: source},
+        )
+
+    @classmethod
+    def map_one(cls, source: str, target: str, meta: TensorMeta, fn: Callable[[torch.Tensor], torch.Tensor], op: str) -> "Group":
+        """A group that computes one tensor from one tensor."""
+        return cls(inputs=(source,), outputs={target: meta}, compute=lambda t: {target: fn(t[source])}, ops=(op,))
+
+
+#: marks a params field holding a file path; config files resolve it against their own folder
+PATH_FIELD = "statebridge:path"
+PathParam = Annotated[str, PATH_FIELD]
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Params(BaseModel):
+    """Base of transform parameter models: unknown fields are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Transform(ABC):
+    """Base class of every transform, built in or from a plugin.
+
+    Subclasses set ``Params`` (a pydantic model) and implement :meth:`plan`;
+    ``@register_transform("name")`` gives them their config name.  Build one
+    with keyword arguments (``Rename(pattern="a.*", to="b.*")``) or a params
+    mapping (``Rename({"pattern": ...})``).
+    """
+
+    name: ClassVar[str] = ""
+    #: bump when the transform's output for the same params changes (goes into fingerprints)
+    version: ClassVar[str] = "1"
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(self, params: BaseModel | Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
+        if isinstance(params, self.Params):
+            self.params = params
+            return
+        values = {**(dict(params) if params else {}), **kwargs}
+        try:
+            self.params = self.Params.model_validate(values)
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, self.name or type(self).__name__)) from None
+
+    @abstractmethod
+    def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
+        """Groups this step performs on a state with these tensors. Reads no data."""
+
+    def inverse(self, metas: Mapping[str, TensorMeta]) -> "Transform":
+        """A transform undoing this one on a state with these (pre-step) tensors."""
+        raise NotInvertibleError(f"{self.name!r} has no exact inverse")
+
+    def spec(self) -> dict[str, Any]:
+        """This step as config: ``{name: params}``; the basis of fingerprints."""
+        return {self.name: self.params.model_dump(mode="json", exclude_defaults=False)}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
+        return f"{type(self).__name__}({args})"
+
+
+def format_validation_error(error: ValidationError, where: str) -> str:
+    """One line per problem, each naming the field: ``rename.pattern: field required``."""
+    lines = []
+    for problem in error.errors():
+        loc = ".".join(str(p) for p in problem["loc"])
+        lines.append(f"{where}{'.' + loc if loc else ''}: {problem['msg']}")
+    return "; ".join(lines)

@@ -1,0 +1,217 @@
+"""Transforms that join tensors into one or part one into several: stack, unstack, concat, split, chunk.
+
+Multi-key steps name their keys with patterns that share wildcards: the first
+input anchors the match and its captures fill the other names, so
+``inputs: [l.*.q.weight, l.*.k.weight, l.*.v.weight]`` with
+``output: l.*.qkv.weight`` builds one group per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from pydantic import Field, model_validator
+
+from ..errors import NotInvertibleError, PlanError
+from ..meta import TensorMeta
+from ..patterns import KeyPattern
+from ..registry import register_transform
+from .base import Group, Params, Transform
+from .matching import bind, require
+
+
+def _dim(dim: int, rank: int, key: str) -> int:
+    if not -rank <= dim < rank:
+        raise PlanError(f"{key!r} has {rank} dimensions; dim {dim} is out of range")
+    return dim % rank
+
+
+def _same(metas: Sequence[TensorMeta], keys: Sequence[str], what: str, skip_dim: int | None = None) -> None:
+    first = metas[0]
+    for key, meta in zip(keys[1:], metas[1:]):
+        if meta.dtype != first.dtype:
+            raise PlanError(f"cannot {what} {keys[0]!r} ({first}) with {key!r} ({meta}): dtypes differ")
+        a = [d for i, d in enumerate(first.shape) if i != skip_dim]
+        b = [d for i, d in enumerate(meta.shape) if i != skip_dim]
+        if a != b or len(first.shape) != len(meta.shape):
+            raise PlanError(f"cannot {what} {keys[0]!r} ({first}) with {key!r} ({meta}): shapes differ")
+
+
+def _invertible_patterns(*patterns: str) -> None:
+    if any(KeyPattern(p).is_regex for p in patterns):
+        raise NotInvertibleError("steps written with re: patterns have no automatic inverse; use glob patterns")
+
+
+class _ManyToOne(Params):
+    inputs: list[str] = Field(min_length=1)
+    output: str
+    dim: int = 0
+    strict: bool = True
+
+
+class _OneToMany(Params):
+    input: str
+    outputs: list[str] = Field(min_length=1)
+    dim: int = 0
+    strict: bool = True
+
+
+@register_transform("stack")
+class Stack(Transform):
+    """Stack equal-shaped tensors along a new dimension ``dim``."""
+
+    Params = _ManyToOne
+
+    def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
+        p = self.params
+        groups = []
+        for first, (*rest, output) in bind(p.inputs[0], [*p.inputs[1:], p.output], metas, p.strict):
+            keys = [first, *rest]
+            require(keys, metas, f"stacked into {output!r}")
+            parts = [metas[k] for k in keys]
+            _same(parts, keys, "stack")
+            dim = _dim(p.dim, len(parts[0].shape) + 1, output)
+            shape = list(parts[0].shape)
+            shape.insert(dim, len(keys))
+            groups.append(
+                Group(
+                    inputs=tuple(keys),
+                    outputs={output: TensorMeta(tuple(shape), parts[0].dtype)},
+                    compute=lambda t, keys=tuple(keys), output=output, dim=dim: {output: torch.stack([t[k] for k in keys], dim)},
+                    ops=(f"stack(dim={dim})",),
+                )
+            )
+        return groups
+
+    def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
+        _invertible_patterns(*self.params.inputs, self.params.output)
+        return Unstack(input=self.params.output, outputs=self.params.inputs, dim=self.params.dim, strict=self.params.strict)
+
+
+@register_transform("unstack")
+class Unstack(Transform):
+    """Split a tensor along ``dim`` into one tensor per output, removing that dimension."""
+
+    Params = _OneToMany
+
+    def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
+        p = self.params
+        groups = []
+        for source, outputs in bind(p.input, p.outputs, metas, p.strict):
+            meta = metas[source]
+            dim = _dim(p.dim, len(meta.shape), source)
+            if meta.shape[dim] != len(outputs):
+                raise PlanError(f"{source!r} ({meta}) has {meta.shape[dim]} entries along dim {dim}, not {len(outputs)}")
+            shape = meta.shape[:dim] + meta.shape[dim + 1 :]
+            groups.append(
+                Group(
+                    inputs=(source,),
+                    outputs={o: TensorMeta(shape, meta.dtype) for o in outputs},
+                    compute=lambda t, s=source, outs=tuple(outputs), dim=dim: {
+                        o: x.contiguous() for o, x in zip(outs, torch.unbind(t[s], dim))
+                    },
+                    ops=(f"unstack(dim={dim})",),
+                )
+            )
+        return groups
+
+    def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
+        _invertible_patterns(self.params.input, *self.params.outputs)
+        return Stack(inputs=self.params.outputs, output=self.params.input, dim=self.params.dim, strict=self.params.strict)
+
+
+@register_transform("concat")
+class Concat(Transform):
+    """Concatenate tensors along an existing dimension ``dim`` (e.g. q, k, v -> fused qkv)."""
+
+    Params = _ManyToOne
+
+    def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
+        p = self.params
+        groups = []
+        for first, (*rest, output) in bind(p.inputs[0], [*p.inputs[1:], p.output], metas, p.strict):
+            keys = [first, *rest]
+            require(keys, metas, f"concatenated into {output!r}")
+            parts = [metas[k] for k in keys]
+            dim = _dim(p.dim, len(parts[0].shape), first)
+            _same(parts, keys, "concatenate", skip_dim=dim)
+            shape = list(parts[0].shape)
+            shape[dim] = sum(m.shape[dim] for m in parts)
+            groups.append(
+                Group(
+                    inputs=tuple(keys),
+                    outputs={output: TensorMeta(tuple(shape), parts[0].dtype)},
+                    compute=lambda t, keys=tuple(keys), output=output, dim=dim: {output: torch.cat([t[k] for k in keys], dim)},
+                    ops=(f"concat(dim={dim})",),
+                )
+            )
+        return groups
+
+    def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
+        p = self.params
+        _invertible_patterns(*p.inputs, p.output)
+        size_sets = {tuple(metas[k].shape[p.dim] for k in g.inputs) for g in self.plan(metas)}
+        if len(size_sets) != 1:
+            raise NotInvertibleError(f"concat into {p.output!r} joined parts of different sizes in different groups")
+        return Split(input=p.output, outputs=p.inputs, dim=p.dim, sizes=list(size_sets.pop()), strict=p.strict)
+
+
+@register_transform("split")
+class Split(Transform):
+    """Cut a tensor along ``dim`` into parts of the given ``sizes`` (equal parts when omitted)."""
+
+    class Params(_OneToMany):
+        sizes: list[int] | None = None
+
+        @model_validator(mode="after")
+        def _sizes_match(self) -> "Split.Params":
+            if self.sizes is not None and len(self.sizes) != len(self.outputs):
+                raise ValueError(f"{len(self.sizes)} sizes for {len(self.outputs)} outputs")
+            return self
+
+    def _sizes(self, meta: TensorMeta, dim: int, source: str, n: int) -> list[int]:
+        total = meta.shape[dim]
+        sizes = getattr(self.params, "sizes", None)
+        if sizes is None:
+            if total % n:
+                raise PlanError(f"{source!r} ({meta}) has {total} entries along dim {dim}, not divisible into {n} parts")
+            return [total // n] * n
+        if sum(sizes) != total:
+            raise PlanError(f"sizes {sizes} add up to {sum(sizes)}, but {source!r} ({meta}) has {total} along dim {dim}")
+        return list(sizes)
+
+    def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
+        p = self.params
+        groups = []
+        for source, outputs in bind(p.input, p.outputs, metas, p.strict):
+            meta = metas[source]
+            dim = _dim(p.dim, len(meta.shape), source)
+            sizes = self._sizes(meta, dim, source, len(outputs))
+            metas_out = {}
+            for output, size in zip(outputs, sizes):
+                shape = list(meta.shape)
+                shape[dim] = size
+                metas_out[output] = TensorMeta(tuple(shape), meta.dtype)
+            groups.append(
+                Group(
+                    inputs=(source,),
+                    outputs=metas_out,
+                    compute=lambda t, s=source, outs=tuple(outputs), sizes=tuple(sizes), dim=dim: {
+                        o: x.contiguous() for o, x in zip(outs, torch.split(t[s], list(sizes), dim))
+                    },
+                    ops=(f"{self.name}(dim={dim}, sizes={sizes})",),
+                )
+            )
+        return groups
+
+    def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
+        _invertible_patterns(self.params.input, *self.params.outputs)
+        return Concat(inputs=self.params.outputs, output=self.params.input, dim=self.params.dim, strict=self.params.strict)
+
+
+@register_transform("chunk")
+class Chunk(Split):
+    """Cut a tensor along ``dim`` into equal parts, one per output (``torch.chunk`` without remainders)."""
+
+    Params = _OneToMany

@@ -1,0 +1,148 @@
+"""Composition: steps in sequence, steps side by side, and steps scoped to a key prefix.
+
+A :class:`Pipeline` is itself a transform, so pipelines nest.  Steps are given
+as transform objects or in config form (``{"rename": {...}}``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import ConfigDict, field_validator
+
+from .compose import compose
+from ..errors import CollisionError, PlanError, StatebridgeError
+from ..meta import TensorMeta
+from ..patterns import describe_keys
+from ..registry import register_transform
+from .base import Group, Params, Transform
+
+
+def build_steps(steps: Sequence[Any], where: str = "steps") -> list[Transform]:
+    """Turn config-form steps (``{name: params}``) into transforms; transforms pass as they are."""
+    from ..plugins import registry
+
+    out = []
+    for i, step in enumerate(steps):
+        out.append(step if isinstance(step, Transform) else registry().build(step, f"{where}[{i}]"))
+    return out
+
+
+class _StepsParams(Params):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    steps: list[Any]
+
+    @field_validator("steps")
+    @classmethod
+    def _build(cls, steps: list[Any]) -> list[Transform]:
+        return build_steps(steps)
+
+
+class _Composite(Transform):
+    Params = _StepsParams
+
+    def __init__(self, steps: Sequence[Any] | None = None, /, **kwargs: Any) -> None:
+        if steps is not None and not isinstance(steps, Mapping):
+            kwargs["steps"] = list(steps)
+            steps = None
+        super().__init__(steps, **kwargs)
+
+    @property
+    def steps(self) -> list[Transform]:
+        return self.params.steps
+
+    def spec(self) -> dict[str, Any]:
+        extra = self.params.model_dump(mode="json", exclude={"steps"})
+        return {self.name: {**extra, "steps": [s.spec() for s in self.steps]}}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.steps!r})"
+
+
+@register_transform("sequential")
+class Pipeline(_Composite):
+    """Steps applied one after another; each sees the state the previous ones left."""
+
+    def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
+        return compose(self.steps, metas).groups
+
+    def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
+        states = [dict(metas)]
+        for step in self.steps[:-1]:
+            states.append(compose([step], states[-1]).metas)
+        inverses = []
+        for i in reversed(range(len(self.steps))):
+            try:
+                inverses.append(self.steps[i].inverse(states[i]))
+            except StatebridgeError as e:
+                raise type(e)(f"steps[{i}] ({self.steps[i].name}): {e}") from None
+        return Pipeline(inverses)
+
+
+Sequential = Pipeline
+
+
+@register_transform("parallel")
+class Parallel(_Composite):
+    """Independent steps planned against the same state; they must read and write disjoint keys."""
+
+    def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
+        groups: list[Group] = []
+        readers: dict[str, int] = {}
+        writers: dict[str, int] = {}
+        for i, step in enumerate(self.steps):
+            try:
+                planned = compose([step], metas, where=f"parallel[{i}]").groups
+            except StatebridgeError as e:
+                raise type(e)(f"{e}") from None
+            for group in planned:
+                for key in group.inputs:
+                    if key in readers:
+                        raise PlanError(f"parallel steps [{readers[key]}] and [{i}] both read {key!r}; run them in sequence")
+                    readers[key] = i
+                for key in group.outputs:
+                    if key in writers:
+                        raise CollisionError(f"parallel steps [{writers[key]}] and [{i}] both write {key!r}")
+                    writers[key] = i
+            groups.extend(planned)
+        return groups
+
+    def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
+        return Parallel([step.inverse(metas) for step in self.steps])
+
+
+@register_transform("scope")
+class Scope(_Composite):
+    """Run steps on the keys under ``prefix`` as if the prefix were not there; other keys pass through."""
+
+    class Params(_StepsParams):
+        prefix: str
+
+    def _inner(self, metas: Mapping[str, TensorMeta]) -> dict[str, TensorMeta]:
+        n = len(self.params.prefix)
+        inner = {k[n:]: m for k, m in metas.items() if k.startswith(self.params.prefix)}
+        if not inner:
+            raise PlanError(f"no key starts with prefix {self.params.prefix!r} (keys look like {describe_keys(list(metas)[:3])})")
+        return inner
+
+    def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
+        prefix = self.params.prefix
+        return [_prefixed(g, prefix) for g in compose(self.steps, self._inner(metas), where="scope.steps").groups]
+
+    def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
+        return Scope(prefix=self.params.prefix, steps=[Pipeline(self.steps).inverse(self._inner(metas))])
+
+
+def _prefixed(group: Group, prefix: str) -> Group:
+    def compute(tensors: dict) -> dict:
+        out = group.compute({k[len(prefix) :]: v for k, v in tensors.items()})
+        return {prefix + k: v for k, v in out.items()}
+
+    return Group(
+        inputs=tuple(prefix + k for k in group.inputs),
+        outputs={prefix + k: m for k, m in group.outputs.items()},
+        compute=compute,
+        ops=group.ops,
+        renames={prefix + k: prefix + v for k, v in group.renames.items()} if group.renames else None,
+    )

@@ -1,0 +1,107 @@
+"""Name-only transforms: rename, identity, drop. They never change a tensor's bytes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from pydantic import model_validator
+from torch import nn
+
+from ..errors import PlanError
+from ..meta import TensorMeta
+from ..patterns import KeyPattern
+from ..registry import register_transform
+from .base import Group, Params, Transform
+from .matching import require, select
+
+
+@register_transform("rename")
+class Rename(Transform):
+    """Rename keys: an exact ``mapping``, or a ``pattern`` and its target ``to``.
+
+    Glob patterns match whole keys (``model.layers.*.attn.**`` -> ``layers.*.attention.**``);
+    ``re:`` patterns substitute every match inside the key, like ``re.sub``
+    (``re:^bert\\.`` -> ``""``).  Keys the rename does not match pass through.
+    """
+
+    class Params(Params):
+        mapping: dict[str, str] | None = None
+        pattern: str | None = None
+        to: str | None = None
+        strict: bool = True  # a mapping key or pattern that matches nothing is an error
+
+        @model_validator(mode="after")
+        def _one_form(self) -> "Rename.Params":
+            if (self.mapping is None) == (self.pattern is None):
+                raise ValueError("give either 'mapping' or 'pattern' with 'to'")
+            if self.pattern is not None and self.to is None:
+                raise ValueError("'pattern' needs 'to'")
+            if self.pattern is not None:
+                KeyPattern(self.pattern).regex  # compile now: a regex typo is a config error
+            return self
+
+    def pairs(self, metas: Mapping[str, TensorMeta]) -> list[tuple[str, str]]:
+        p = self.params
+        if p.mapping is not None:
+            present = [k for k in p.mapping if k in metas]
+            if p.strict:
+                require(list(p.mapping), metas, "named in the rename mapping")
+            return [(k, p.mapping[k]) for k in present]
+        compiled = KeyPattern(p.pattern)
+        if compiled.is_regex:
+            regex = compiled.regex
+            pairs = []
+            for key in metas:
+                if regex.search(key):
+                    try:
+                        pairs.append((key, regex.sub(p.to, key)))
+                    except (re.error, IndexError) as e:
+                        raise PlanError(f"target {p.to!r} does not fit pattern {p.pattern!r}: {e}") from None
+            if not pairs and p.strict:
+                raise PlanError(f"pattern {p.pattern!r} matches no key (set strict: false to allow that)")
+            return pairs
+        return [(k, compiled.expand(compiled.match(k), p.to)) for k in select(p.pattern, metas, p.strict)]
+
+    def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
+        return [Group.rename(src, dst, metas[src]) for src, dst in self.pairs(metas) if src != dst]
+
+    def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
+        return Rename(mapping={dst: src for src, dst in self.pairs(metas) if src != dst}, strict=True)
+
+
+@register_transform("identity")
+class Identity(Transform):
+    """Mark keys as deliberately carried over unchanged (they count as mapped, not unmapped)."""
+
+    class Params(Params):
+        keys: list[str]
+        strict: bool = True  # every exact key must exist and every pattern must match
+
+    def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
+        keys = dict.fromkeys(k for pattern in self.params.keys for k in select(pattern, metas, self.params.strict))
+        return [Group.rename(k, k, metas[k]) for k in keys]
+
+    def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
+        return self
+
+
+def identity_from_module(module: nn.Module) -> Identity:
+    """An :class:`Identity` over exactly the module's parameter and buffer names."""
+    return Identity(keys=list(module.state_dict(keep_vars=True)))
+
+
+@register_transform("drop")
+class Drop(Transform):
+    """Remove keys on purpose. Nothing is ever dropped without a drop step; every dropped key is reported."""
+
+    class Params(Params):
+        keys: list[str]
+        strict: bool = True
+
+    def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
+        keys = dict.fromkeys(k for pattern in self.params.keys for k in select(pattern, metas, self.params.strict))
+        return [Group(inputs=(k,), outputs={}, compute=lambda t: {}, ops=("drop",)) for k in keys]
+
+
+__all__ = ["Drop", "Identity", "Rename", "identity_from_module"]

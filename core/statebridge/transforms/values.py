@@ -1,0 +1,129 @@
+"""Transforms that change tensor values: cast, and the opt-in value operations.
+
+Value operations are never implied: each runs only where a step names it, and
+every key it touches appears in the plan's lineage (``statebridge plan`` lists them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from pydantic import field_validator, model_validator
+
+from ..errors import NotInvertibleError, PlanError
+from ..meta import TensorMeta, dtype_name, parse_dtype
+from ..registry import register_transform
+from .base import Transform
+from .layout import _PatternParams, _PerKey
+
+
+@register_transform("cast")
+class Cast(_PerKey):
+    """Convert matching tensors to ``dtype``; only floating-point ones unless ``integers: true``."""
+
+    class Params(_PatternParams):
+        pattern: str = "**"
+        dtype: str
+        integers: bool = False  # also cast integer/bool tensors (e.g. position_ids); off by default
+        strict: bool = False
+
+        @field_validator("dtype")
+        @classmethod
+        def _known(cls, value: str) -> str:
+            return dtype_name(parse_dtype(value))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return parse_dtype(self.params.dtype)
+
+    def keys(self, metas: Mapping[str, TensorMeta]) -> list[str]:
+        return [
+            k
+            for k in super().keys(metas)
+            if metas[k].dtype != self.dtype and (self.params.integers or metas[k].dtype.is_floating_point)
+        ]
+
+    def out_meta(self, key: str, meta: TensorMeta) -> TensorMeta:
+        return TensorMeta(meta.shape, self.dtype)
+
+    def fn(self, key: str, meta: TensorMeta):
+        dtype = self.dtype
+        return lambda x: x.to(dtype)
+
+    def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
+        sources = {metas[k].dtype for k in self.keys(metas)}
+        if len(sources) > 1:
+            raise NotInvertibleError(f"cast to {self.params.dtype} merged {len(sources)} dtypes; the inverse is ambiguous")
+        if not sources:
+            return Cast(pattern=self.params.pattern, dtype=self.params.dtype, strict=False)
+        source = sources.pop()
+        if not _widens(source, self.dtype):
+            raise NotInvertibleError(f"cast {dtype_name(source)} -> {self.params.dtype} loses information")
+        return Cast(pattern=self.params.pattern, dtype=dtype_name(source), integers=self.params.integers, strict=False)
+
+
+def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether every value of ``src`` is exactly representable in ``dst``."""
+    if src.is_floating_point and dst.is_floating_point:
+        s, d = torch.finfo(src), torch.finfo(dst)
+        return d.bits >= s.bits and d.max >= s.max and d.eps <= s.eps and d.tiny <= s.tiny
+    if not src.is_floating_point and not dst.is_floating_point and src != torch.bool:
+        s, d = torch.iinfo(src), torch.iinfo(dst)
+        return d.min <= s.min and d.max >= s.max
+    return False
+
+
+# op name -> function(tensor, **args); the config's ``args`` are checked against its signature
+VALUE_OPS: dict[str, Callable[..., torch.Tensor]] = {
+    "scale": lambda x, factor: x * factor,
+    "add": lambda x, value: x + value,
+    "clamp": lambda x, min=None, max=None: x.clamp(min=min, max=max),
+    "fill": lambda x, value: torch.full_like(x, value),
+    "zero": lambda x: torch.zeros_like(x),
+}
+
+
+@register_transform("value_op")
+class ValueOp(_PerKey):
+    """Apply a named arithmetic op (scale, add, clamp, fill, zero) to matching floating-point tensors.
+
+    The op runs in float32 (or float64 for float64 tensors) and the result is
+    cast back to the tensor's dtype, so shapes and dtypes never change.
+    """
+
+    class Params(_PatternParams):
+        op: Literal["scale", "add", "clamp", "fill", "zero"]
+        args: dict[str, Any] = {}
+
+        @model_validator(mode="after")
+        def _args_fit(self) -> "ValueOp.Params":
+            import inspect
+
+            signature = inspect.signature(VALUE_OPS[self.op])
+            try:
+                signature.bind(None, **self.args)
+            except TypeError as e:
+                raise ValueError(f"op {self.op!r} takes {list(signature.parameters)[1:]}: {e}") from None
+            return self
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in sorted(self.params.args.items()))
+        return f"{self.params.op}({args})"
+
+    def keys(self, metas: Mapping[str, TensorMeta]) -> list[str]:
+        keys = super().keys(metas)
+        for key in keys:
+            if not metas[key].dtype.is_floating_point:
+                raise PlanError(f"value op {self.params.op!r} matched {key!r} ({metas[key]}), which is not floating point")
+        return keys
+
+    def out_meta(self, key: str, meta: TensorMeta) -> TensorMeta:
+        return meta
+
+    def fn(self, key: str, meta: TensorMeta):
+        op, args = VALUE_OPS[self.params.op], self.params.args
+        work = torch.float64 if meta.dtype == torch.float64 else torch.float32
+        return lambda x: op(x.to(work), **args).to(meta.dtype)
+

@@ -1,0 +1,59 @@
+"""The writer interface every output format implements.
+
+A writer is told every target tensor's metadata before the first byte is
+written (the plan knows them from headers), so it can lay out files and write
+headers up front, then receive tensors one at a time in plan order.  It writes
+into a staging path that the caller's transaction renames into place on success.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from ..io.base import RawSpan
+from ..meta import TensorMeta
+
+
+class Writer(ABC):
+    """Streams a plan's output tensors into one target format."""
+
+    #: the format name users give as ``format:`` / ``--format``
+    format: ClassVar[str]
+    def __init__(self, path: Path, *, metadata: Mapping[str, str] | None = None, shard_size: int | None = None) -> None:
+        self.path = Path(path)
+        self.metadata = dict(metadata or {})
+        self.shard_size = shard_size
+
+    @property
+    def writes_folder(self) -> bool:
+        """Whether the target is a folder (shards and an index) rather than one file."""
+        return False
+
+    @classmethod
+    def for_target(cls, target: Path) -> bool:
+        """Whether this writer is the natural choice for ``target`` (used when no format is named)."""
+        return False
+
+    @abstractmethod
+    def begin(self, metas: Mapping[str, TensorMeta]) -> None:
+        """Receive every output tensor's metadata, in the order tensors will arrive."""
+
+    @abstractmethod
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Write one tensor (its shape and dtype match what :meth:`begin` announced)."""
+
+    def write_raw(self, key: str, span: RawSpan) -> bool:
+        """Copy a tensor's bytes straight from a source file; return False if unsupported."""
+        return False
+
+    @abstractmethod
+    def finish(self) -> list[Path]:
+        """Flush, fsync and close; return the files written."""
+
+    def abort(self) -> None:
+        """Close open handles after a failure (the transaction removes the files)."""

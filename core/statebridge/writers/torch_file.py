@@ -1,0 +1,6 @@
+"""Placeholder (being written)."""
+from .base import Writer
+
+
+class TorchWriter(Writer):
+    format = "torch"
