@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from .checks import validate
 from .errors import ConfigError
 from .execute import ExecutionStats, execute
 from .io import SourceLike, open_source
+from .patterns import describe_keys
 from .plan import Plan
 from .plugins import load_plugins
 from .transaction import atomic_target
@@ -126,4 +128,13 @@ def load_into(
     with open_source(source) as src:
         built = plan(src, pipeline)
         execute(built, ModuleWriter(model, strict=strict), progress=progress)
+    still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        warnings.warn(
+            f"{len(still_meta)} tensors of {type(model).__name__} are still on the meta device because the "
+            f"state dict does not hold them (non-persistent buffers?): {describe_keys(still_meta)}; build the "
+            "model with parameters on meta and buffers real (e.g. accelerate.init_empty_weights()) or re-create them",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return built

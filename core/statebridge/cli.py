@@ -18,6 +18,7 @@ from .analyze import analyze
 from .api import plan, run
 from .config import config_schema, load_config, parse_size
 from .errors import StatebridgeError
+from .io import open_source
 from .plugins import load_plugins
 
 
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--verbose", "-v", action="store_true", help="list every key instead of folded patterns")
         if name == "run":
             p.add_argument("--dry-run", action="store_true", help="plan and check only; write nothing")
+            p.add_argument(
+                "--inverse",
+                action="store_true",
+                help="run the config's inverse: read --source (a converted checkpoint), write --target; "
+                "the config's own source tells the original layout (its metadata: is not written)",
+            )
             p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.set_defaults(func=_plan if name == "plan" else _run)
 
@@ -90,9 +97,12 @@ def _print_report(report, as_json: bool) -> None:
     print(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, override_source: bool = True):
+    """The config with the command line's overrides (paths on the command line are relative to the cwd)."""
     shard_size = parse_size(args.shard_size) if args.shard_size else None
-    return load_config(args.config, source=args.source, target=args.target, format=args.format, shard_size=shard_size)
+    source = str(Path(args.source).absolute()) if args.source and override_source else None
+    target = str(Path(args.target).absolute()) if args.target else None
+    return load_config(args.config, source=source, target=target, format=args.format, shard_size=shard_size)
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -102,21 +112,28 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    config = _load(args)
-    if args.dry_run:
-        return _plan(args)
+    config = _load(args, override_source=not args.inverse)
+    pipeline, source = config.pipeline(), config.source
+    if args.inverse:
+        if not (args.source and args.target):
+            raise StatebridgeError("--inverse needs --source (the converted checkpoint) and --target (where to write)")
+        with open_source(config.source) as original:
+            pipeline = pipeline.inverse(original.metas())
+        source = str(Path(args.source).absolute())
     if not config.target:
         raise StatebridgeError(f"{args.config}: no target; set target: in the config or pass --target")
-    built = plan(config.source, config.pipeline(), format=config.format, shard_size=config.shard_size)
-    if not args.json:
-        print(built.render(args.verbose), file=sys.stderr)
+    built = plan(source, pipeline, format=config.format, shard_size=config.shard_size)
+    if args.dry_run or not args.json:
+        print(json.dumps(built.to_dict(), indent=2) if args.json else built.render(args.verbose))
+    if args.dry_run:
+        return
     report = run(
-        config.source,
-        config.pipeline(),
+        source,
+        pipeline,
         Path(config.target),
         format=config.format,
         shard_size=config.shard_size,
-        metadata=config.metadata,
+        metadata=None if args.inverse else config.metadata,
         progress=False if args.no_progress else None,
         gates=config.gates,
     )

@@ -19,6 +19,7 @@ be named.  Errors point at the step and field (``steps[1] (concat).dim: ...``).
 from __future__ import annotations
 
 import json
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -118,7 +119,7 @@ def parse_config(data: Mapping[str, Any], base: Path | None = None, name: str = 
 
 def _resolve(value: str, base: Path) -> str:
     path = Path(value).expanduser()
-    return str(path if path.is_absolute() else base / path)
+    return os.path.normpath(path if path.is_absolute() else base / path)
 
 
 def _resolve_step_paths(step: Any, base: Path) -> Any:

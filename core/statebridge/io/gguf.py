@@ -1,10 +1,457 @@
-"""GGUF reader (placeholder: being written)."""
+"""GGUF reader (llama.cpp's format): metadata from the header, tensors on demand.
+
+The header is parsed here with :mod:`struct` rather than with
+``gguf.GGUFReader``, for two reasons.  ``GGUFReader`` builds one numpy view per
+array element, so a 262k-token vocabulary takes over ten seconds to open, and it
+trusts the header: a lying count or offset surfaces as an ``IndexError`` or a
+reshape failure from deep inside numpy.  Here every count, length and offset is
+checked against the file size before it is used, and every failure is a
+:class:`~statebridge.errors.SourceError` naming the file (and the field or
+tensor).  The ``gguf`` package still supplies the format's constants (value
+types, quantization types, block sizes) and the dequantization kernels.
+
+Shapes are reported in PyTorch order.  GGUF stores dimensions fastest first
+(``ne[0]`` is the row length), as ggml does, so the torch shape is
+``reversed(ne)`` -- the inverse of what llama.cpp's convert scripts and
+``gguf.GGUFWriter`` do when they write a numpy array.
+
+Unquantized tensors (F32, F16, BF16, F64, I8..I64) load as zero-copy views of a
+private copy-on-write memory map in their own dtype.  Quantized tensors (Q4_K,
+Q5_0, Q6_K, Q8_0, ...) are dequantized to float32 on each load, and
+:meth:`GGUFSource.metas` reports them as float32 so that plans match what
+:meth:`GGUFSource.load` returns.  The stored quantization type of every tensor is
+in :attr:`GGUFSource.gguf_types`.
+"""
 
 from __future__ import annotations
 
-from .base import Source
+import json
+import math
+import mmap
+import os
+import struct
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import quants as gguf_quants
+
+from ..errors import SourceError
+from ..meta import TensorMeta
+from .base import RawSpan, Source
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+#: ggml tensors have at most 4 dimensions; allow some slack for other writers
+MAX_DIMS = 8
+#: arrays nested deeper than this are refused (the format allows nesting; nobody uses it)
+MAX_ARRAY_DEPTH = 4
+#: arrays longer than this appear in :attr:`GGUFSource.metadata` as ``"[N items]"``
+MAX_METADATA_ARRAY_ITEMS = 256
+MAX_METADATA_ARRAY_CHARS = 16 * 1024
+
+#: GGML types whose stored bytes are plain little-endian values of a torch dtype
+PLAIN_TYPES: dict[GGMLQuantizationType, torch.dtype] = {
+    GGMLQuantizationType.F32: torch.float32,
+    GGMLQuantizationType.F16: torch.float16,
+    GGMLQuantizationType.BF16: torch.bfloat16,
+    GGMLQuantizationType.F64: torch.float64,
+    GGMLQuantizationType.I8: torch.int8,
+    GGMLQuantizationType.I16: torch.int16,
+    GGMLQuantizationType.I32: torch.int32,
+    GGMLQuantizationType.I64: torch.int64,
+}
+
+# struct format and size of each scalar value type (prefix added per byte order)
+_SCALARS: dict[GGUFValueType, tuple[str, int]] = {
+    GGUFValueType.UINT8: ("B", 1),
+    GGUFValueType.INT8: ("b", 1),
+    GGUFValueType.UINT16: ("H", 2),
+    GGUFValueType.INT16: ("h", 2),
+    GGUFValueType.UINT32: ("I", 4),
+    GGUFValueType.INT32: ("i", 4),
+    GGUFValueType.FLOAT32: ("f", 4),
+    GGUFValueType.BOOL: ("B", 1),
+    GGUFValueType.UINT64: ("Q", 8),
+    GGUFValueType.INT64: ("q", 8),
+    GGUFValueType.FLOAT64: ("d", 8),
+}
+_NUMPY_SCALARS: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "u1",
+    GGUFValueType.INT8: "i1",
+    GGUFValueType.UINT16: "u2",
+    GGUFValueType.INT16: "i2",
+    GGUFValueType.UINT32: "u4",
+    GGUFValueType.INT32: "i4",
+    GGUFValueType.FLOAT32: "f4",
+    GGUFValueType.BOOL: "u1",
+    GGUFValueType.UINT64: "u8",
+    GGUFValueType.INT64: "i8",
+    GGUFValueType.FLOAT64: "f8",
+}
+# smallest encoding of one value of each type (used to refuse absurd counts early)
+_MIN_VALUE_BYTES = {**{t: size for t, (_, size) in _SCALARS.items()}, GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}
+# string length (8) + n_dims (4) + type (4) + offset (8)
+_MIN_TENSOR_INFO_BYTES = 24
+# key length (8) + value type (4) + smallest value (1)
+_MIN_KV_BYTES = 13
+
+
+@dataclass(frozen=True)
+class GGUFField:
+    """One GGUF key-value field with its stored type, so it can be written back unchanged.
+
+    ``sub_type`` is the element type of an ``ARRAY`` (``None`` otherwise).  String
+    values that are not valid UTF-8 are kept as ``bytes``.
+    """
+
+    value: Any
+    type: GGUFValueType
+    sub_type: GGUFValueType | None = None
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # torch order
+    offset: int  # absolute, in the file
+    nbytes: int
 
 
 class GGUFSource(Source):
-    def __init__(self, path):  # pragma: no cover - replaced by the real reader
-        raise NotImplementedError
+    """One ``.gguf`` file.
+
+    Attributes beyond :class:`Source`: :attr:`fields` (key -> Python value),
+    :attr:`typed_fields` (key -> :class:`GGUFField`), :attr:`gguf_types`
+    (tensor -> GGML type name such as ``"Q4_K"``), :attr:`version`,
+    :attr:`alignment`, :attr:`data_offset` and :attr:`byte_order`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.name = str(self.path)
+        self._mmap: mmap.mmap | None = None
+        header = _Header(self.path)
+        self.version: int = header.version
+        self.alignment: int = header.alignment
+        self.data_offset: int = header.data_offset
+        #: ``"little"`` or ``"big"``; big-endian files come from s390x builds of llama.cpp
+        self.byte_order: str = header.byte_order
+        self.typed_fields: dict[str, GGUFField] = header.fields
+        self.fields: dict[str, Any] = {k: f.value for k, f in header.fields.items()}
+        self._tensors: dict[str, _TensorInfo] = header.tensors
+        self.gguf_types: dict[str, str] = {k: t.qtype.name for k, t in self._tensors.items()}
+        self._metas = {
+            k: TensorMeta(t.shape, PLAIN_TYPES.get(t.qtype, torch.float32)) for k, t in self._tensors.items()
+        }
+        self._metadata = {k: _field_to_string(f) for k, f in header.fields.items()}
+
+    def metas(self) -> Mapping[str, TensorMeta]:
+        return self._metas
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        """Every key-value field as a string: scalars via ``str()``, short arrays as JSON, long ones as ``"[N items]"``."""
+        return self._metadata
+
+    def is_quantized(self, key: str) -> bool:
+        """Whether the tensor is stored in a block-quantized type (and so dequantized on load)."""
+        return self._info(key).qtype not in PLAIN_TYPES
+
+    def raw_span(self, key: str) -> RawSpan | None:
+        info = self._info(key)
+        if info.qtype not in PLAIN_TYPES or self.byte_order != sys.byteorder != "little":
+            return None
+        if self.byte_order != "little":
+            return None
+        return RawSpan(self.path, info.offset, info.nbytes)
+
+    def load(self, key: str) -> torch.Tensor:
+        info = self._info(key)
+        meta = self._metas[key]
+        if meta.numel == 0:
+            return torch.empty(meta.shape, dtype=meta.dtype)
+        buffer = self._map()
+        dtype = PLAIN_TYPES.get(info.qtype)
+        if dtype is not None:
+            tensor = torch.frombuffer(buffer, dtype=dtype, count=meta.numel, offset=info.offset)
+            if info.offset % dtype.itemsize:
+                tensor = tensor.clone()  # a misaligned view is legal but slow and fragile; copy it
+            if self.byte_order != sys.byteorder:
+                tensor = torch.from_numpy(tensor.numpy().byteswap()) if dtype != torch.bfloat16 else _swap_bf16(tensor)
+            return tensor.reshape(meta.shape)
+        return self._dequantize(key, info, buffer)
+
+    def _dequantize(self, key: str, info: _TensorInfo, buffer: mmap.mmap) -> torch.Tensor:
+        if self.byte_order != "little":
+            raise SourceError(
+                self.path, f"tensor {key!r}: {info.qtype.name} data in a big-endian GGUF file cannot be dequantized"
+            )
+        block_size, type_size = GGML_QUANT_SIZES[info.qtype]
+        row = info.shape[-1] if info.shape else 1
+        byte_shape = (*info.shape[:-1], row // block_size * type_size)
+        blocks = np.frombuffer(buffer, dtype=np.uint8, count=info.nbytes, offset=info.offset).reshape(byte_shape)
+        try:
+            values = gguf_quants.dequantize(blocks, info.qtype)
+        except NotImplementedError:
+            raise SourceError(
+                self.path,
+                f"tensor {key!r}: the installed gguf package cannot dequantize {info.qtype.name} "
+                "(upgrade gguf, or requantize the model with llama-quantize)",
+            ) from None
+        except Exception as e:  # a kernel failing on bad bytes; name the tensor rather than leak numpy internals
+            raise SourceError(self.path, f"tensor {key!r}: cannot dequantize {info.qtype.name} data: {e}") from None
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if values.shape != info.shape:
+            values = values.reshape(info.shape)
+        return torch.from_numpy(values)
+
+    def _info(self, key: str) -> _TensorInfo:
+        try:
+            return self._tensors[key]
+        except KeyError:
+            raise SourceError(self.path, f"no tensor named {key!r}") from None
+
+    def _map(self) -> mmap.mmap:
+        if self._mmap is None:
+            try:
+                with open(self.path, "rb") as f:
+                    self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as e:
+                raise SourceError(self.path, f"cannot map the file: {e}") from None
+        return self._mmap
+
+    def close(self) -> None:
+        # Tensors handed out keep the map alive through their buffer.
+        self._mmap = None
+
+
+def _swap_bf16(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(tensor.view(torch.int16).numpy().byteswap()).view(torch.bfloat16)
+
+
+class _Header:
+    """A checked parse of a GGUF header: fields, tensor infos, data offset."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                magic = f.read(4)
+                if magic != GGUF_MAGIC:
+                    if len(magic) < 4:
+                        raise SourceError(path, f"file is {size} bytes, too short to be GGUF (truncated?)")
+                    raise SourceError(path, f"not a GGUF file: starts with {magic!r}, expected {GGUF_MAGIC!r}")
+                if size < 24:
+                    raise SourceError(path, f"file is {size} bytes, too short for a GGUF header (truncated?)")
+                # The header is read through a read-only map: only the pages it spans are touched,
+                # so opening a multi-gigabyte model reads the header and nothing of the tensor data.
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                    self._parse(buf, size)
+        except OSError as e:
+            raise SourceError(path, f"cannot read: {e.strerror or e}") from None
+
+    # -- low-level reads, all bounds-checked -------------------------------------------------
+
+    def _need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise SourceError(
+                self.path,
+                f"header is cut short reading {what} at byte {self.pos} (needs {n} bytes, file has {self.size}; truncated?)",
+            )
+
+    def _scalar(self, vtype: GGUFValueType, what: str) -> Any:
+        fmt, n = _SCALARS[vtype]
+        self._need(n, what)
+        (value,) = struct.unpack_from(self.order + fmt, self.buf, self.pos)
+        self.pos += n
+        return bool(value) if vtype == GGUFValueType.BOOL else value
+
+    def _u32(self, what: str) -> int:
+        return self._scalar(GGUFValueType.UINT32, what)
+
+    def _u64(self, what: str) -> int:
+        return self._scalar(GGUFValueType.UINT64, what)
+
+    def _raw_string(self, what: str) -> bytes:
+        n = self._u64(f"the length of {what}")
+        self._need(n, f"{what} ({n} bytes)")
+        data = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return data
+
+    def _name(self, what: str) -> str:
+        raw = self._raw_string(what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SourceError(self.path, f"{what} {raw[:60]!r} is not valid UTF-8") from None
+
+    # -- structure ----------------------------------------------------------------------------
+
+    def _parse(self, buf: mmap.mmap, size: int) -> None:
+        self.buf, self.size, self.pos = buf, size, 4
+        (version,) = struct.unpack_from("<I", buf, 4)
+        self.order, self.byte_order = "<", "little"
+        if version & 0xFFFF == 0 and version != 0:
+            # written on a big-endian machine: everything after the magic is byte-swapped
+            (version,) = struct.unpack_from(">I", buf, 4)
+            self.order, self.byte_order = ">", "big"
+        if version == 1:
+            raise SourceError(self.path, "GGUF version 1 is not supported (it predates 64-bit counts); reconvert the model")
+        if version not in SUPPORTED_VERSIONS:
+            raise SourceError(self.path, f"unsupported GGUF version {version} (this reader knows versions 2 and 3)")
+        self.version = version
+        self.pos = 8
+        tensor_count = self._u64("the tensor count")
+        kv_count = self._u64("the key-value count")
+        if kv_count * _MIN_KV_BYTES > size - self.pos:
+            raise SourceError(
+                self.path, f"header claims {kv_count} key-value fields, more than a {size}-byte file can hold (corrupt or truncated)"
+            )
+        if tensor_count * _MIN_TENSOR_INFO_BYTES > size - self.pos:
+            raise SourceError(
+                self.path, f"header claims {tensor_count} tensors, more than a {size}-byte file can hold (corrupt or truncated)"
+            )
+
+        self.fields: dict[str, GGUFField] = {}
+        for i in range(kv_count):
+            key = self._name(f"the name of key-value field #{i}")
+            if key in self.fields:
+                raise SourceError(self.path, f"key-value field {key!r} appears twice")
+            vtype = self._value_type(f"field {key!r}")
+            value, sub_type = self._value(vtype, f"field {key!r}", depth=0)
+            self.fields[key] = GGUFField(value, vtype, sub_type)
+
+        self.alignment = DEFAULT_ALIGNMENT
+        align = self.fields.get("general.alignment")
+        if align is not None:
+            if align.type != GGUFValueType.UINT32:
+                raise SourceError(self.path, f"general.alignment has type {align.type.name}, expected UINT32")
+            if align.value <= 0 or align.value & (align.value - 1):
+                raise SourceError(self.path, f"general.alignment is {align.value}, not a power of two")
+            self.alignment = align.value
+
+        infos: list[tuple[str, list[int], int, int]] = []
+        seen: set[str] = set()
+        for i in range(tensor_count):
+            name = self._name(f"the name of tensor #{i}")
+            if name in seen:
+                raise SourceError(self.path, f"tensor {name!r} appears twice in the header")
+            seen.add(name)
+            n_dims = self._u32(f"the dimension count of tensor {name!r}")
+            if n_dims > MAX_DIMS:
+                raise SourceError(self.path, f"tensor {name!r} claims {n_dims} dimensions (at most {MAX_DIMS} are plausible)")
+            ne = [self._u64(f"the shape of tensor {name!r}") for _ in range(n_dims)]
+            raw_type = self._u32(f"the type of tensor {name!r}")
+            offset = self._u64(f"the data offset of tensor {name!r}")
+            infos.append((name, ne, raw_type, offset))
+
+        self.data_offset = -(-self.pos // self.alignment) * self.alignment
+        self.tensors = self._check_tensors(infos)
+
+    def _value_type(self, what: str) -> GGUFValueType:
+        raw = self._u32(f"the value type of {what}")
+        try:
+            return GGUFValueType(raw)
+        except ValueError:
+            raise SourceError(self.path, f"{what} has unknown value type {raw}") from None
+
+    def _value(self, vtype: GGUFValueType, what: str, depth: int) -> tuple[Any, GGUFValueType | None]:
+        if vtype in _SCALARS:
+            return self._scalar(vtype, what), None
+        if vtype == GGUFValueType.STRING:
+            return _decode(self._raw_string(what)), None
+        # ARRAY
+        if depth >= MAX_ARRAY_DEPTH:
+            raise SourceError(self.path, f"{what}: arrays nested more than {MAX_ARRAY_DEPTH} deep")
+        sub_type = self._value_type(f"the elements of {what}")
+        count = self._u64(f"the length of {what}")
+        if count * _MIN_VALUE_BYTES[sub_type] > self.size - self.pos:
+            raise SourceError(
+                self.path, f"{what} claims {count} {sub_type.name} items, more than the rest of the file can hold (truncated?)"
+            )
+        if sub_type in _NUMPY_SCALARS:
+            n = count * _SCALARS[sub_type][1]
+            array = np.frombuffer(self.buf, dtype=np.dtype(_NUMPY_SCALARS[sub_type]).newbyteorder(self.order), count=count, offset=self.pos)
+            self.pos += n
+            if sub_type == GGUFValueType.BOOL:
+                return [bool(v) for v in array], sub_type
+            return array.tolist(), sub_type
+        if sub_type == GGUFValueType.STRING:
+            return [_decode(self._raw_string(what)) for _ in range(count)], sub_type
+        return [self._value(sub_type, what, depth + 1)[0] for _ in range(count)], sub_type
+
+    def _check_tensors(self, infos: list[tuple[str, list[int], int, int]]) -> dict[str, _TensorInfo]:
+        data_size = self.size - self.data_offset
+        if infos and data_size < 0:
+            raise SourceError(self.path, f"the tensor data section would start at byte {self.data_offset}, past the end of the file (truncated?)")
+        checked: list[tuple[int, int, str, _TensorInfo]] = []
+        for index, (name, ne, raw_type, offset) in enumerate(infos):
+            try:
+                qtype = GGMLQuantizationType(raw_type)
+            except ValueError:
+                raise SourceError(self.path, f"tensor {name!r} has unknown GGML type {raw_type}") from None
+            block_size, type_size = GGML_QUANT_SIZES[qtype]
+            numel = math.prod(ne)
+            if ne and ne[0] % block_size:
+                raise SourceError(
+                    self.path, f"tensor {name!r}: row length {ne[0]} is not a multiple of the {qtype.name} block size {block_size}"
+                )
+            nbytes = numel // block_size * type_size
+            if offset % self.alignment:
+                raise SourceError(self.path, f"tensor {name!r}: data offset {offset} is not a multiple of the alignment {self.alignment}")
+            if offset + nbytes > data_size:
+                raise SourceError(
+                    self.path,
+                    f"tensor {name!r}: data ends at byte {self.data_offset + offset + nbytes} "
+                    f"but the file has {self.size} bytes (truncated?)",
+                )
+            info = _TensorInfo(qtype, tuple(reversed(ne)), self.data_offset + offset, nbytes)
+            checked.append((offset, index, name, info))
+        checked.sort()
+        previous_end, previous_name = 0, None
+        for offset, _, name, info in checked:
+            if info.nbytes and offset < previous_end:
+                raise SourceError(self.path, f"tensors {previous_name!r} and {name!r} overlap in the data section")
+            if info.nbytes:
+                previous_end, previous_name = offset + info.nbytes, name
+        return {name: info for _, _, name, info in checked}
+
+
+def _decode(raw: bytes) -> str | bytes:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw  # some vocabularies hold raw byte tokens; keep them exact
+
+
+def _field_to_string(field: GGUFField) -> str:
+    if field.type == GGUFValueType.ARRAY:
+        items = field.value
+        if len(items) > MAX_METADATA_ARRAY_ITEMS:
+            return f"[{len(items)} items]"
+        text = json.dumps([_jsonable(v, field.sub_type) for v in items], ensure_ascii=False)
+        return text if len(text) <= MAX_METADATA_ARRAY_CHARS else f"[{len(items)} items]"
+    if field.type == GGUFValueType.FLOAT32:
+        return str(np.float32(field.value))  # shortest text that round-trips the stored float32
+    if isinstance(field.value, bytes):
+        return field.value.decode("utf-8", errors="replace")
+    return str(field.value)
+
+
+def _jsonable(value: Any, vtype: GGUFValueType | None) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if vtype == GGUFValueType.FLOAT32 and isinstance(value, float) and math.isfinite(value):
+        return float(str(np.float32(value)))
+    if isinstance(value, list):
+        return [_jsonable(v, None) for v in value]
+    return value
