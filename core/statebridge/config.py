@@ -113,7 +113,7 @@ def parse_config(data: Mapping[str, Any], base: Path | None = None, name: str = 
     try:
         config.pipeline()
     except ConfigError as e:
-        raise type(e)(f"{name}: {e}") from None
+        raise e.within(name) from None
     return config
 
 

@@ -8,9 +8,17 @@ no traceback, and exits non-zero.
 
 from __future__ import annotations
 
+import copy
+
 
 class StatebridgeError(Exception):
     """Base of every error statebridge raises on purpose."""
+
+    def within(self, where: str) -> "StatebridgeError":
+        """The same error, its message prefixed by where it happened (a step, a config file)."""
+        error = copy.copy(self)
+        error.args = (f"{where}: {self}",)
+        return error
 
 
 class SourceError(StatebridgeError):

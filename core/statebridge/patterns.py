@@ -38,7 +38,7 @@ class KeyPattern:
                 return re.compile(source)
             except re.error as e:
                 raise ConfigError(
-                    f"pattern {self.text!r} is not a valid regular expression: {e.msg} at position {e.pos}"
+                    f"pattern '{self.text}' is not a valid regular expression: {e.msg} at position {e.pos}"
                 ) from None
         parts = re.split(r"(\*\*|\*)", self.text)
         out = []

@@ -40,16 +40,16 @@ class Plan:
         for key, meta in composition.metas.items():
             group = produced_by.get(key) or Group.rename(key, key, meta)
             groups.setdefault(id(group), group)
-        consumed = set(composition.consumed)
+        consumed, dropped = set(composition.consumed), set(composition.dropped)
         return cls(
             source=source,
             pipeline=pipeline,
             groups=list(groups.values()),
             outputs=composition.metas,
             lineage=composition.lineage,
-            mapped=[k for k in metas if k in consumed and k not in set(composition.dropped)],
+            mapped=[k for k in metas if k in consumed and k not in dropped],
             unmapped=[k for k in metas if k not in consumed],
-            dropped=list(dict.fromkeys(composition.dropped)),
+            dropped=[k for k in metas if k in dropped],
             new=[k for k, lin in composition.lineage.items() if not lin.sources],
             options=dict(options or {}),
         )

@@ -114,4 +114,4 @@ class TransformRegistry:
         try:
             return cls(params or {})
         except ConfigError as e:
-            raise type(e)(f"{where}: {e}") from None
+            raise e.within(where) from None

@@ -166,9 +166,7 @@ class GGUFSource(Source):
 
     def raw_span(self, key: str) -> RawSpan | None:
         info = self._info(key)
-        if info.qtype not in PLAIN_TYPES or self.byte_order != sys.byteorder != "little":
-            return None
-        if self.byte_order != "little":
+        if info.qtype not in PLAIN_TYPES or self.byte_order != "little":
             return None
         return RawSpan(self.path, info.offset, info.nbytes)
 
@@ -184,7 +182,7 @@ class GGUFSource(Source):
             if info.offset % dtype.itemsize:
                 tensor = tensor.clone()  # a misaligned view is legal but slow and fragile; copy it
             if self.byte_order != sys.byteorder:
-                tensor = torch.from_numpy(tensor.numpy().byteswap()) if dtype != torch.bfloat16 else _swap_bf16(tensor)
+                tensor = _byteswapped(tensor)
             return tensor.reshape(meta.shape)
         return self._dequantize(key, info, buffer)
 
@@ -232,8 +230,11 @@ class GGUFSource(Source):
         self._mmap = None
 
 
-def _swap_bf16(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(tensor.view(torch.int16).numpy().byteswap()).view(torch.bfloat16)
+def _byteswapped(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` with every element's bytes reversed (numpy has no bfloat16, so go via int16)."""
+    if tensor.dtype == torch.bfloat16:
+        return torch.from_numpy(tensor.view(torch.int16).numpy().byteswap()).view(torch.bfloat16)
+    return torch.from_numpy(tensor.numpy().byteswap())
 
 
 class _Header:
@@ -254,7 +255,10 @@ class _Header:
                 # The header is read through a read-only map: only the pages it spans are touched,
                 # so opening a multi-gigabyte model reads the header and nothing of the tensor data.
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                    self._parse(buf, size)
+                    try:
+                        self._parse(buf, size)
+                    finally:
+                        self.buf = b""  # drop the reference before the map closes
         except OSError as e:
             raise SourceError(path, f"cannot read: {e.strerror or e}") from None
 
@@ -401,9 +405,10 @@ class _Header:
                 raise SourceError(self.path, f"tensor {name!r} has unknown GGML type {raw_type}") from None
             block_size, type_size = GGML_QUANT_SIZES[qtype]
             numel = math.prod(ne)
-            if ne and ne[0] % block_size:
+            row = ne[0] if ne else 1
+            if row % block_size:
                 raise SourceError(
-                    self.path, f"tensor {name!r}: row length {ne[0]} is not a multiple of the {qtype.name} block size {block_size}"
+                    self.path, f"tensor {name!r}: row length {row} is not a multiple of the {qtype.name} block size {block_size}"
                 )
             nbytes = numel // block_size * type_size
             if offset % self.alignment:

@@ -92,7 +92,7 @@ def compose(steps: Sequence["Transform"], metas: Mapping[str, TensorMeta], where
         try:
             groups = step.plan(_ReadOnly(state))
         except StatebridgeError as e:
-            raise type(e)(f"{label}: {e}") from None
+            raise e.within(label) from None
         _check_step(label, groups, state)
         # Pass 1: read every group's inputs against the state before this step
         # (so a step may swap names), merging the components that feed each group.

@@ -76,7 +76,7 @@ class Pipeline(_Composite):
             try:
                 inverses.append(self.steps[i].inverse(states[i]))
             except StatebridgeError as e:
-                raise type(e)(f"steps[{i}] ({self.steps[i].name}): {e}") from None
+                raise e.within(f"steps[{i}] ({self.steps[i].name})") from None
         return Pipeline(inverses)
 
 
@@ -92,10 +92,7 @@ class Parallel(_Composite):
         readers: dict[str, int] = {}
         writers: dict[str, int] = {}
         for i, step in enumerate(self.steps):
-            try:
-                planned = compose([step], metas, where=f"parallel[{i}]").groups
-            except StatebridgeError as e:
-                raise type(e)(f"{e}") from None
+            planned = compose([step], metas, where=f"parallel[{i}]").groups
             for group in planned:
                 for key in group.inputs:
                     if key in readers:

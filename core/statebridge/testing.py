@@ -1,0 +1,103 @@
+"""Deterministic llama-style checkpoints for tests, examples and benchmarks.
+
+The names and shapes follow Hugging Face Llama (``model.layers.N.self_attn.q_proj.weight``,
+...), with grouped-query attention so q, k and v differ in size.  Values come
+from a seeded generator, so every build is bit-identical.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .io.base import Source
+from .meta import TensorMeta
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """Sizes of a llama-style model."""
+
+    layers: int = 2
+    hidden: int = 64
+    intermediate: int = 128
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 256
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def tensors(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """Names and shapes in Hugging Face order."""
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        yield "model.embed_tokens.weight", (self.vocab, h)
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            yield p + "self_attn.q_proj.weight", (h, h)
+            yield p + "self_attn.k_proj.weight", (kv, h)
+            yield p + "self_attn.v_proj.weight", (kv, h)
+            yield p + "self_attn.o_proj.weight", (h, h)
+            yield p + "mlp.gate_proj.weight", (self.intermediate, h)
+            yield p + "mlp.up_proj.weight", (self.intermediate, h)
+            yield p + "mlp.down_proj.weight", (h, self.intermediate)
+            yield p + "input_layernorm.weight", (h,)
+            yield p + "post_attention_layernorm.weight", (h,)
+        yield "model.norm.weight", (h,)
+        yield "lm_head.weight", (self.vocab, h)
+
+    @property
+    def nbytes_fp16(self) -> int:
+        return sum(2 * torch.Size(s).numel() for _, s in self.tensors())
+
+
+class GeneratedLlama(Source):
+    """A llama-style checkpoint whose tensors are generated on demand (seeded per tensor).
+
+    Reading it needs no file and no memory beyond one tensor, so it can feed a
+    multi-GB benchmark checkpoint through the streaming writer.
+    """
+
+    def __init__(self, shape: LlamaShape = LlamaShape(), dtype: torch.dtype = torch.float16, seed: int = 0) -> None:
+        self.name = f"<generated llama, {shape.layers} layers>"
+        self.shape, self.dtype, self.seed = shape, dtype, seed
+        self._metas = {n: TensorMeta(s, dtype) for n, s in shape.tensors()}
+        self._index = {n: i for i, n in enumerate(self._metas)}
+
+    def metas(self) -> Mapping[str, TensorMeta]:
+        return self._metas
+
+    def load(self, key: str) -> torch.Tensor:
+        dims = self._metas[key].shape
+        if len(dims) == 1:
+            return torch.ones(dims, dtype=self.dtype)
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self._index[key])
+        return (torch.randn(dims, generator=generator) * 0.02).to(self.dtype)
+
+
+def llama_state_dict(shape: LlamaShape = LlamaShape(), dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A complete llama-style state dict in memory."""
+    source = GeneratedLlama(shape, dtype, seed)
+    return {key: source.load(key) for key in source.metas()}
+
+
+def write_llama(
+    path: str | os.PathLike[str],
+    shape: LlamaShape = LlamaShape(),
+    dtype: torch.dtype = torch.float16,
+    seed: int = 0,
+    shard_size: int | None = None,
+) -> Path:
+    """Write a llama-style checkpoint with the streaming writer (one tensor in memory at a time).
+
+    ``path`` ending in ``.safetensors`` gives one file; otherwise a folder, sharded by ``shard_size``.
+    """
+    from .api import run
+
+    run(GeneratedLlama(shape, dtype, seed), None, path, shard_size=shard_size, progress=False)
+    return Path(path)
