@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import CollisionError, ExecutionError, PlanError, StatebridgeError
+from ..gates import Candidates
 from ..meta import TensorMeta
 from ..patterns import describe_keys, did_you_mean
 from .base import Group, Tensors
@@ -201,12 +202,13 @@ def _merged_group(comp: _Component, outputs: dict[str, TensorMeta]) -> Group:
             for key, meta in stage.group.outputs.items():
                 if key not in produced:
                     raise ExecutionError(f"{stage.label}: planned to produce {key!r} but did not")
-                tensor = produced[key]
-                if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
-                    raise ExecutionError(
-                        f"{stage.label}: produced {key!r} as {TensorMeta.of(tensor)} but planned {meta}"
-                    )
-                live[key] = tensor
+                value = produced[key]
+                for tensor in value.options if isinstance(value, Candidates) else (value,):
+                    if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
+                        raise ExecutionError(
+                            f"{stage.label}: produced {key!r} as {TensorMeta.of(tensor)} but planned {meta}"
+                        )
+                live[key] = value
         return {k: live[k] for k in outputs}
 
     return Group(
