@@ -105,6 +105,8 @@ def parse_config(data: Mapping[str, Any], base: Path | None = None, name: str = 
         config = RunConfig.model_validate(dict(data))
     except ValidationError as e:
         raise ConfigError(f"{name}: {format_validation_error(e, '')}".replace(": .", ": ")) from None
+    except ConfigError as e:
+        raise e.within(name) from None
     if base is not None:
         config.source = _resolve(config.source, base)
         if config.target:

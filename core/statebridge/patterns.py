@@ -83,8 +83,14 @@ class KeyPattern:
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
-    """The few candidates most like ``name``, best first (for "did you mean" hints)."""
-    return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
+    """The candidates most like ``name`` (at most ``n``, about equally close), best first."""
+    scored = sorted(
+        ((difflib.SequenceMatcher(None, name, c).ratio(), c) for c in set(candidates)), key=lambda s: (-s[0], s[1])
+    )
+    if not scored or scored[0][0] < 0.7:
+        return []
+    best = scored[0][0]
+    return [c for ratio, c in scored[:n] if ratio >= best - 0.02]
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

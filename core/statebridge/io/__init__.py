@@ -67,8 +67,11 @@ def open_source(source: SourceLike) -> Source:
         return GGUFSource(path)
     if suffix in TORCH_SUFFIXES:
         return TorchPickle(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise SourceError(path, f"cannot read: {e.strerror or e}") from None
     if magic == b"GGUF":
         return GGUFSource(path)
     if magic[:2] == b"PK" or magic[:1] == b"\x80":

@@ -33,7 +33,7 @@ class SafetensorsFile(Source):
         self.path = Path(path)
         self.name = str(self.path)
         self._mmap: mmap.mmap | None = None
-        self._metas, self._offsets, self._metadata, self._data_start = _read_header(self.path)
+        self._metas, self._offsets, self._metadata, self._data_start, self._size = _read_header(self.path)
 
     def metas(self) -> Mapping[str, TensorMeta]:
         return self._metas
@@ -43,7 +43,10 @@ class SafetensorsFile(Source):
         return self._metadata
 
     def raw_span(self, key: str) -> RawSpan:
-        begin, end = self._offsets[key]
+        try:
+            begin, end = self._offsets[key]
+        except KeyError:
+            raise SourceError(self.path, f"no tensor named {key!r}") from None
         return RawSpan(self.path, self._data_start + begin, end - begin)
 
     def load(self, key: str) -> torch.Tensor:
@@ -59,8 +62,18 @@ class SafetensorsFile(Source):
 
     def _map(self) -> mmap.mmap:
         if self._mmap is None:
-            with open(self.path, "rb") as f:
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            try:
+                with open(self.path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    # A file cut short after its header was checked would crash the
+                    # process (SIGBUS) when the missing pages are touched: refuse instead.
+                    if size != self._size:
+                        raise SourceError(
+                            self.path, f"file changed on disk since it was opened ({self._size} bytes then, {size} now); open it again"
+                        )
+                    self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except OSError as e:
+                raise SourceError(self.path, f"cannot map the file: {e.strerror or e}") from None
         return self._mmap
 
     def close(self) -> None:
@@ -71,8 +84,8 @@ class SafetensorsFile(Source):
 
 def _read_header(
     path: Path,
-) -> tuple[dict[str, TensorMeta], dict[str, tuple[int, int]], dict[str, str], int]:
-    """Parse and check a safetensors header: metas, byte offsets, metadata, data start."""
+) -> tuple[dict[str, TensorMeta], dict[str, tuple[int, int]], dict[str, str], int, int]:
+    """Parse and check a safetensors header: metas, byte offsets, metadata, data start, file size."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -108,7 +121,9 @@ def _read_header(
             raise SourceError(path, f"tensor {key!r}: header entry is not an object")
         code = info.get("dtype")
         if code not in SAFETENSORS_DTYPES:
-            raise SourceError(path, f"tensor {key!r}: unknown dtype {code!r}")
+            raise SourceError(
+                path, f"tensor {key!r}: unknown dtype {code!r} (statebridge reads {', '.join(SAFETENSORS_DTYPES)})"
+            )
         shape = info.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise SourceError(path, f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers")
@@ -142,7 +157,7 @@ def _read_header(
             previous_end, previous_key = end, key
     metas = {key: meta for _, key, meta, _ in entries}
     offsets_by_key = {key: span for _, key, _, span in entries}
-    return metas, offsets_by_key, dict(metadata), data_start
+    return metas, offsets_by_key, dict(metadata), data_start, size
 
 
 class ShardedSafetensors(Source):
@@ -176,15 +191,20 @@ class ShardedSafetensors(Source):
         if expected is not None:
             missing = [k for k in expected if k not in self._owner]
             if missing:
+                more = f" ({len(missing) - 1} more tensors are missing too)" if len(missing) > 1 else ""
                 raise SourceError(
-                    index_path, f"{len(missing)} tensors listed in the index are not in their shard, e.g. {missing[0]!r} in {expected[missing[0]]}"
+                    index_path,
+                    f"the index puts tensor {missing[0]!r} in {expected[missing[0]]}, but that shard has no such tensor{more}; "
+                    "the index and the shards do not belong together",
                 )
 
     def _read_index(self, index_path: Path) -> tuple[list[Path], dict[str, str]]:
         try:
-            index = json.loads(index_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SourceError(index_path, f"cannot read the shard index: {e}") from None
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise SourceError(index_path, f"cannot read the shard index: {e.strerror or e}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SourceError(index_path, f"the shard index is not valid JSON ({e}); re-download or regenerate it") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise SourceError(index_path, "the shard index has no 'weight_map' object of key -> file name")
@@ -192,11 +212,20 @@ class ShardedSafetensors(Source):
         self._metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
         files = []
         for name in sorted(set(weight_map.values())):
-            shard = (index_path.parent / name).resolve()
-            if Path(name).is_absolute() or index_path.parent.resolve() not in shard.parents:
-                raise SourceError(index_path, f"shard {name!r} lies outside the checkpoint folder")
+            # Checked by name, not by resolving links: shards in a Hugging Face cache
+            # snapshot are symlinks into ../../blobs and are fine.
+            normal = os.path.normpath(name)
+            if os.path.isabs(normal) or normal == ".." or normal.startswith(".." + os.sep):
+                raise SourceError(index_path, f"shard {name!r} lies outside the checkpoint folder; refusing to read it")
+            if not name.endswith(".safetensors"):
+                raise SourceError(
+                    index_path,
+                    f"shard {name!r} is not a .safetensors file; only sharded safetensors are read "
+                    "(load a sharded .bin checkpoint with transformers and save it with save_pretrained first)",
+                )
+            shard = index_path.parent / normal
             if not shard.is_file():
-                raise SourceError(index_path, f"shard {name!r} named in the index does not exist")
+                raise SourceError(index_path, f"shard {name!r} named in the index does not exist (looked for {shard})")
             files.append(shard)
         return files, weight_map
 
@@ -217,6 +246,8 @@ class ShardedSafetensors(Source):
         return self._owner[key].load(key)
 
     def raw_span(self, key: str) -> RawSpan:
+        if key not in self._owner:
+            raise SourceError(self.folder, f"no tensor named {key!r}")
         return self._owner[key].raw_span(key)
 
     def close(self) -> None:

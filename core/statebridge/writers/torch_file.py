@@ -148,9 +148,12 @@ class TorchWriter(Writer):
         name = f"data/{self._storage_keys[key]}"
         if t.numel() == 0:
             self._zip.write_record(name, b"", 0)
-        else:
-            # From the tensor's own memory (offset included): no copy on the Python side.
-            self._zip.write_record(name, t.data_ptr(), t.nbytes)
+            self._written.add(key)
+            return
+        if t.storage_offset() != 0:
+            t = t.clone()  # the record is the first nbytes of a storage; a view into the middle needs its own
+        # Straight from the tensor's storage (a memory map stays a memory map): no copy on the Python side.
+        self._zip.write_record(name, t.untyped_storage(), t.nbytes)
         self._written.add(key)
 
     def finish(self) -> list[Path]:
