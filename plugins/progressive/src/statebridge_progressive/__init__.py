@@ -1,0 +1,1 @@
+"""statebridge-progressive: the progressive growth plugin for statebridge (entry point: :mod:`statebridge_progressive.plugin`)."""
