@@ -10,17 +10,19 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 import statebridge as sb
 
 ROOT = Path(__file__).resolve().parents[2]
-OUT = ROOT / "demo-out"
+OUT = Path(os.environ.get("STATEBRIDGE_DEMO_OUT", ROOT / "demo-out")).resolve()
 CONFIG = Path(__file__).with_name("llama_to_phi3.yaml")
 MODEL = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -36,6 +38,22 @@ def banner(text: str) -> None:
 def cli(*args: str) -> None:
     print(f"$ statebridge {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, "-m", "statebridge", *args], check=True, cwd=ROOT)
+
+
+def show(path: Path) -> str:
+    """A path as the user would type it from the repository root."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def config_for(out: Path) -> Path:
+    """The shipped config, or a copy pointing into ``out`` when the demo writes elsewhere."""
+    if out == ROOT / "demo-out":
+        return CONFIG
+    config = yaml.safe_load(CONFIG.read_text())
+    config.update(source=str(out / "llama"), target=str(out / "phi3"))
+    copy = out / CONFIG.name
+    copy.write_text(yaml.safe_dump(config, sort_keys=False))
+    return copy
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -57,9 +75,10 @@ def main() -> None:
     print(f"wrote {OUT / 'llama'}: {', '.join(digests(OUT / 'llama'))}")
 
     banner("2. inspect, plan (headers only), run")
-    cli("inspect", "demo-out/llama")
-    cli("plan", str(CONFIG.relative_to(ROOT)))
-    cli("run", str(CONFIG.relative_to(ROOT)), "--no-progress")
+    config = show(config_for(OUT))
+    cli("inspect", show(OUT / "llama"))
+    cli("plan", config)
+    cli("run", config, "--no-progress")
 
     banner("3. load into a meta-device Phi-3 model that expects the fused layout")
     with init_empty_weights():
@@ -75,7 +94,7 @@ def main() -> None:
         sys.exit("demo failed: the converted model does not reproduce the original outputs")
 
     banner("4. the inverse pipeline restores the original files bit for bit")
-    cli("run", str(CONFIG.relative_to(ROOT)), "--inverse", "--source", "demo-out/phi3", "--target", "demo-out/llama-again", "--no-progress")
+    cli("run", config, "--inverse", "--source", show(OUT / "phi3"), "--target", show(OUT / "llama-again"), "--no-progress")
     original, again = digests(OUT / "llama"), digests(OUT / "llama-again")
     for name in original:
         print(f"  {name}: {original[name]}  {'==' if again.get(name) == original[name] else '!='}  {again.get(name)}")

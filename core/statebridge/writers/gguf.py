@@ -3,16 +3,17 @@
 GGUF puts every tensor's name, shape, type and data offset in the header, in
 front of the data.  The plan announces all output metas before the first tensor
 arrives, so the whole header can be written up front and each tensor's bytes
-appended (padded to the alignment) as :meth:`GGUFWriter.write` receives it:
-only one tensor is ever held, however large the model.
+written at its offset as :meth:`GGUFWriter.write` receives it: only one tensor
+is ever held, however large the model.
 
-The format itself is written by ``gguf.GGUFWriter`` (the llama.cpp project's
-own Python writer): ``add_tensor_info`` for every meta, then
-``write_header_to_file`` / ``write_kv_data_to_file`` / ``write_ti_data_to_file``,
-then one ``write_tensor_data`` per tensor.  That API lays tensors out in the
-order their infos were added, so tensors must arrive in the order ``begin``
-announced them (the executor's contract); anything else is an
-:class:`~statebridge.errors.ExecutionError`.
+The header is written by ``gguf.GGUFWriter`` (the llama.cpp project's own
+Python writer): ``add_key_value`` and ``add_tensor_info`` for everything, then
+``write_header_to_file`` / ``write_kv_data_to_file`` / ``write_ti_data_to_file``.
+Its ``write_tensor_data`` is not used: it can only append tensors in header
+order, whereas placing each tensor at the offset the header gives it (the
+library's own layout: aligned start, each tensor padded to the alignment)
+accepts tensors in any order, lets :meth:`GGUFWriter.write_raw` copy unchanged
+tensors in the kernel, and gives the same bytes whatever the arrival order.
 
 Tensors are stored unquantized in their own dtype: F32, F16, BF16, F64, I8,
 I16, I32, I64.  Other dtypes (bool, unsigned ints, float8, complex) have no
@@ -37,9 +38,10 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 import numpy as np
 import torch
@@ -51,6 +53,7 @@ from ..io.base import RawSpan
 from ..io.gguf import GGUFField
 from ..meta import TensorMeta, dtype_name
 from .base import Writer
+from .rawcopy import copy_range
 
 DEFAULT_ARCHITECTURE = "statebridge"
 ARCHITECTURE_KEY = "general.architecture"
@@ -88,9 +91,11 @@ class GGUFWriter(Writer):
         #: typed key-value fields (``GGUFField`` or plain values); these win over ``metadata`` strings
         self.fields: dict[str, Any] = dict(fields or {})
         self._lib: _LibWriter | None = None
-        self._order: list[str] = []
+        self._file: BinaryIO = None  # type: ignore[assignment]  # the library's open file, once begun
         self._metas: dict[str, TensorMeta] = {}
-        self._next = 0
+        self._offsets: dict[str, int] = {}
+        self._written: set[str] = set()
+        self._data_start = self._end = 0
 
     @classmethod
     def for_target(cls, target: Path) -> bool:
@@ -101,6 +106,8 @@ class GGUFWriter(Writer):
     def begin(self, metas: Mapping[str, TensorMeta]) -> None:
         if self._lib is not None:
             raise ExecutionError(f"{self.path}: begin() was called twice")
+        if sys.byteorder != "little":  # pragma: no cover - tensors are written from memory as they are
+            raise ConfigError(f"GGUF output {self.path}: writing GGUF on a big-endian machine is not supported")
         for key, meta in metas.items():
             if meta.dtype not in GGUF_DTYPES:
                 raise ConfigError(
@@ -145,9 +152,19 @@ class GGUFWriter(Writer):
                 raise ConfigError(f"GGUF output {self.path}: cannot write the header: {e}") from None
         finally:
             gguf_logger.setLevel(previous_level)
+        # Where each tensor's bytes go: gguf.GGUFWriter.write_ti_data_to_file gave tensor i the offset
+        # sum(ggml_pad(nbytes_j, alignment) for j < i), relative to the aligned end of the tensor infos.
+        assert lib.fout is not None
+        self._file = lib.fout[0]
+        self._data_start = lib.ggml_pad(self._file.tell(), lib.data_alignment)
+        offset = 0
+        self._offsets = {}
+        for key, meta in metas.items():
+            self._offsets[key] = self._data_start + offset
+            offset += lib.ggml_pad(meta.nbytes, lib.data_alignment)
+        self._end = self._data_start + offset
         self._metas = dict(metas)
-        self._order = list(metas)
-        self._next = 0
+        self._written = set()
 
     def _key_values(self) -> dict[str, Any]:
         """Architecture first (as llama.cpp writes it), then string metadata, then typed fields."""
@@ -178,71 +195,62 @@ class GGUFWriter(Writer):
         # add_key_value, not add_string: the latter silently drops empty strings
         lib.add_key_value(key, field.value, field.type, sub_type=field.sub_type)
 
-    # -- tensor data, in announced order -----------------------------------------------------------
+    # -- tensor data, each at the offset its header entry names ----------------------------------
 
-    def _expect(self, key: str) -> TensorMeta:
+    def _slot(self, key: str) -> tuple[TensorMeta, int]:
         if self._lib is None:
             raise ExecutionError(f"{self.path}: write({key!r}) before begin()")
-        if self._next >= len(self._order):
-            raise ExecutionError(f"{self.path}: {key!r} arrived after every announced tensor was written")
-        expected = self._order[self._next]
-        if key != expected:
-            raise ExecutionError(
-                f"{self.path}: GGUF data is written in header order; expected {expected!r} next, got {key!r}"
-            )
-        return self._metas[key]
+        meta = self._metas.get(key)
+        if meta is None:
+            raise ExecutionError(f"{self.path}: {key!r} was not announced to begin()")
+        if key in self._written:
+            raise ExecutionError(f"{self.path}: {key!r} was written twice")
+        return meta, self._offsets[key]
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        meta = self._expect(key)
+        meta, offset = self._slot(key)
         if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
             raise ExecutionError(f"{self.path}: {key!r} is {TensorMeta.of(tensor)} but begin() announced {meta}")
-        t = tensor.detach().to("cpu").contiguous()
-        _, np_dtype = GGUF_DTYPES[meta.dtype]
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        array = t.numpy()
-        assert array.dtype == np_dtype
-        self._write_array(key, array.reshape(-1))
+        if meta.nbytes:
+            # little-endian row-major bytes straight from the tensor's memory (x86/ARM hosts are little-endian)
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            try:
+                self._file.seek(offset)
+                self._file.write(memoryview(data))
+            except OSError as e:
+                raise ExecutionError(f"{self.path}: cannot write {key!r}: {e.strerror or e}") from None
+        self._written.add(key)
 
     def write_raw(self, key: str, span: RawSpan) -> bool:
-        """Copy stored bytes (plain little-endian, as GGUF stores them) without decoding."""
-        meta = self._expect(key)
+        """Copy stored bytes (plain little-endian, as GGUF stores them) in the kernel, without decoding."""
+        meta, offset = self._slot(key)
         if span.length != meta.nbytes:
             return False
-        if span.length == 0:
-            self._write_array(key, np.empty(0, dtype=np.uint8))
-            return True
-        # A read-only map streams the bytes from the page cache; nothing is held on the heap.
-        array = np.memmap(span.path, dtype=np.uint8, mode="r", offset=span.offset, shape=(span.length,))
-        try:
-            self._write_array(key, array)
-        finally:
-            del array
+        if span.length:
+            try:
+                self._file.flush()
+                copy_range(span.path, span.offset, self._file, offset, span.length)
+            except OSError as e:
+                raise ExecutionError(f"{self.path}: cannot copy {key!r} from {span.path}: {e.strerror or e}") from None
+        self._written.add(key)
         return True
-
-    def _write_array(self, key: str, array: np.ndarray) -> None:
-        assert self._lib is not None
-        try:
-            self._lib.write_tensor_data(array)
-        except OSError as e:
-            raise ExecutionError(f"{self.path}: cannot write {key!r}: {e.strerror or e}") from None
-        self._next += 1
 
     # -- finish / abort --------------------------------------------------------------------------
 
     def finish(self) -> list[Path]:
         if self._lib is None:
             raise ExecutionError(f"{self.path}: finish() before begin()")
-        if self._next != len(self._order):
-            missing = self._order[self._next :]
+        missing = [k for k in self._metas if k not in self._written]
+        if missing:
             raise ExecutionError(
                 f"{self.path}: {len(missing)} announced tensors were never written, e.g. {missing[0]!r}"
             )
         lib, self._lib = self._lib, None
-        assert lib.fout is not None
-        for fout in lib.fout:
-            fout.flush()
-            os.fsync(fout.fileno())
+        # Padding between tensors was never written: the file system fills those gaps with zeros, and
+        # truncate() makes the final padding (and the length) the same whatever order tensors came in.
+        self._file.flush()
+        self._file.truncate(self._end)
+        os.fsync(self._file.fileno())
         lib.close()
         return [self.path]
 
