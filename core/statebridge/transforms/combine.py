@@ -57,43 +57,51 @@ class _OneToMany(Params):
     strict: bool = True
 
 
-@register_transform("stack")
-class Stack(Transform):
-    """Stack equal-shaped tensors along a new dimension ``dim``."""
+class _Join(Transform):
+    """Many tensors -> one (the planning shared by stack and concat)."""
 
     Params = _ManyToOne
+
+    def joined(self, keys: list[str], parts: list[TensorMeta]) -> tuple[int, tuple[int, ...]]:
+        """The normalised ``dim`` and the joined shape, or a PlanError naming the keys."""
+        raise NotImplementedError
+
+    def join(self, tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+        raise NotImplementedError
 
     def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
         p = self.params
         groups = []
         for first, (*rest, output) in bind(p.inputs[0], [*p.inputs[1:], p.output], metas, p.strict):
             keys = [first, *rest]
-            require(keys, metas, f"stacked into {output!r}")
+            require(keys, metas, f"joined into {output!r} by {self.name}")
             parts = [metas[k] for k in keys]
-            _same(parts, keys, "stack")
-            dim = _dim(p.dim, len(parts[0].shape) + 1, output)
-            shape = list(parts[0].shape)
-            shape.insert(dim, len(keys))
+            dim, shape = self.joined(keys, parts)
             groups.append(
                 Group(
                     inputs=tuple(keys),
-                    outputs={output: TensorMeta(tuple(shape), parts[0].dtype)},
-                    compute=lambda t, keys=tuple(keys), output=output, dim=dim: {output: torch.stack([t[k] for k in keys], dim)},
-                    ops=(f"stack(dim={dim})",),
+                    outputs={output: TensorMeta(shape, parts[0].dtype)},
+                    compute=lambda t, keys=tuple(keys), output=output, dim=dim: {output: self.join([t[k] for k in keys], dim)},
+                    ops=(f"{self.name}(dim={dim})",),
                 )
             )
         return groups
 
-    def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
-        _invertible_patterns(*self.params.inputs, self.params.output)
-        return Unstack(input=self.params.output, outputs=self.params.inputs, dim=self.params.dim, strict=self.params.strict)
 
-
-@register_transform("unstack")
-class Unstack(Transform):
-    """Split a tensor along ``dim`` into one tensor per output, removing that dimension."""
+class _Part(Transform):
+    """One tensor -> many (the planning shared by unstack, split and chunk)."""
 
     Params = _OneToMany
+
+    def parts(self, source: str, meta: TensorMeta, dim: int, n: int) -> list[tuple[int, ...]]:
+        """The shapes of the ``n`` parts, or a PlanError naming the source."""
+        raise NotImplementedError
+
+    def part(self, tensor: torch.Tensor, dim: int, shapes: list[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def describe(self, dim: int, shapes: list[tuple[int, ...]]) -> str:
+        return f"{self.name}(dim={dim})"
 
     def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
         p = self.params
@@ -101,20 +109,50 @@ class Unstack(Transform):
         for source, outputs in bind(p.input, p.outputs, metas, p.strict):
             meta = metas[source]
             dim = _dim(p.dim, len(meta.shape), source)
-            if meta.shape[dim] != len(outputs):
-                raise PlanError(f"{source!r} ({meta}) has {meta.shape[dim]} entries along dim {dim}, not {len(outputs)}")
-            shape = meta.shape[:dim] + meta.shape[dim + 1 :]
+            shapes = self.parts(source, meta, dim, len(outputs))
             groups.append(
                 Group(
                     inputs=(source,),
-                    outputs={o: TensorMeta(shape, meta.dtype) for o in outputs},
-                    compute=lambda t, s=source, outs=tuple(outputs), dim=dim: {
-                        o: x.contiguous() for o, x in zip(outs, torch.unbind(t[s], dim))
+                    outputs={o: TensorMeta(shape, meta.dtype) for o, shape in zip(outputs, shapes)},
+                    compute=lambda t, s=source, outs=tuple(outputs), dim=dim, shapes=shapes: {
+                        o: x.contiguous() for o, x in zip(outs, self.part(t[s], dim, shapes))
                     },
-                    ops=(f"unstack(dim={dim})",),
+                    ops=(self.describe(dim, shapes),),
                 )
             )
         return groups
+
+
+@register_transform("stack")
+class Stack(_Join):
+    """Stack equal-shaped tensors along a new dimension ``dim``."""
+
+    def joined(self, keys: list[str], parts: list[TensorMeta]) -> tuple[int, tuple[int, ...]]:
+        _same(parts, keys, "stack")
+        dim = _dim(self.params.dim, len(parts[0].shape) + 1, keys[0])
+        shape = list(parts[0].shape)
+        shape.insert(dim, len(keys))
+        return dim, tuple(shape)
+
+    def join(self, tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+        return torch.stack(tensors, dim)
+
+    def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
+        _invertible_patterns(*self.params.inputs, self.params.output)
+        return Unstack(input=self.params.output, outputs=self.params.inputs, dim=self.params.dim, strict=self.params.strict)
+
+
+@register_transform("unstack")
+class Unstack(_Part):
+    """Split a tensor along ``dim`` into one tensor per output, removing that dimension."""
+
+    def parts(self, source: str, meta: TensorMeta, dim: int, n: int) -> list[tuple[int, ...]]:
+        if meta.shape[dim] != n:
+            raise PlanError(f"{source!r} ({meta}) has {meta.shape[dim]} entries along dim {dim}, not {n}")
+        return [meta.shape[:dim] + meta.shape[dim + 1 :]] * n
+
+    def part(self, tensor: torch.Tensor, dim: int, shapes: list[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
+        return torch.unbind(tensor, dim)
 
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
         _invertible_patterns(self.params.input, *self.params.outputs)
@@ -122,31 +160,18 @@ class Unstack(Transform):
 
 
 @register_transform("concat")
-class Concat(Transform):
+class Concat(_Join):
     """Concatenate tensors along an existing dimension ``dim`` (e.g. q, k, v -> fused qkv)."""
 
-    Params = _ManyToOne
+    def joined(self, keys: list[str], parts: list[TensorMeta]) -> tuple[int, tuple[int, ...]]:
+        dim = _dim(self.params.dim, len(parts[0].shape), keys[0])
+        _same(parts, keys, "concatenate", skip_dim=dim)
+        shape = list(parts[0].shape)
+        shape[dim] = sum(m.shape[dim] for m in parts)
+        return dim, tuple(shape)
 
-    def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
-        p = self.params
-        groups = []
-        for first, (*rest, output) in bind(p.inputs[0], [*p.inputs[1:], p.output], metas, p.strict):
-            keys = [first, *rest]
-            require(keys, metas, f"concatenated into {output!r}")
-            parts = [metas[k] for k in keys]
-            dim = _dim(p.dim, len(parts[0].shape), first)
-            _same(parts, keys, "concatenate", skip_dim=dim)
-            shape = list(parts[0].shape)
-            shape[dim] = sum(m.shape[dim] for m in parts)
-            groups.append(
-                Group(
-                    inputs=tuple(keys),
-                    outputs={output: TensorMeta(tuple(shape), parts[0].dtype)},
-                    compute=lambda t, keys=tuple(keys), output=output, dim=dim: {output: torch.cat([t[k] for k in keys], dim)},
-                    ops=(f"concat(dim={dim})",),
-                )
-            )
-        return groups
+    def join(self, tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+        return torch.cat(tensors, dim)
 
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
         p = self.params
@@ -158,7 +183,7 @@ class Concat(Transform):
 
 
 @register_transform("split")
-class Split(Transform):
+class Split(_Part):
     """Cut a tensor along ``dim`` into parts of the given ``sizes`` (equal parts when omitted)."""
 
     class Params(_OneToMany):
@@ -170,40 +195,22 @@ class Split(Transform):
                 raise ValueError(f"{len(self.sizes)} sizes for {len(self.outputs)} outputs")
             return self
 
-    def _sizes(self, meta: TensorMeta, dim: int, source: str, n: int) -> list[int]:
+    def parts(self, source: str, meta: TensorMeta, dim: int, n: int) -> list[tuple[int, ...]]:
         total = meta.shape[dim]
         sizes = getattr(self.params, "sizes", None)
         if sizes is None:
             if total % n:
                 raise PlanError(f"{source!r} ({meta}) has {total} entries along dim {dim}, not divisible into {n} parts")
-            return [total // n] * n
-        if sum(sizes) != total:
+            sizes = [total // n] * n
+        elif sum(sizes) != total:
             raise PlanError(f"sizes {sizes} add up to {sum(sizes)}, but {source!r} ({meta}) has {total} along dim {dim}")
-        return list(sizes)
+        return [meta.shape[:dim] + (size,) + meta.shape[dim + 1 :] for size in sizes]
 
-    def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
-        p = self.params
-        groups = []
-        for source, outputs in bind(p.input, p.outputs, metas, p.strict):
-            meta = metas[source]
-            dim = _dim(p.dim, len(meta.shape), source)
-            sizes = self._sizes(meta, dim, source, len(outputs))
-            metas_out = {}
-            for output, size in zip(outputs, sizes):
-                shape = list(meta.shape)
-                shape[dim] = size
-                metas_out[output] = TensorMeta(tuple(shape), meta.dtype)
-            groups.append(
-                Group(
-                    inputs=(source,),
-                    outputs=metas_out,
-                    compute=lambda t, s=source, outs=tuple(outputs), sizes=tuple(sizes), dim=dim: {
-                        o: x.contiguous() for o, x in zip(outs, torch.split(t[s], list(sizes), dim))
-                    },
-                    ops=(f"{self.name}(dim={dim}, sizes={sizes})",),
-                )
-            )
-        return groups
+    def part(self, tensor: torch.Tensor, dim: int, shapes: list[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
+        return torch.split(tensor, [shape[dim] for shape in shapes], dim)
+
+    def describe(self, dim: int, shapes: list[tuple[int, ...]]) -> str:
+        return f"{self.name}(dim={dim}, sizes={[shape[dim] for shape in shapes]})"
 
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
         _invertible_patterns(self.params.input, *self.params.outputs)
