@@ -57,7 +57,16 @@ def open_source(source: SourceLike) -> Source:
             return GGUFSource(ggufs[0])
         if len(torches) == 1 and not ggufs:
             return TorchPickle(torches[0])
-        raise SourceError(path, "found no single checkpoint here (expected *.safetensors, one .gguf or one torch file)")
+        candidates = [p.name for p in ggufs + torches]
+        if candidates:
+            raise SourceError(
+                path, f"found {len(candidates)} checkpoints here ({', '.join(candidates)}); name the one to read"
+            )
+        raise SourceError(
+            path,
+            "found no checkpoint here (expected *.safetensors, a model.safetensors.index.json, one .gguf "
+            f"or one torch file: {', '.join(sorted(TORCH_SUFFIXES))})",
+        )
     if path.name.endswith(".index.json"):
         return ShardedSafetensors(path.parent, index=path)
     suffix = path.suffix.lower()

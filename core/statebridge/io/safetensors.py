@@ -1,9 +1,9 @@
 """Lazy safetensors readers: one file, or an HF-style sharded folder with an index.
 
 The header is parsed and checked by hand (so a lying header is caught before
-anything is allocated) and tensors are views into a private copy-on-write
-memory map: loading costs no copy, and a transform that edits a tensor in place
-never touches the file.
+anything is allocated) and each loaded tensor is a view into its own private
+copy-on-write memory map of its bytes: loading costs no copy, and a transform
+that edits a tensor in place touches neither the file nor later loads.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ class SafetensorsFile(Source):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.name = str(self.path)
-        self._mmap: mmap.mmap | None = None
         self._metas, self._offsets, self._metadata, self._data_start, self._size = _read_header(self.path)
 
     def metas(self) -> Mapping[str, TensorMeta]:
@@ -57,29 +56,23 @@ class SafetensorsFile(Source):
         if meta.numel == 0:
             return torch.empty(meta.shape, dtype=meta.dtype)
         span = self.raw_span(key)
-        tensor = torch.frombuffer(self._map(), dtype=meta.dtype, count=meta.numel, offset=span.offset)
+        # Map just this tensor's pages (the map offset must be page aligned).  The tensor
+        # keeps its map alive through the buffer and unmaps it when it is freed.
+        start = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                # A file cut short after its header was checked would crash the process
+                # (SIGBUS) when the missing pages are touched: refuse instead.
+                if size != self._size:
+                    raise SourceError(
+                        self.path, f"file changed on disk since it was opened ({self._size} bytes then, {size} now); open it again"
+                    )
+                mapped = mmap.mmap(f.fileno(), span.offset + span.length - start, offset=start, access=mmap.ACCESS_COPY)
+        except OSError as e:
+            raise SourceError(self.path, f"cannot map tensor {key!r}: {e.strerror or e}") from None
+        tensor = torch.frombuffer(mapped, dtype=meta.dtype, count=meta.numel, offset=span.offset - start)
         return tensor.reshape(meta.shape)
-
-    def _map(self) -> mmap.mmap:
-        if self._mmap is None:
-            try:
-                with open(self.path, "rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    # A file cut short after its header was checked would crash the
-                    # process (SIGBUS) when the missing pages are touched: refuse instead.
-                    if size != self._size:
-                        raise SourceError(
-                            self.path, f"file changed on disk since it was opened ({self._size} bytes then, {size} now); open it again"
-                        )
-                    self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            except OSError as e:
-                raise SourceError(self.path, f"cannot map the file: {e.strerror or e}") from None
-        return self._mmap
-
-    def close(self) -> None:
-        # Tensors handed out keep the map alive through their buffer; dropping our
-        # reference is enough and avoids "cannot close exported pointers".
-        self._mmap = None
 
 
 def _read_header(
@@ -139,7 +132,7 @@ def _read_header(
         begin, end = offsets
         if end - begin != meta.nbytes:
             raise SourceError(
-                path, f"tensor {key!r}: data_offsets span {end - begin} bytes but {code}{shape} needs {meta.nbytes}"
+                path, f"tensor {key!r}: data_offsets span {end - begin} bytes but {code}{shape} needs {meta.nbytes} bytes"
             )
         if end > data_size:
             raise SourceError(

@@ -100,9 +100,8 @@ def _unpickling_message(text: str) -> str:
     if found:
         code = int(found.group(1))
         return (
-            f"refused to unpickle: it uses pickle opcode {code} (0x{code:02x}), which torch.save never writes "
-            "and the safe loader does not accept (written by pickle.dump rather than torch.save?); "
-            "statebridge never runs code from a checkpoint"
+            f"cannot unpickle safely: pickle opcode {code} (0x{code:02x}) is not one torch.save writes "
+            "(written by pickle.dump rather than torch.save, or corrupt?); statebridge never runs code from a checkpoint"
         )
     boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(boilerplate)]
