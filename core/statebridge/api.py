@@ -89,6 +89,8 @@ def run(
     metadata: Mapping[str, str] | None = None,
     progress: bool | None = None,
     gates: Mapping[str, Any] | None = None,
+    max_memory: int | None = None,
+    workers: int = 1,
 ) -> RunReport:
     """Stream ``source`` through ``pipeline`` into ``target``, atomically.
 
@@ -102,7 +104,7 @@ def run(
         with atomic_target(target, folder=writer.writes_folder) as staging:
             writer.path = staging
             try:
-                stats = execute(built, writer, progress=progress, gates=gates)
+                stats = execute(built, writer, progress=progress, gates=gates, max_memory=max_memory, workers=workers)
                 files = writer.finish()
             except BaseException:
                 writer.abort()
@@ -118,6 +120,8 @@ def load_into(
     *,
     strict: bool = True,
     progress: bool | None = None,
+    max_memory: int | None = None,
+    workers: int = 1,
 ) -> Plan:
     """Fill ``model``'s parameters and buffers from ``source`` through ``pipeline``, group by group.
 
@@ -127,7 +131,7 @@ def load_into(
     """
     with open_source(source) as src:
         built = plan(src, pipeline)
-        execute(built, ModuleWriter(model, strict=strict), progress=progress)
+        execute(built, ModuleWriter(model, strict=strict), progress=progress, max_memory=max_memory, workers=workers)
     still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
         warnings.warn(

@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--verbose", "-v", action="store_true", help="list every key instead of folded patterns")
         if name == "run":
             p.add_argument("--dry-run", action="store_true", help="plan and check only; write nothing")
+            p.add_argument("--max-memory", help="memory budget for tensors in flight, e.g. 4GB")
+            p.add_argument("--workers", type=int, help="threads for reading, computing and writing")
             p.add_argument(
                 "--inverse",
                 action="store_true",
@@ -102,7 +104,8 @@ def _load(args: argparse.Namespace, override_source: bool = True):
     shard_size = parse_size(args.shard_size) if args.shard_size else None
     source = str(Path(args.source).absolute()) if args.source and override_source else None
     target = str(Path(args.target).absolute()) if args.target else None
-    return load_config(args.config, source=source, target=target, format=args.format, shard_size=shard_size)
+    extra = {"max_memory": getattr(args, "max_memory", None), "workers": getattr(args, "workers", None)}
+    return load_config(args.config, source=source, target=target, format=args.format, shard_size=shard_size, **extra)
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -136,6 +139,8 @@ def _run(args: argparse.Namespace) -> None:
         metadata=None if args.inverse else config.metadata,
         progress=False if args.no_progress else None,
         gates=config.gates,
+        max_memory=config.max_memory,
+        workers=config.workers,
     )
     print(json.dumps({"target": str(report.target), "files": [str(f) for f in report.files]}) if args.json else report.render())
 

@@ -59,9 +59,11 @@ class RunConfig(BaseModel):
     shard_size: int | None = Field(None, description="largest shard for folder targets, e.g. 2GB")
     metadata: dict[str, str] = Field(default_factory=dict, description="string metadata stored in the output")
     gates: dict[str, Any] = Field(default_factory=dict, description="options passed to gate hooks")
+    max_memory: int | None = Field(None, description="memory budget for tensors in flight, e.g. 4GB (default: a safe share of available RAM)")
+    workers: int = Field(1, ge=1, description="threads for reading, computing and writing groups")
     steps: list[dict[str, Any]] = Field(default_factory=list, description="transforms, each {name: params}")
 
-    @field_validator("shard_size", mode="before")
+    @field_validator("shard_size", "max_memory", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
         return None if value is None else parse_size(value)

@@ -34,8 +34,20 @@ class ExecutionStats:
     gate_records: list[GateRecord] = field(default_factory=list)
 
 
-def execute(plan: Plan, sink: Writer, *, progress: bool | None = None, gates: Mapping[str, Any] | None = None) -> ExecutionStats:
-    """Stream ``plan`` into ``sink`` (which must not have begun yet); return what was done."""
+def execute(
+    plan: Plan,
+    sink: Writer,
+    *,
+    progress: bool | None = None,
+    gates: Mapping[str, Any] | None = None,
+    max_memory: int | None = None,
+    workers: int = 1,
+) -> ExecutionStats:
+    """Stream ``plan`` into ``sink`` (which must not have begun yet); return what was done.
+
+    ``max_memory`` and ``workers`` are accepted for the scale work (issue: memory budget,
+    threads); groups currently run one at a time.
+    """
     source = plan.source
     stats = ExecutionStats()
     started = time.perf_counter()
