@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from .errors import ConfigError
+from .fingerprint import FINGERPRINT_KEY, LINEAGE_KEY, VERSION_KEY
 from .io import SourceLike, open_source
 from .io.base import Source
 from .meta import TensorMeta, dtype_name
@@ -54,14 +56,20 @@ def summary(source: Source) -> Report:
         f"{len(metas)} tensors, {params:,} elements, {size / 1024**2:.1f} MB; "
         + ", ".join(f"{n} {d}" for d, n in dtypes.most_common())
     ]
-    if source.metadata:
-        notes.append("metadata: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(source.metadata.items())))
+    metadata = dict(source.metadata)
+    lineage = json.loads(metadata.pop(LINEAGE_KEY, "{}") or "{}")
+    if FINGERPRINT_KEY in metadata:
+        notes.append(f"written by statebridge {metadata.pop(VERSION_KEY, '?')}, fingerprint {metadata.pop(FINGERPRINT_KEY)}")
+    if lineage:
+        notes.append(f"lineage recorded for {len(lineage)} tensors (statebridge inspect --lineage)")
+    if metadata:
+        notes.append("metadata: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(metadata.items())))
     return Report(
         f"{source.name}",
         ["tensors", "dtype[shape]", "count"],
         rows,
         notes,
-        {"tensors": len(metas), "elements": params, "bytes": size, "metadata": dict(source.metadata)},
+        {"tensors": len(metas), "elements": params, "bytes": size, "metadata": dict(source.metadata), "lineage": lineage},
     )
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from .checks import validate
 from .errors import ConfigError
 from .execute import ExecutionStats, execute
+from .fingerprint import provenance
 from .io import SourceLike, open_source
 from .patterns import describe_keys
 from .plan import Plan
@@ -100,7 +101,8 @@ def run(
     target = Path(target)
     with open_source(source) as src:
         built = plan(src, pipeline, format=format, shard_size=shard_size, gates=dict(gates or {}))
-        writer = writer_for(target, format)(target, metadata=metadata, shard_size=shard_size)
+        stored = {**provenance(built.pipeline, built.lineage), **(metadata or {})}
+        writer = writer_for(target, format)(target, metadata=stored, shard_size=shard_size)
         with atomic_target(target, folder=writer.writes_folder) as staging:
             writer.path = staging
             try:

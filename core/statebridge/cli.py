@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="keys, shapes and dtypes of a checkpoint, layers folded into ranges")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--lineage", action="store_true", help="also list, per tensor, the source tensors and operations that made it")
     p.set_defaults(func=_inspect)
 
     for name, helptext in (("plan", "show the plan of a config without reading tensor data"), ("run", "run a config: stream the conversion, commit atomically")):
@@ -88,7 +89,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    _print_report(analyze("summary", args.path), args.json)
+    report = analyze("summary", args.path)
+    _print_report(report, args.json)
+    if args.lineage and not args.json:
+        lineage = report.data.get("lineage", {})
+        print("lineage:" if lineage else "lineage: none recorded")
+        for key, entry in lineage.items():
+            print(f"  {key} <- {', '.join(entry['from']) or '(new)'}: {' -> '.join(entry['ops'])}")
 
 
 def _analyze(args: argparse.Namespace) -> None:

@@ -73,6 +73,13 @@ class Plan:
         )
 
     @property
+    def fingerprint(self) -> str:
+        """sha256 of the pipeline's canonical form (see :mod:`statebridge.fingerprint`)."""
+        from .fingerprint import fingerprint
+
+        return fingerprint(self.pipeline)
+
+    @property
     def changed(self) -> dict[str, tuple[str, ...]]:
         """Target keys whose values or names some step changed, with the operations."""
         return {k: lin.ops for k, lin in self.lineage.items() if lin.ops}
@@ -90,7 +97,7 @@ class Plan:
 
     def render(self, verbose: bool = False) -> str:
         """A human-readable account of the plan (what ``statebridge plan`` prints)."""
-        lines = [f"plan for {self.source.name}: {len(self.pipeline.steps)} steps"]
+        lines = [f"plan for {self.source.name}: {len(self.pipeline.steps)} steps, fingerprint {self.fingerprint[:16]}"]
         lines.append("  " + ", ".join(f"{v} {k}" for k, v in self.counts().items()))
         lines.append(
             f"  reads {_size(self.bytes_read)}, writes {_size(self.bytes_written)}, largest group {_size(self.largest_group_bytes)}"
@@ -115,6 +122,7 @@ class Plan:
         """Machine-readable plan (``statebridge plan --json``)."""
         return {
             "source": self.source.name,
+            "fingerprint": self.fingerprint,
             "counts": self.counts(),
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,

@@ -1,0 +1,59 @@
+"""Rule fingerprints and lineage: what identifies a conversion, and what made each tensor.
+
+The fingerprint is a sha256 over the canonical form of the pipeline: every
+step's transform name, its version, the distribution and version of the plugin
+that provides it, and its parameters.  Lists keep their order (step order,
+input order matter); mapping keys are sorted (their order does not).  Paths of
+the source and target are not part of it, so the same config gives the same
+fingerprint on any machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from . import __version__
+from .transforms.base import Transform
+from .transforms.compose import Lineage
+
+FINGERPRINT_KEY = "statebridge.fingerprint"
+LINEAGE_KEY = "statebridge.lineage"
+VERSION_KEY = "statebridge.version"
+
+
+def canonical(transform: Transform) -> dict[str, Any]:
+    """The step as data: name, versions and parameters, nested steps included."""
+    from .plugins import registry
+
+    transforms = registry()
+    steps = getattr(transform, "steps", None)
+    params = transform.params.model_dump(mode="json", exclude={"steps"} if steps is not None else None)
+    if steps is not None:
+        params["steps"] = [canonical(step) for step in steps]
+    return {
+        "transform": transform.name,
+        "version": type(transform).version,
+        "plugin": transforms.owner(transform.name) if transform.name in transforms else type(transform).__module__,
+        "params": params,
+    }
+
+
+def fingerprint(pipeline: Transform) -> str:
+    """sha256 (hex) of the pipeline's canonical form, with the core's version."""
+    document = {"statebridge": __version__, "pipeline": canonical(pipeline)}
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def lineage_json(lineage: Mapping[str, Lineage]) -> str:
+    """Per-tensor lineage for the output's metadata: only tensors some step renamed or changed."""
+    recorded = {key: {"from": list(lin.sources), "ops": list(lin.ops)} for key, lin in lineage.items() if lin.ops}
+    return json.dumps(recorded, separators=(",", ":"), ensure_ascii=False)
+
+
+def provenance(pipeline: Transform, lineage: Mapping[str, Lineage]) -> dict[str, str]:
+    """The metadata every run stores in its output (where the format has room for it)."""
+    return {VERSION_KEY: __version__, FINGERPRINT_KEY: fingerprint(pipeline), LINEAGE_KEY: lineage_json(lineage)}
