@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from .checks import validate
+from .coverage import Requirements, target_spec
 from .errors import ConfigError
 from .execute import ExecutionStats, execute
 from .fingerprint import provenance
@@ -39,8 +40,29 @@ def as_pipeline(pipeline: PipelineLike) -> Pipeline:
     return Pipeline(list(pipeline))
 
 
-def plan(source: SourceLike, pipeline: PipelineLike = None, **options: Any) -> Plan:
-    """Plan ``pipeline`` against ``source`` from headers alone, and run every validate hook."""
+def plan(
+    source: SourceLike,
+    pipeline: PipelineLike = None,
+    *,
+    require: Requirements | Mapping[str, Any] | None = None,
+    expect: Any = None,
+    on_collision: str = "error",
+    **options: Any,
+) -> Plan:
+    """Plan ``pipeline`` against ``source`` from headers alone, and run every validate hook.
+
+    ``require`` (see :class:`~statebridge.coverage.Requirements`) and ``expect``
+    (a target spec: module, key list or checkpoint) turn coverage and spec
+    violations into errors here, before anything is read or written.
+    ``on_collision="warn"`` lets the last writer of a key win, with a warning.
+    """
+    if on_collision not in ("error", "warn"):
+        raise ConfigError(f"on_collision must be 'error' or 'warn', not {on_collision!r}")
+    options.update(
+        require=require if isinstance(require, Requirements) else Requirements.model_validate(dict(require or {})),
+        expect=None if expect is None else target_spec(expect),
+        on_collision=on_collision,
+    )
     built = Plan.build(open_source(source), as_pipeline(pipeline), options)
     validate(built)
     return built
@@ -92,15 +114,22 @@ def run(
     gates: Mapping[str, Any] | None = None,
     max_memory: int | None = None,
     workers: int = 1,
+    require: Requirements | Mapping[str, Any] | None = None,
+    expect: Any = None,
+    on_collision: str = "error",
 ) -> RunReport:
     """Stream ``source`` through ``pipeline`` into ``target``, atomically.
 
     The target (file or shard folder) appears only when everything was written
-    and fsynced; on any error it is left as it was.
+    and fsynced; on any error it is left as it was.  ``require``, ``expect``
+    and ``on_collision`` are checked on the plan first, as in :func:`plan`.
     """
     target = Path(target)
     with open_source(source) as src:
-        built = plan(src, pipeline, format=format, shard_size=shard_size, gates=dict(gates or {}))
+        built = plan(
+            src, pipeline, require=require, expect=expect, on_collision=on_collision,
+            format=format, shard_size=shard_size, gates=dict(gates or {}),
+        )
         stored = {**provenance(built.pipeline, built.lineage), **(metadata or {})}
         writer = writer_for(target, format)(target, metadata=stored, shard_size=shard_size)
         with atomic_target(target, folder=writer.writes_folder) as staging:

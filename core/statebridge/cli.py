@@ -17,6 +17,7 @@ from . import __version__
 from .analyze import analyze
 from .api import plan, run
 from .config import config_schema, load_config, parse_size
+from .coverage import Requirements
 from .errors import StatebridgeError
 from .io import open_source
 from .plugins import load_plugins
@@ -54,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--target", help="override the config's target")
         p.add_argument("--format", help="override the output format")
         p.add_argument("--shard-size", help="largest shard, e.g. 2GB")
+        p.add_argument("--require", help="invariants, e.g. coverage=1.0,no_missing,no_extra")
+        p.add_argument("--expect", help="target spec: a checkpoint whose keys, shapes and dtypes the result must match")
+        p.add_argument("--on-collision", choices=["error", "warn"], help="two writers of one key: fail (default) or keep the last")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--verbose", "-v", action="store_true", help="list every key instead of folded patterns")
         if name == "run":
@@ -111,13 +115,19 @@ def _load(args: argparse.Namespace, override_source: bool = True):
     shard_size = parse_size(args.shard_size) if args.shard_size else None
     source = str(Path(args.source).absolute()) if args.source and override_source else None
     target = str(Path(args.target).absolute()) if args.target else None
-    extra = {"max_memory": getattr(args, "max_memory", None), "workers": getattr(args, "workers", None)}
+    extra = {
+        "max_memory": getattr(args, "max_memory", None),
+        "workers": getattr(args, "workers", None),
+        "require": Requirements.parse(args.require) if args.require else None,
+        "expect": str(Path(args.expect).absolute()) if args.expect else None,
+        "on_collision": args.on_collision,
+    }
     return load_config(args.config, source=source, target=target, format=args.format, shard_size=shard_size, **extra)
 
 
 def _plan(args: argparse.Namespace) -> None:
     config = _load(args)
-    built = plan(config.source, config.pipeline(), format=config.format, shard_size=config.shard_size)
+    built = plan(config.source, config.pipeline(), format=config.format, shard_size=config.shard_size, **config.checks())
     print(json.dumps(built.to_dict(), indent=2) if args.json else built.render(args.verbose))
 
 
@@ -132,7 +142,7 @@ def _run(args: argparse.Namespace) -> None:
         source = str(Path(args.source).absolute())
     if not config.target:
         raise StatebridgeError(f"{args.config}: no target; set target: in the config or pass --target")
-    built = plan(source, pipeline, format=config.format, shard_size=config.shard_size)
+    built = plan(source, pipeline, format=config.format, shard_size=config.shard_size, **config.checks())
     if args.dry_run or not args.json:
         print(json.dumps(built.to_dict(), indent=2) if args.json else built.render(args.verbose))
     if args.dry_run:
@@ -148,6 +158,7 @@ def _run(args: argparse.Namespace) -> None:
         gates=config.gates,
         max_memory=config.max_memory,
         workers=config.workers,
+        **config.checks(),
     )
     print(json.dumps({"target": str(report.target), "files": [str(f) for f in report.files]}) if args.json else report.render())
 

@@ -24,11 +24,12 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .coverage import Requirements
 from .errors import ConfigError
 from .transforms.base import PATH_FIELD, format_validation_error
 from .transforms.composite import Pipeline, build_steps
@@ -62,6 +63,9 @@ class RunConfig(BaseModel):
     max_memory: int | None = Field(None, description="memory budget for tensors in flight, e.g. 4GB (default: a safe share of available RAM)")
     workers: int = Field(1, ge=1, description="threads for reading, computing and writing groups")
     steps: list[dict[str, Any]] = Field(default_factory=list, description="transforms, each {name: params}")
+    require: Requirements = Field(default_factory=Requirements, description="coverage and target-spec invariants")
+    expect: str | list[str] | None = Field(None, description="target spec: a checkpoint path or a list of keys")
+    on_collision: Literal["error", "warn"] = Field("error", description="two writers of one key: fail, or keep the last")
 
     @field_validator("shard_size", "max_memory", mode="before")
     @classmethod
@@ -70,6 +74,10 @@ class RunConfig(BaseModel):
 
     def pipeline(self) -> Pipeline:
         return Pipeline(build_steps(self.steps))
+
+    def checks(self) -> dict[str, Any]:
+        """The plan checks this config asks for, as keyword arguments of :func:`statebridge.plan`."""
+        return {"require": self.require, "expect": self.expect, "on_collision": self.on_collision}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -113,6 +121,8 @@ def parse_config(data: Mapping[str, Any], base: Path | None = None, name: str = 
         config.source = _resolve(config.source, base)
         if config.target:
             config.target = _resolve(config.target, base)
+        if isinstance(config.expect, str):
+            config.expect = _resolve(config.expect, base)
         config.steps = [_resolve_step_paths(step, base) for step in config.steps]
     try:
         config.pipeline()

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from . import coverage
 from . import transforms as _transforms  # noqa: F401 - importing registers the built-in transforms
 from .analyze import Report, summary
 from .checks import Finding
@@ -34,7 +35,8 @@ class CorePlugin:
     @hookimpl
     def statebridge_validate(self, plan: Any) -> Iterable[Finding]:
         """Report what the plan changes that a reader of the config might not expect."""
-        findings = []
+        findings = coverage.findings(plan)
+        findings.extend(Finding("warning", message, "core.collision") for message in plan.collisions)
         if plan.dropped:
             findings.append(Finding("info", f"{len(plan.dropped)} source tensors are dropped on purpose", "core.dropped"))
         for key, ops in plan.changed.items():

@@ -27,20 +27,23 @@ class Plan:
     unmapped: list[str]  # source keys no step consumed (carried over unchanged)
     dropped: list[str]  # source keys removed by a drop step
     new: list[str]  # target keys made from no source key
+    collisions: list[str] = field(default_factory=list)  # collisions let through by on_collision: warn
+    overwritten: list[str] = field(default_factory=list)  # source keys lost to those collisions
     options: dict[str, Any] = field(default_factory=dict)
     findings: list[Any] = field(default_factory=list)
 
     @classmethod
     def build(cls, source: Source, pipeline: Transform, options: Mapping[str, Any] | None = None) -> "Plan":
         pipeline = pipeline if isinstance(pipeline, Pipeline) else Pipeline([pipeline])
+        options = dict(options or {})
         metas = source.metas()
-        composition = compose(pipeline.steps, metas)
+        composition = compose(pipeline.steps, metas, on_collision=options.get("on_collision") or "error")
         produced_by = {key: group for group in composition.groups for key in group.outputs}
         groups: dict[int, Group] = {}
         for key, meta in composition.metas.items():
             group = produced_by.get(key) or Group.rename(key, key, meta)
             groups.setdefault(id(group), group)
-        consumed, dropped = set(composition.consumed), set(composition.dropped)
+        consumed, dropped = set(composition.consumed), set(composition.dropped) | set(composition.overwritten)
         return cls(
             source=source,
             pipeline=pipeline,
@@ -49,9 +52,11 @@ class Plan:
             lineage=composition.lineage,
             mapped=[k for k in metas if k in consumed and k not in dropped],
             unmapped=[k for k in metas if k not in consumed],
-            dropped=[k for k in metas if k in dropped],
+            dropped=[k for k in metas if k in set(composition.dropped)],
             new=[k for k, lin in composition.lineage.items() if not lin.sources],
-            options=dict(options or {}),
+            collisions=composition.collisions,
+            overwritten=[k for k in metas if k in set(composition.overwritten)],
+            options=options,
         )
 
     # -- figures -----------------------------------------------------------------
@@ -93,6 +98,7 @@ class Plan:
             "unmapped": len(self.unmapped),
             "dropped": len(self.dropped),
             "new": len(self.new),
+            **({"overwritten": len(self.overwritten)} if self.overwritten else {}),
         }
 
     def render(self, verbose: bool = False) -> str:

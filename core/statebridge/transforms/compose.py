@@ -11,7 +11,7 @@ steps the pipeline has.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ..errors import CollisionError, ExecutionError, PlanError, StatebridgeError
@@ -77,16 +77,31 @@ class Composition:
     lineage: dict[str, Lineage]  # for every key of ``metas``
     dropped: list[str]  # source keys consumed with no output (an explicit drop)
     consumed: list[str]  # source keys some step read
+    collisions: list[str] = field(default_factory=list)  # what on_collision="warn" let through
+    overwritten: list[str] = field(default_factory=list)  # source keys lost to those collisions
 
 
-def compose(steps: Sequence["Transform"], metas: Mapping[str, TensorMeta], where: str = "steps") -> Composition:
-    """Plan ``steps`` in sequence against ``metas`` and merge dependent groups."""
+#: the op recorded when a collision under ``on_collision="warn"`` discards a tensor
+OVERWRITTEN = "overwritten (on_collision: warn)"
+
+
+def compose(
+    steps: Sequence["Transform"], metas: Mapping[str, TensorMeta], where: str = "steps", on_collision: str = "error"
+) -> Composition:
+    """Plan ``steps`` in sequence against ``metas`` and merge dependent groups.
+
+    Two groups writing one key, or a group writing over a key its step keeps, is
+    a :class:`CollisionError`; with ``on_collision="warn"`` the last writer wins
+    and each collision is recorded in :attr:`Composition.collisions`.
+    """
     order = {k: i for i, k in enumerate(metas)}
     state: dict[str, TensorMeta] = dict(metas)
     lineage: dict[str, Lineage] = {k: Lineage((k,)) for k in metas}
     producer: dict[str, _Component] = {}
     dropped: list[str] = []
     consumed_sources: list[str] = []
+    collisions: list[str] = []
+    overwritten: list[str] = []
 
     for index, step in enumerate(steps):
         label = f"{where}[{index}] ({step.name})"
@@ -94,7 +109,7 @@ def compose(steps: Sequence["Transform"], metas: Mapping[str, TensorMeta], where
             groups = step.plan(_ReadOnly(state))
         except StatebridgeError as e:
             raise e.within(label) from None
-        _check_step(label, groups, state)
+        groups = _check_step(label, list(groups), state, on_collision, collisions)
         # Pass 1: read every group's inputs against the state before this step
         # (so a step may swap names), merging the components that feed each group.
         pending = []
@@ -116,7 +131,7 @@ def compose(steps: Sequence["Transform"], metas: Mapping[str, TensorMeta], where
             sources = _union(lineage[k].sources for k in group.inputs)
             ops = _union(lineage[k].ops for k in group.inputs) + tuple(group.ops)
             if not group.outputs:
-                dropped.extend(sources)
+                (overwritten if OVERWRITTEN in group.ops else dropped).extend(sources)
             pending.append((group, comp, origins, sources, ops))
         for group, comp, *_ in pending:
             comp = comp.root()
@@ -162,13 +177,21 @@ def compose(steps: Sequence["Transform"], metas: Mapping[str, TensorMeta], where
         lineage={k: lineage[k] for k in final},
         dropped=dropped,
         consumed=consumed_sources,
+        collisions=collisions,
+        overwritten=overwritten,
     )
 
 
-def _check_step(label: str, groups: Sequence[Group], state: Mapping[str, TensorMeta]) -> None:
-    """Every input exists and is read once; no target is written twice or over a kept tensor."""
+def _check_step(
+    label: str, groups: list[Group], state: Mapping[str, TensorMeta], on_collision: str, notes: list[str]
+) -> list[Group]:
+    """Every input exists and is read once; no target is written twice or over a kept tensor.
+
+    Returns the groups to run: unchanged, or with collisions resolved in favour
+    of the last writer when ``on_collision="warn"`` (each one noted in ``notes``).
+    """
     readers: dict[str, Group] = {}
-    writers: dict[str, Group] = {}
+    writers: dict[str, int] = {}
     for group in groups:
         for key in group.inputs:
             if key not in state:
@@ -176,19 +199,32 @@ def _check_step(label: str, groups: Sequence[Group], state: Mapping[str, TensorM
             if key in readers:
                 raise PlanError(f"{label}: {key!r} is read by two groups; a step may consume each tensor once")
             readers[key] = group
+    for i, group in enumerate(list(groups)):
         for key in group.outputs:
             if key in writers:
-                raise CollisionError(
-                    f"{label}: target {key!r} would be written twice, from [{describe_keys(writers[key].inputs)}] "
+                earlier = groups[writers[key]]
+                message = (
+                    f"{label}: target {key!r} would be written twice, from [{describe_keys(earlier.inputs)}] "
                     f"and from [{describe_keys(group.inputs)}]"
                 )
-            writers[key] = group
-    for key, group in writers.items():
+                if on_collision != "warn":
+                    raise CollisionError(message)
+                notes.append(f"{message}; kept the last (on_collision: warn)")
+                groups[writers[key]] = replace(
+                    earlier, outputs={k: m for k, m in earlier.outputs.items() if k != key}, ops=(*earlier.ops, OVERWRITTEN)
+                )
+            writers[key] = i
+    for key, i in writers.items():
         if key in state and key not in readers:
-            raise CollisionError(
-                f"{label}: target {key!r} (from [{describe_keys(group.inputs)}]) would overwrite the existing "
-                f"tensor {key!r}, which this step keeps; drop or rename it first"
+            message = (
+                f"{label}: target {key!r} (from [{describe_keys(groups[i].inputs)}]) would overwrite the existing "
+                f"tensor {key!r}, which this step keeps"
             )
+            if on_collision != "warn":
+                raise CollisionError(message + "; drop or rename it first")
+            notes.append(f"{message}; it was replaced (on_collision: warn)")
+            groups.append(Group(inputs=(key,), outputs={}, compute=lambda t: {}, ops=(OVERWRITTEN,)))
+    return groups
 
 
 def _merged_group(comp: _Component, outputs: dict[str, TensorMeta]) -> Group:
