@@ -13,14 +13,16 @@ from torch import nn
 
 from .checks import validate
 from .coverage import Requirements, target_spec
+from .distributed import rank_target, session
 from .errors import ConfigError
+from .estimate import PeakMemory, estimate
 from .execute import ExecutionStats, execute
 from .fingerprint import provenance
 from .io import SourceLike, open_source
+from .meta import human_bytes
 from .patterns import describe_keys
 from .plan import Plan
 from .plugins import load_plugins
-from .transaction import atomic_target
 from .transforms.base import Transform
 from .transforms.composite import Pipeline
 from .writers.base import Writer
@@ -84,19 +86,27 @@ def writer_for(target: Path, format: str | None = None) -> type[Writer]:
 
 @dataclass
 class RunReport:
-    """What a run planned and did."""
+    """What a run planned and did, with the dry-run estimate beside the actual figures."""
 
     plan: Plan
     target: Path
     files: list[Path]
     stats: ExecutionStats
+    peak_memory: int | None = None  # how far resident memory rose during the run (Linux)
 
     def render(self) -> str:
         s = self.stats
         lines = [
             f"wrote {self.target}: {s.tensors_written + s.tensors_copied_raw} tensors "
-            f"({s.tensors_copied_raw} copied as raw bytes) in {len(self.files)} files, {s.seconds:.2f} s"
+            f"({s.tensors_copied_raw} copied as raw bytes) in {len(self.files)} files"
         ]
+        guess = self.plan.estimate
+        if guess is not None:
+            memory = human_bytes(self.peak_memory) if self.peak_memory is not None else "unknown"
+            lines.append(f"  {'':14}{'estimate':>12}{'actual':>12}")
+            lines.append(f"  {'time':14}{guess.seconds:>11.2f}s{s.seconds:>11.2f}s")
+            lines.append(f"  {'bytes written':14}{human_bytes(guess.bytes_written):>12}{human_bytes(s.bytes_written):>12}")
+            lines.append(f"  {'memory rise':14}{human_bytes(guess.peak_tensor_bytes):>12}{memory:>12}")
         for record in s.gate_records:
             lines.append(f"  gate {record.key}: chose {record.chosen}")
         return "\n".join(lines)
@@ -117,31 +127,40 @@ def run(
     require: Requirements | Mapping[str, Any] | None = None,
     expect: Any = None,
     on_collision: str = "error",
+    distributed: bool | None = None,
 ) -> RunReport:
     """Stream ``source`` through ``pipeline`` into ``target``, atomically.
 
     The target (file or shard folder) appears only when everything was written
     and fsynced; on any error it is left as it was.  ``require``, ``expect``
     and ``on_collision`` are checked on the plan first, as in :func:`plan`.
+
+    Under ``torchrun`` the run is collective: every rank calls it with the same
+    arguments and does a share of the work (see :mod:`statebridge.distributed`);
+    ``distributed=False`` converts in this process alone, ``True`` also shares
+    the work over a process group the caller initialised.
     """
     target = Path(target)
-    with open_source(source) as src:
+    with open_source(source) as src, session(distributed) as ranks:
         built = plan(
             src, pipeline, require=require, expect=expect, on_collision=on_collision,
             format=format, shard_size=shard_size, gates=dict(gates or {}),
         )
+        built.estimate = estimate(built, target)
         stored = {**provenance(built.pipeline, built.lineage), **(metadata or {})}
         writer = writer_for(target, format)(target, metadata=stored, shard_size=shard_size)
-        with atomic_target(target, folder=writer.writes_folder) as staging:
+        with rank_target(target, writer.writes_folder, ranks) as staging, PeakMemory() as memory:
             writer.path = staging
             try:
-                stats = execute(built, writer, progress=progress, gates=gates, max_memory=max_memory, workers=workers)
+                stats = execute(
+                    built, writer, progress=progress, gates=gates, max_memory=max_memory, workers=workers, ranks=ranks
+                )
                 files = writer.finish()
             except BaseException:
                 writer.abort()
                 raise
     final = [target / f.relative_to(staging) if writer.writes_folder else target for f in files]
-    return RunReport(built, target, final, stats)
+    return RunReport(built, target, final, stats, memory.rise)
 
 
 def load_into(

@@ -19,6 +19,7 @@ from .api import plan, run
 from .config import config_schema, load_config, parse_size
 from .coverage import Requirements
 from .errors import StatebridgeError
+from .estimate import estimate
 from .io import open_source
 from .plugins import load_plugins
 
@@ -55,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--target", help="override the config's target")
         p.add_argument("--format", help="override the output format")
         p.add_argument("--shard-size", help="largest shard, e.g. 2GB")
+        p.add_argument("--from", dest="from_version", help="the source's version (rules: in the config); detected when omitted")
+        p.add_argument("--to", dest="to_version", help="the version to produce (rules: in the config)")
         p.add_argument("--require", help="invariants, e.g. coverage=1.0,no_missing,no_extra")
         p.add_argument("--expect", help="target spec: a checkpoint whose keys, shapes and dtypes the result must match")
         p.add_argument("--on-collision", choices=["error", "warn"], help="two writers of one key: fail (default) or keep the last")
@@ -121,6 +124,8 @@ def _load(args: argparse.Namespace, override_source: bool = True):
         "require": Requirements.parse(args.require) if args.require else None,
         "expect": str(Path(args.expect).absolute()) if args.expect else None,
         "on_collision": args.on_collision,
+        "from": args.from_version,
+        "to": args.to_version,
     }
     return load_config(args.config, source=source, target=target, format=args.format, shard_size=shard_size, **extra)
 
@@ -128,6 +133,7 @@ def _load(args: argparse.Namespace, override_source: bool = True):
 def _plan(args: argparse.Namespace) -> None:
     config = _load(args)
     built = plan(config.source, config.pipeline(), format=config.format, shard_size=config.shard_size, **config.checks())
+    built.estimate = estimate(built, config.target)
     print(json.dumps(built.to_dict(), indent=2) if args.json else built.render(args.verbose))
 
 
@@ -143,6 +149,7 @@ def _run(args: argparse.Namespace) -> None:
     if not config.target:
         raise StatebridgeError(f"{args.config}: no target; set target: in the config or pass --target")
     built = plan(source, pipeline, format=config.format, shard_size=config.shard_size, **config.checks())
+    built.estimate = estimate(built, config.target)
     if args.dry_run or not args.json:
         print(json.dumps(built.to_dict(), indent=2) if args.json else built.render(args.verbose))
     if args.dry_run:

@@ -30,7 +30,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .coverage import Requirements
-from .errors import ConfigError
+from .errors import ConfigError, StatebridgeError
+from .versions import Rule, Version, VersionGraph
 from .transforms.base import PATH_FIELD, format_validation_error
 from .transforms.composite import Pipeline, build_steps
 
@@ -52,7 +53,7 @@ def parse_size(value: int | str) -> int:
 class RunConfig(BaseModel):
     """A pipeline run: where from, where to, and the steps."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     source: str = Field(description="checkpoint to read: file, shard folder, torch pickle or GGUF")
     target: str | None = Field(None, description="where to write; a folder for sharded safetensors")
@@ -66,6 +67,10 @@ class RunConfig(BaseModel):
     require: Requirements = Field(default_factory=Requirements, description="coverage and target-spec invariants")
     expect: str | list[str] | None = Field(None, description="target spec: a checkpoint path or a list of keys")
     on_collision: Literal["error", "warn"] = Field("error", description="two writers of one key: fail, or keep the last")
+    versions: dict[str, Version] = Field(default_factory=dict, description="named layouts, recognised by key signature")
+    rules: list[Rule] = Field(default_factory=list, description="steps between versions: {from, to, steps}")
+    from_version: str | None = Field(None, alias="from", description="the source's version (detected when omitted)")
+    to_version: str | None = Field(None, alias="to", description="the version to produce")
 
     @field_validator("shard_size", "max_memory", mode="before")
     @classmethod
@@ -73,7 +78,26 @@ class RunConfig(BaseModel):
         return None if value is None else parse_size(value)
 
     def pipeline(self) -> Pipeline:
-        return Pipeline(build_steps(self.steps))
+        """The steps, or the shortest chain of rules from ``from`` to ``to`` as one pipeline."""
+        if not self.rules:
+            if self.to_version or self.from_version:
+                raise ConfigError("from/to name versions, but the config has no rules: between versions")
+            return Pipeline(build_steps(self.steps))
+        if self.steps:
+            raise ConfigError("give either steps: or rules: with from/to, not both")
+        if not self.to_version:
+            raise ConfigError(f"the config has rules between versions ({', '.join(self.graph().versions) or '...'}); choose the target with to: or --to")
+        graph = self.graph()
+        start = self.from_version
+        if start is None:
+            from .io import open_source
+
+            with open_source(self.source) as source:
+                start = graph.detect(source.metas())
+        return graph.pipeline(start, self.to_version)
+
+    def graph(self) -> VersionGraph:
+        return VersionGraph(self.versions, self.rules)
 
     def checks(self) -> dict[str, Any]:
         """The plan checks this config asks for, as keyword arguments of :func:`statebridge.plan`."""
@@ -124,9 +148,11 @@ def parse_config(data: Mapping[str, Any], base: Path | None = None, name: str = 
         if isinstance(config.expect, str):
             config.expect = _resolve(config.expect, base)
         config.steps = [_resolve_step_paths(step, base) for step in config.steps]
+        for rule in config.rules:
+            rule.steps = [_resolve_step_paths(step, base) for step in rule.steps]
     try:
         config.pipeline()
-    except ConfigError as e:
+    except StatebridgeError as e:
         raise e.within(name) from None
     return config
 

@@ -87,3 +87,12 @@ class TensorMeta:
 
     def __str__(self) -> str:
         return f"{dtype_name(self.dtype)}{list(self.shape)}"
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KB"`` (binary multiples), for reports."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

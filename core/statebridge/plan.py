@@ -8,7 +8,7 @@ from typing import Any
 
 from .transforms.compose import Lineage, compose
 from .io.base import Source
-from .meta import TensorMeta
+from .meta import TensorMeta, human_bytes
 from .patterns import compress_keys
 from .transforms.base import Group, Transform
 from .transforms.composite import Pipeline
@@ -31,6 +31,7 @@ class Plan:
     overwritten: list[str] = field(default_factory=list)  # source keys lost to those collisions
     options: dict[str, Any] = field(default_factory=dict)
     findings: list[Any] = field(default_factory=list)
+    estimate: Any = None  # an Estimate, once statebridge.estimate has priced the plan
 
     @classmethod
     def build(cls, source: Source, pipeline: Transform, options: Mapping[str, Any] | None = None) -> "Plan":
@@ -106,8 +107,10 @@ class Plan:
         lines = [f"plan for {self.source.name}: {len(self.pipeline.steps)} steps, fingerprint {self.fingerprint[:16]}"]
         lines.append("  " + ", ".join(f"{v} {k}" for k, v in self.counts().items()))
         lines.append(
-            f"  reads {_size(self.bytes_read)}, writes {_size(self.bytes_written)}, largest group {_size(self.largest_group_bytes)}"
+            f"  reads {human_bytes(self.bytes_read)}, writes {human_bytes(self.bytes_written)}, largest group {human_bytes(self.largest_group_bytes)}"
         )
+        if self.estimate is not None:
+            lines.append(self.estimate.render())
         lines.extend(_section("dropped", self.dropped))
         lines.extend(_section("new", self.new))
         ops: dict[str, list[str]] = {}
@@ -141,6 +144,7 @@ class Plan:
             "new": self.new,
             "unmapped": self.unmapped,
             "findings": [str(f) for f in self.findings],
+            "estimate": self.estimate.to_dict() if self.estimate is not None else None,
         }
 
 
@@ -149,11 +153,3 @@ def _section(title: str, keys: list[str], verbose: bool = True) -> list[str]:
         return []
     shown = keys if verbose else compress_keys(keys)
     return [f"  {title} ({len(keys)}):", *(f"    {k}" for k in shown)]
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

@@ -1,0 +1,185 @@
+"""Dry-run cost estimates: bytes, memory and time of a plan, known before any tensor byte is read.
+
+Time comes from the read and write bandwidth of the target's filesystem,
+measured once with a small scratch file there (never by reading the source's
+data) and cached per device in ``~/.cache/statebridge/bandwidth.json`` (or
+``$STATEBRIDGE_CACHE``) for a week.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .meta import human_bytes
+from .transaction import staging_path
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+PROBE_BYTES = 64 * 1024 * 1024
+CACHE_SECONDS = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """Sequential read and write speed of one filesystem, in bytes per second."""
+
+    read: float
+    write: float
+    measured: bool = True  # False: a default, because the probe could not run
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a plan will cost."""
+
+    bytes_read: int  # tensor bytes decoded into memory
+    bytes_copied: int  # tensor bytes copied file to file without decoding
+    bytes_written: int
+    peak_tensor_bytes: int  # the largest group's tensors in memory at once
+    seconds: float
+    bandwidth: Bandwidth
+
+    def render(self) -> str:
+        how = "measured" if self.bandwidth.measured else "assumed"
+        return (
+            f"  estimate: {human_bytes(self.bytes_read)} decoded, {human_bytes(self.bytes_copied)} copied as raw bytes, "
+            f"{human_bytes(self.bytes_written)} written; tensors in memory at most {human_bytes(self.peak_tensor_bytes)}; "
+            f"about {self.seconds:.1f} s (disk {human_bytes(self.bandwidth.read)}/s read, "
+            f"{human_bytes(self.bandwidth.write)}/s write, {how})"
+        )
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "bytes_read": self.bytes_read,
+            "bytes_copied": self.bytes_copied,
+            "bytes_written": self.bytes_written,
+            "peak_tensor_bytes": self.peak_tensor_bytes,
+            "seconds": self.seconds,
+            "read_bandwidth": self.bandwidth.read,
+            "write_bandwidth": self.bandwidth.write,
+        }
+
+
+def estimate(plan: "Plan", target: str | os.PathLike[str] | None = None) -> Estimate:
+    """Estimate ``plan``'s cost when written to ``target`` (bandwidth probed next to it)."""
+    metas = plan.source.metas()
+    decoded = copied = peak = 0
+    for group in plan.groups:
+        if not group.outputs:
+            continue
+        raw = group.renames is not None and all(plan.source.raw_span(src) is not None for src in group.renames.values())
+        size = sum(metas[k].nbytes for k in group.inputs)
+        if raw:
+            copied += size
+        else:
+            decoded += size
+            peak = max(peak, size + sum(m.nbytes for m in group.outputs.values()))
+    bandwidth = probe(Path(target).parent if target else Path.cwd())
+    written = plan.bytes_written
+    seconds = (decoded + copied) / bandwidth.read + written / bandwidth.write
+    return Estimate(decoded, copied, written, peak, seconds, bandwidth)
+
+
+def probe(directory: Path) -> Bandwidth:
+    """The bandwidth of ``directory``'s filesystem: cached, else measured with a scratch file."""
+    directory = _existing(directory)
+    key = str(os.stat(directory).st_dev)
+    cache = _cache_file()
+    try:
+        cached = json.loads(cache.read_text()).get(key)
+    except (OSError, ValueError):
+        cached = None
+    if cached and time.time() - cached["when"] < CACHE_SECONDS:
+        return Bandwidth(cached["read"], cached["write"])
+    try:
+        measured = _measure(directory)
+    except OSError:
+        return Bandwidth(200e6, 200e6, measured=False)
+    try:
+        entries = json.loads(cache.read_text()) if cache.exists() else {}
+    except (OSError, ValueError):
+        entries = {}
+    entries[key] = {"read": measured.read, "write": measured.write, "when": time.time()}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(entries))
+    except OSError:
+        pass
+    return measured
+
+
+def _measure(directory: Path) -> Bandwidth:
+    scratch = staging_path(directory / "bandwidth-probe")
+    block = os.urandom(1024 * 1024)
+    try:
+        start = time.perf_counter()
+        with open(scratch, "wb") as f:
+            for _ in range(PROBE_BYTES // len(block)):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        write = PROBE_BYTES / (time.perf_counter() - start)
+        with open(scratch, "rb") as f:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            start = time.perf_counter()
+            while f.read(len(block) * 8):
+                pass
+        read = PROBE_BYTES / (time.perf_counter() - start)
+    finally:
+        scratch.unlink(missing_ok=True)
+    return Bandwidth(read, write)
+
+
+def _existing(directory: Path) -> Path:
+    directory = directory.absolute()
+    while not directory.exists():
+        directory = directory.parent
+    return directory
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("STATEBRIDGE_CACHE", Path.home() / ".cache" / "statebridge"))
+    return root / "bandwidth.json"
+
+
+class PeakMemory:
+    """How far this process's resident memory rose above where it stood when measuring began.
+
+    Linux only: resets the kernel's high-water mark (``/proc/self/clear_refs``)
+    and reads ``VmHWM`` afterwards; elsewhere :attr:`rise` stays ``None``.
+    """
+
+    def __init__(self) -> None:
+        self.rise: int | None = None
+        self._start: int | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._start = _status("VmRSS")
+        except OSError:
+            self._start = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._start is not None:
+            try:
+                self.rise = max(0, _status("VmHWM") - self._start)
+            except OSError:
+                self.rise = None
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
