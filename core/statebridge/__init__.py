@@ -17,6 +17,7 @@ from .analyze import Report, analyze
 from .api import RunReport, load_into, plan, run
 from .checks import Finding
 from .config import RunConfig, load_config, parse_config
+from .estimate import Estimate, estimate
 from .errors import (
     CollisionError,
     ConfigError,
@@ -35,6 +36,8 @@ from .io import DictSource, ModuleSource, Source, open_source
 from .meta import TensorMeta
 from .plan import Plan
 from .registry import register_transform
+from .transaction import Transaction, transaction
+from .versions import VersionGraph
 from .transforms import (
     AdaptShapes,
     Cast,
@@ -67,5 +70,5 @@ __all__ = [
     "Report", "Reshape", "RunConfig", "RunReport", "Scope", "Sequential", "Source", "SourceError", "Split", "Stack",
     "StatebridgeError", "TensorMeta", "Transform", "Transpose", "UnknownTransformError", "Unstack", "ValueOp",
     "analyze", "hookimpl", "identity_from_module", "load_config", "load_into", "open_source", "parse_config", "plan",
-    "register_transform", "run",
+    "register_transform", "run", "Estimate", "estimate", "Transaction", "transaction", "VersionGraph",
 ]
