@@ -1,0 +1,155 @@
+"""All-or-nothing writes: failures, signals and kills never leave a half-written target."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import statebridge as sb
+from statebridge.testing import LlamaShape, write_llama
+from statebridge.transaction import recover, staging_path
+
+
+def digest(path: Path) -> str:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return hashlib.sha256(b"".join(str(f.relative_to(path) if path.is_dir() else "").encode() + f.read_bytes() for f in files)).hexdigest()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".statebridge-" in p.name)
+
+
+def test_transaction_is_copy_on_write(tmp_path):
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "a.txt").write_text("original")
+    with sb.transaction(target) as tx:
+        assert (tx.path / "a.txt").read_text() == "original"
+        (tx.path / "a.txt").write_text("edited")
+        (tx.path / "b.txt").write_text("new")
+        assert (target / "a.txt").read_text() == "original"
+    assert (target / "a.txt").read_text() == "edited" and (target / "b.txt").read_text() == "new"
+    with pytest.raises(RuntimeError):
+        with sb.transaction(target) as tx:
+            (tx.path / "a.txt").write_text("half")
+            raise RuntimeError("changed my mind")
+    assert (target / "a.txt").read_text() == "edited"
+    assert leftovers(tmp_path) == []
+
+
+def test_transaction_on_a_file_and_a_run_inside_it(tmp_path, llama_file):
+    target = tmp_path / "model.safetensors"
+    with sb.transaction(target, folder=False) as tx:
+        sb.run(llama_file, [sb.Cast(dtype="fp16")], tx.path.with_suffix(".safetensors"))
+        os.replace(tx.path.with_suffix(".safetensors"), tx.path)
+    assert sb.open_source(target).metas()["lm_head.weight"].dtype == torch.float16
+    assert leftovers(tmp_path) == []
+
+
+def test_in_place_conversion_replaces_the_source_atomically(tmp_path, llama_file):
+    folder = tmp_path / "ckpt"
+    sb.run(llama_file, None, folder, shard_size=60_000)
+    sb.run(folder, [sb.Cast(dtype="bf16")], folder, shard_size=60_000)
+    assert {m.dtype for m in sb.open_source(folder).metas().values()} == {torch.bfloat16}
+    assert leftovers(tmp_path) == []
+
+
+def test_recover_removes_dead_staging_and_restores_a_lost_target(tmp_path):
+    target = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / staging_path(target).name.replace(f"-{os.getpid()}-", f"-{dead.pid}-")
+    stale.mkdir()
+    mine = staging_path(target)
+    mine.mkdir()
+    assert recover(target) == [stale] and mine.exists()
+    old = tmp_path / staging_path(target, "old").name.replace(f"-{os.getpid()}-", f"-{dead.pid}-")
+    old.mkdir()
+    (old / "model.safetensors").write_text("previous")
+    recover(target)
+    assert (target / "model.safetensors").read_text() == "previous"
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> Path:
+    """About 100 MB of fp16 tensors: long enough to interrupt a conversion midway."""
+    return write_llama(tmp_path_factory.mktemp("big") / "src", LlamaShape(layers=12, hidden=512, intermediate=2048, vocab=8192), shard_size=40_000_000)
+
+
+def start(source: Path, target: Path) -> subprocess.Popen:
+    config = target.parent / "c.yaml"
+    config.write_text(f"source: {source}\ntarget: {target.name}\nshard_size: 50MB\nsteps:\n  - cast: {{dtype: fp32}}\n")
+    return subprocess.Popen([sys.executable, "-m", "statebridge", "run", str(config), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def staging_window(big: Path, folder: Path) -> tuple[float, float]:
+    """Seconds from start until a staging sibling appears, and until it is committed."""
+    began = time.perf_counter()
+    process = start(big, folder / "timing")
+    appeared = gone = None
+    while process.poll() is None:
+        staged = bool(leftovers(folder))
+        now = time.perf_counter() - began
+        if appeared is None and staged:
+            appeared = now
+        if appeared is not None and not staged and gone is None:
+            gone = now
+        time.sleep(0.002)
+    assert process.returncode == 0, process.stderr.read()
+    assert appeared is not None, "never saw the staging folder"
+    return appeared, gone or time.perf_counter() - began
+
+
+def test_sigterm_cleans_up_and_leaves_the_target_as_it_was(tmp_path, big):
+    appear, end = staging_window(big, tmp_path)
+    target = tmp_path / "out"
+    process = start(big, target)
+    time.sleep(appear + (end - appear) * 0.5)
+    process.send_signal(signal.SIGTERM)
+    code = process.wait()
+    if code == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert code == 130 and "the target was left as it was" in process.stderr.read()
+    assert not target.exists() and leftovers(tmp_path) == []
+
+
+def complete(target: Path) -> bool:
+    return {m.dtype for m in sb.open_source(target).metas().values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_sigkill_at_several_points_leaves_the_target_absent_or_intact(tmp_path, big, existing):
+    appear, end = staging_window(big, tmp_path)
+    target = tmp_path / "out"
+    if existing:
+        sb.run(big, None, target, shard_size=30_000_000)
+    before = digest(target) if existing else None
+    source_before = digest(big)
+    interrupted = 0
+    for fraction in (0.1, 0.35, 0.6, 0.85):
+        process = start(big, target)
+        time.sleep(appear + (end - appear) * fraction)
+        finished = process.poll() is not None
+        process.kill()
+        process.wait()
+        if finished:
+            assert process.returncode == 0 and complete(target)
+            break
+        interrupted += 1
+        if existing:
+            assert digest(target) == before, f"target changed after SIGKILL at {fraction:.0%} of the write"
+        else:
+            assert not target.exists(), f"a target appeared after SIGKILL at {fraction:.0%} of the write"
+    assert interrupted >= 2, "the runs finished too fast to be interrupted"
+    assert digest(big) == source_before
+    process = start(big, target)
+    assert process.wait() == 0, process.stderr.read()
+    assert leftovers(tmp_path) == [] and complete(target)
