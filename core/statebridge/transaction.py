@@ -175,7 +175,7 @@ def _swap_into_place(staging: Path, target: Path) -> None:
         if target.is_dir():
             shutil.rmtree(target)
         os.replace(staging, target)
-    _fsync_dir(target.parent)
+    _fsync_one(target.parent)
 
 
 def _copy_tree(source: Path, destination: Path) -> None:
@@ -187,19 +187,15 @@ def _copy_tree(source: Path, destination: Path) -> None:
 
 
 def _fsync(path: Path) -> None:
+    """fsync a file, or a folder's files and then the folder itself."""
     if path.is_dir():
         for child in sorted(path.iterdir()):
             _fsync(child)
-        _fsync_dir(path)
-    elif path.exists():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    if path.exists():
+        _fsync_one(path)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_one(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
