@@ -109,10 +109,10 @@ def staging_window(big: Path, folder: Path) -> tuple[float, float]:
 
 
 def test_sigterm_cleans_up_and_leaves_the_target_as_it_was(tmp_path, big):
-    appear, end = staging_window(big, tmp_path)
     target = tmp_path / "out"
     process = start(big, target)
-    time.sleep(appear + (end - appear) * 0.5)
+    while not leftovers(tmp_path) and process.poll() is None:  # wait until it is writing
+        time.sleep(0.002)
     process.send_signal(signal.SIGTERM)
     code = process.wait()
     if code == 0:

@@ -78,10 +78,10 @@ def atomic_target(target: str | os.PathLike[str], folder: bool) -> Iterator[Path
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)
     staging = staging_path(target)
-    if folder:
-        staging.mkdir()
     with _terminate_as_interrupt():
         try:
+            if folder:
+                staging.mkdir()
             yield staging
             _fsync(staging)
             _swap_into_place(staging, target)

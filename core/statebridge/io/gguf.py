@@ -419,6 +419,12 @@ class _Header:
                     f"tensor {name!r}: data ends at byte {self.data_offset + offset + nbytes} "
                     f"but the file has {self.size} bytes (truncated?)",
                 )
+            # torch computes sizes and strides in int64, even for a tensor with no elements
+            extent = PLAIN_TYPES.get(qtype, torch.float32).itemsize * math.prod(max(d, 1) for d in ne)
+            if extent >= 2**63:
+                raise SourceError(
+                    self.path, f"tensor {name!r}: shape {list(reversed(ne))} is too large for torch (its sizes overflow int64)"
+                )
             info = _TensorInfo(qtype, tuple(reversed(ne)), self.data_offset + offset, nbytes)
             checked.append((offset, index, name, info))
         checked.sort()

@@ -95,10 +95,30 @@ def _read_header(
             raw = f.read(header_len)
     except OSError as e:
         raise SourceError(path, f"cannot read: {e.strerror or e}") from None
+
+    def brief(value: object) -> str:  # a header value for a message: a lying header can hold megabytes
+        text = repr(value)
+        return text if len(text) <= 120 else f"{text[:100]}... ({len(text)} characters)"
+
+    repeated: list[str] = []
+
+    def unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        obj = dict(pairs)
+        if len(obj) < len(pairs) and not repeated:
+            seen: set[str] = set()
+            repeated.extend(k for k, _ in pairs if k in seen or seen.add(k))
+        return obj
+
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=unique)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SourceError(path, f"header is not valid JSON ({e}); not a safetensors file?") from None
+    except ValueError:  # Python refuses to convert integers of more than 4300 digits
+        raise SourceError(path, "header holds a number thousands of digits long; not a safetensors file?") from None
+    except RecursionError:
+        raise SourceError(path, "header JSON is nested thousands of levels deep; not a safetensors file?") from None
+    if repeated:
+        raise SourceError(path, f"header names {brief(repeated[0])} twice; which one is meant?")
     if not isinstance(header, dict):
         raise SourceError(path, "header is not a JSON object")
 
@@ -111,15 +131,15 @@ def _read_header(
     entries: list[tuple[int, str, TensorMeta, tuple[int, int]]] = []
     for key, info in header.items():
         if not isinstance(info, dict):
-            raise SourceError(path, f"tensor {key!r}: header entry is not an object")
+            raise SourceError(path, f"tensor {brief(key)}: header entry is not an object")
         code = info.get("dtype")
-        if code not in SAFETENSORS_DTYPES:
+        if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
             raise SourceError(
-                path, f"tensor {key!r}: unknown dtype {code!r} (statebridge reads {', '.join(SAFETENSORS_DTYPES)})"
+                path, f"tensor {brief(key)}: unknown dtype {brief(code)} (statebridge reads {', '.join(SAFETENSORS_DTYPES)})"
             )
         shape = info.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise SourceError(path, f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers")
+            raise SourceError(path, f"tensor {brief(key)}: shape {brief(shape)} is not a list of non-negative integers")
         offsets = info.get("data_offsets")
         if (
             not isinstance(offsets, list)
@@ -127,25 +147,36 @@ def _read_header(
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]
         ):
-            raise SourceError(path, f"tensor {key!r}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+            raise SourceError(
+                path, f"tensor {brief(key)}: data_offsets {brief(offsets)} are not [begin, end] with 0 <= begin <= end"
+            )
         meta = TensorMeta(tuple(shape), SAFETENSORS_DTYPES[code])
         begin, end = offsets
         if end - begin != meta.nbytes:
             raise SourceError(
-                path, f"tensor {key!r}: data_offsets span {end - begin} bytes but {code}{shape} needs {meta.nbytes} bytes"
+                path,
+                f"tensor {brief(key)}: data_offsets span {end - begin} bytes but {code}{brief(shape)} needs {meta.nbytes} bytes",
             )
         if end > data_size:
             raise SourceError(
                 path,
-                f"tensor {key!r}: data ends at byte {data_start + end} but the file has {size} bytes (truncated?)",
+                f"tensor {brief(key)}: data ends at byte {data_start + end} but the file has {size} bytes (truncated?)",
             )
+        # torch computes sizes and strides in int64, even for a tensor with no elements
+        extent = meta.dtype.itemsize
+        for d in shape:
+            extent *= max(d, 1)
+            if extent >= 2**63:
+                raise SourceError(
+                    path, f"tensor {brief(key)}: shape {brief(shape)} is too large for torch (its sizes overflow int64)"
+                )
         entries.append((begin, key, meta, (begin, end)))
 
     entries.sort(key=lambda e: (e[0], e[1]))
     previous_end, previous_key = 0, None
     for begin, key, meta, (_, end) in entries:
         if begin < previous_end and meta.nbytes:
-            raise SourceError(path, f"tensors {previous_key!r} and {key!r} overlap in the data section")
+            raise SourceError(path, f"tensors {brief(previous_key)} and {brief(key)} overlap in the data section")
         if meta.nbytes:
             previous_end, previous_key = end, key
     metas = {key: meta for _, key, meta, _ in entries}
@@ -192,35 +223,69 @@ class ShardedSafetensors(Source):
                 )
 
     def _read_index(self, index_path: Path) -> tuple[list[Path], dict[str, str]]:
+        """The shard files the index names, and key -> shard file name (as ``Path.name``)."""
+        repeated: list[str] = []
+
+        def unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+            obj = dict(pairs)
+            if len(obj) < len(pairs) and not repeated:
+                seen: set[str] = set()
+                repeated.extend(k for k, _ in pairs if k in seen or seen.add(k))
+            return obj
+
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
+            index = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=unique)
         except OSError as e:
             raise SourceError(index_path, f"cannot read the shard index: {e.strerror or e}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SourceError(index_path, f"the shard index is not valid JSON ({e}); re-download or regenerate it") from None
+        except ValueError:  # Python refuses to convert integers of more than 4300 digits
+            raise SourceError(
+                index_path, "the shard index holds a number thousands of digits long; re-download or regenerate it"
+            ) from None
+        except RecursionError:
+            raise SourceError(
+                index_path, "the shard index is JSON nested thousands of levels deep; re-download or regenerate it"
+            ) from None
+        if repeated:
+            raise SourceError(
+                index_path,
+                f"the shard index names {repeated[0][:200]!r} twice; which one is meant? (re-download or regenerate it)",
+            )
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise SourceError(index_path, "the shard index has no 'weight_map' object of key -> file name")
         metadata = index.get("metadata") or {}
         self._metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
-        files = []
+        files: list[Path] = []
+        file_names: dict[str, str] = {}  # as the index spells it ("./a.safetensors") -> the shard's Path.name
         for name in sorted(set(weight_map.values())):
+            shown = repr(name) if len(name) <= 200 else f"{name[:150]!r}... ({len(name)} characters)"
             # Checked by name, not by resolving links: shards in a Hugging Face cache
             # snapshot are symlinks into ../../blobs and are fine.
             normal = os.path.normpath(name)
             if os.path.isabs(normal) or normal == ".." or normal.startswith(".." + os.sep):
-                raise SourceError(index_path, f"shard {name!r} lies outside the checkpoint folder; refusing to read it")
+                raise SourceError(index_path, f"shard {shown} lies outside the checkpoint folder; refusing to read it")
             if not name.endswith(".safetensors"):
                 raise SourceError(
                     index_path,
-                    f"shard {name!r} is not a .safetensors file; only sharded safetensors are read "
+                    f"shard {shown} is not a .safetensors file; only sharded safetensors are read "
                     "(load a sharded .bin checkpoint with transformers and save it with save_pretrained first)",
                 )
             shard = index_path.parent / normal
-            if not shard.is_file():
-                raise SourceError(index_path, f"shard {name!r} named in the index does not exist (looked for {shard})")
-            files.append(shard)
-        return files, weight_map
+            try:
+                found = shard.is_file()
+            except OSError as e:  # a name too long for the file system, ...
+                raise SourceError(
+                    index_path, f"shard {shown} named in the index cannot be looked up: {e.strerror or e}"
+                ) from None
+            if not found:
+                where = f" (looked for {shard})" if len(name) <= 200 else ""
+                raise SourceError(index_path, f"shard {shown} named in the index does not exist{where}")
+            if shard not in files:
+                files.append(shard)
+            file_names[name] = shard.name
+        return files, {key: file_names[name] for key, name in weight_map.items()}
 
     def metas(self) -> Mapping[str, TensorMeta]:
         return self._metas

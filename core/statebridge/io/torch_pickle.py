@@ -10,9 +10,11 @@ in :attr:`TorchPickle.skipped`.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
+import struct
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -36,7 +38,7 @@ class TorchPickle(Source):
         self.name = str(self.path)
         self.skipped: list[str] = []
         self._tensors: dict[str, torch.Tensor] = {}
-        _flatten(self._load(), "", self._tensors, self.skipped)
+        _flatten(self._load(), self.path, self._tensors, self.skipped)
         self._metas = {k: TensorMeta.of(v) for k, v in self._tensors.items()}
 
     def _load(self) -> Any:
@@ -44,13 +46,20 @@ class TorchPickle(Source):
             raise SourceError(self.path, "no such file")
         try:
             with open(self.path, "rb") as f:
-                magic = f.read(2)
-            is_zip = zipfile.is_zipfile(self.path)
+                head = f.read(4)
+                size = os.fstat(f.fileno()).st_size
+            magic = head[:2]
+            # as torch.load does: a zip starts with a local file header (zipfile looks at the end record only)
+            is_zip = head == b"PK\x03\x04" and zipfile.is_zipfile(self.path)
         except OSError as e:
             raise SourceError(self.path, f"cannot read: {e.strerror or e}") from None
+        except zipfile.BadZipFile as e:  # is_zipfile raises on some damaged end records
+            raise SourceError(self.path, f"zip archive is damaged ({e}): corrupt torch checkpoint") from None
         # Recognise the two formats torch.save writes before handing bytes to the unpickler.
         if not magic:
             raise SourceError(self.path, "file is empty, not a torch checkpoint")
+        if magic == b"PK" and head != b"PK\x03\x04":
+            raise SourceError(self.path, "zip archive is damaged: it does not start with a zip entry (corrupt torch checkpoint)")
         if magic == b"PK" and not is_zip:
             raise SourceError(self.path, "zip archive is incomplete (no central directory): truncated or corrupt torch checkpoint")
         if not is_zip and magic[:1] != b"\x80":
@@ -62,14 +71,21 @@ class TorchPickle(Source):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says it all
-                # only the zip format can be memory-mapped
-                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=is_zip)
+                if is_zip:  # only the zip format can be memory-mapped
+                    return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+                # The legacy format is unpickled straight from the file: see _BoundedReader.
+                with open(self.path, "rb", buffering=0) as raw, _BoundedReader(raw, size) as f:
+                    return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise SourceError(self.path, _unpickling_message(str(e))) from None
         except Exception as e:  # torch raises RuntimeError, EOFError, ValueError, IndexError... for broken files
             message = _first_sentence(str(e)) or type(e).__name__
+            # torch leaves some of its printf placeholders unfilled ("expected %ld got %ld48"): cut them off
+            message = re.sub(r"[:,]?\s*(?:expected\s+)?%l?[du].*$", "", message) or type(e).__name__
             if "magic number" in message.lower():
                 message = "it is a pickle, but not one written by torch.save"
+            elif isinstance(e, (LookupError, AttributeError, TypeError, AssertionError, struct.error)):
+                message = f"its pickle is malformed ({type(e).__name__}: {message[:200]})"  # bare "6" says nothing
             raise SourceError(self.path, f"not a readable torch checkpoint (truncated or corrupt?): {message}") from None
 
     def metas(self) -> Mapping[str, TensorMeta]:
@@ -85,6 +101,24 @@ class TorchPickle(Source):
         self._tensors = {}
 
 
+class _BoundedReader(io.BufferedReader):
+    """A file whose ``read(n)`` refuses an ``n`` larger than what is left.
+
+    A pickle's string and bytes opcodes carry their length, and the unpickler asks the
+    file for that many bytes at once: a buffered file allocates the whole claimed
+    length (up to 2**64 bytes) before finding the file is shorter.
+    """
+
+    def __init__(self, raw: io.RawIOBase, size: int) -> None:
+        super().__init__(raw)
+        self._size = size
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is not None and n > 1 << 20 and n > self._size - self.tell():
+            raise EOFError(f"a length in the pickle claims {n} bytes, but only {self._size - self.tell()} are left")
+        return super().read(n)
+
+
 _REFUSAL = (
     "refused to unpickle: {what}; statebridge loads only tensors and plain containers from "
     "pickles and never runs code from a checkpoint (save the state_dict() rather than objects)"
@@ -93,7 +127,7 @@ _REFUSAL = (
 
 def _unpickling_message(text: str) -> str:
     """Turn torch's long ``weights_only`` refusal into one line saying what was refused."""
-    found = re.search(r"GLOBAL ([\w.]+?)\.?(?:\s|$)", text)
+    found = re.search(r"GLOBAL (\S+?)\.?(?:\s|$)", text)
     if found:
         return _REFUSAL.format(what=f"it needs {found.group(1)}, which could run code")
     found = re.search(r"Unsupported operand (\d+)", text)
@@ -103,9 +137,12 @@ def _unpickling_message(text: str) -> str:
             f"cannot unpickle safely: pickle opcode {code} (0x{code:02x}) is not one torch.save writes "
             "(written by pickle.dump rather than torch.save, or corrupt?); statebridge never runs code from a checkpoint"
         )
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    found = re.search(r"WeightsUnpickler error:[ \t]*(\S[^\n]*)", text)
+    if found:
+        return _REFUSAL.format(what=found.group(1).strip()[:300])
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1) ", "(2) ")
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(boilerplate)]
-    return _REFUSAL.format(what=lines[0] if lines else "it holds objects other than tensors")
+    return _REFUSAL.format(what=lines[0][:300] if lines else "it holds objects other than tensors")
 
 
 def _first_sentence(text: str) -> str:
@@ -116,11 +153,47 @@ def _first_sentence(text: str) -> str:
     return line
 
 
-def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor], skipped: list[str]) -> None:
-    if isinstance(obj, torch.Tensor):
-        out[prefix] = obj
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
-            _flatten(value, f"{prefix}.{key}" if prefix else str(key), out, skipped)
-    else:
-        skipped.append(prefix or "<root>")
+#: dicts nested deeper than this are refused (checkpoints nest a few levels)
+MAX_NESTING = 100
+
+
+def _flatten(root: Any, path: Path, out: dict[str, torch.Tensor], skipped: list[str]) -> None:
+    """Flatten nested mappings to dotted keys, refusing what no ``torch.save`` of a state dict writes.
+
+    A pickle can refer to one object from many places (its memo), so a dict may contain
+    itself, and a few hundred bytes can describe 2**60 paths through a few dozen dicts:
+    walking stops once it has made far more visits than there are distinct objects.
+    """
+    distinct: set[int] = set()
+    visits = 0
+
+    def shown(prefix: str) -> str:
+        return repr(prefix) if len(prefix) <= 120 else f"{prefix[:100]!r}... ({len(prefix)} characters)"
+
+    def visit(obj: Any, prefix: str, parents: tuple[int, ...]) -> None:
+        nonlocal visits
+        visits += 1
+        distinct.add(id(obj))
+        if visits > 10_000 + 16 * len(distinct):
+            raise SourceError(
+                path,
+                f"its dicts refer to the same dicts over and over ({visits}+ paths through {len(distinct)} objects); "
+                "corrupt or malicious pickle",
+            )
+        if isinstance(obj, torch.Tensor):
+            if prefix in out:
+                raise SourceError(
+                    path, f"two tensors flatten to the same key {shown(prefix)} (as 'a.b' and 'b' inside 'a' would); which is meant?"
+                )
+            out[prefix] = obj
+        elif isinstance(obj, Mapping):
+            if id(obj) in parents:
+                raise SourceError(path, f"the dict at {shown(prefix)} contains itself; not a state dict")
+            if len(parents) >= MAX_NESTING:
+                raise SourceError(path, f"dicts nested more than {MAX_NESTING} deep (at {shown(prefix)}); not a state dict")
+            for key, value in obj.items():
+                visit(value, f"{prefix}.{key}" if prefix else str(key), (*parents, id(obj)))
+        else:
+            skipped.append(prefix or "<root>")
+
+    visit(root, "", ())
