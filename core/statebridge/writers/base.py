@@ -24,6 +24,9 @@ class Writer(ABC):
 
     #: the format name users give as ``format:`` / ``--format``
     format: ClassVar[str]
+    #: whether the ranks of a distributed run can write one target together (see :meth:`join`)
+    shareable: ClassVar[bool] = False
+
     def __init__(self, path: Path, *, metadata: Mapping[str, str] | None = None, shard_size: int | None = None) -> None:
         self.path = Path(path)
         self.metadata = dict(metadata or {})
@@ -48,8 +51,22 @@ class Writer(ABC):
         """Write one tensor (its shape and dtype match what :meth:`begin` announced)."""
 
     def write_raw(self, key: str, span: RawSpan) -> bool:
-        """Copy a tensor's bytes straight from a source file; return False if unsupported."""
+        """Copy a tensor's bytes straight from a source file; return False if unsupported.
+
+        Raw copies may arrive before :meth:`write` calls for keys announced
+        earlier (the executor copies them while it computes other groups), so a
+        writer that supports them must place each tensor at its own offset.
+        """
         return False
+
+    def join(self, metas: Mapping[str, TensorMeta]) -> None:
+        """Open the target another process laid out with :meth:`begin`, to write some of its tensors.
+
+        Used by the ranks of a distributed run other than rank 0, after rank 0's
+        :meth:`begin`.  Only writers with ``shareable = True`` implement it; their
+        :meth:`finish` then closes this process's part and leaves indexes to rank 0.
+        """
+        raise NotImplementedError(f"the {self.format} writer cannot be shared between processes")
 
     @abstractmethod
     def finish(self) -> list[Path]:

@@ -229,7 +229,7 @@ class GGUFWriter(Writer):
         if span.length:
             try:
                 self._file.flush()
-                copy_range(span.path, span.offset, self._file, offset, span.length)
+                copy_range(span.path, span.offset, self._file.fileno(), offset, span.length)
             except OSError as e:
                 raise ExecutionError(f"{self.path}: cannot copy {key!r} from {span.path}: {e.strerror or e}") from None
         self._written.add(key)

@@ -1,8 +1,12 @@
 """Writing into an ``nn.Module``: parameters and buffers filled group by group.
 
-Regular modules are filled in place (``copy_``, casting on the fly); modules on
-the meta device get real tensors by assignment, so a model can be built
-without memory and materialised straight from the checkpoint.
+Regular modules are filled in place (``copy_``, casting on the fly: torch
+copies large tensors with all its threads, which measured faster than reading
+the file straight into the parameter with one ``preadv``).  Modules on the meta
+device get real tensors by assignment, so a model can be built without memory
+and materialised straight from the checkpoint; an unchanged tensor assigned
+this way is a private memory map of the file, so its pages are read when first
+used and memory grows only with what is computed.
 """
 
 from __future__ import annotations

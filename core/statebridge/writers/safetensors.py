@@ -1,9 +1,14 @@
 """Streaming safetensors writer: one file, or HF-style shards with ``model.safetensors.index.json``.
 
-Every header is computed from the plan before any data arrives, so tensors are
-written straight to their final offsets (sequentially, in plan order) and a
-shard is never held in memory.  Unchanged tensors are copied from the source
-file by the kernel (``copy_file_range``) without being decoded.
+Every header is computed from the plan before any data arrives, so each file is
+created at its final size with its header in place and every tensor is written
+straight to its own offset with positional writes: a shard is never held in
+memory, arrival order does not matter, and several threads or processes (the
+ranks of a distributed run, see :meth:`SafetensorsWriter.join`) can fill one
+file at once.  Unchanged tensors are copied from the source file by the kernel
+(``copy_file_range``) without being decoded.  Every 64 MB written to a file,
+the kernel is asked to start writing it back, so the disk works during the
+copy instead of all at the final fsync.
 """
 
 from __future__ import annotations
@@ -12,18 +17,19 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
+from ..errors import ConfigError, ExecutionError
 from ..io.base import RawSpan
 from ..io.safetensors import INDEX_NAME
-from ..errors import ConfigError
 from ..meta import DTYPE_CODES, TensorMeta, dtype_name
 from .base import Writer
-from .rawcopy import copy_range
+from .rawcopy import copy_range, start_writeback, tensor_bytes, write_at
 
 DEFAULT_SHARD_SIZE = 5 * 1024**3
+#: start writing back a file's dirty pages after this many bytes (see :func:`start_writeback`)
+WRITEBACK_EVERY = 64 * 1024**2
 SINGLE_FILE = "model.safetensors"
 
 
@@ -31,13 +37,16 @@ class SafetensorsWriter(Writer):
     """Writes ``*.safetensors`` targets as one file, and folder targets as shards plus index."""
 
     format = "safetensors"
+    shareable = True
 
     def __init__(self, path: Path, *, metadata: Mapping[str, str] | None = None, shard_size: int | None = None) -> None:
         super().__init__(path, metadata=metadata, shard_size=shard_size)
         self.single_file = self.path.suffix == ".safetensors"
         self._files: list[tuple[Path, dict[str, tuple[int, int]]]] = []
         self._where: dict[str, tuple[int, int]] = {}  # key -> (file index, absolute offset)
-        self._handles: list[BinaryIO] = []
+        self._fds: list[int] = []
+        self._dirty: list[int] = []  # bytes written per file since its last writeback kick
+        self._joined = False
 
     @property
     def writes_folder(self) -> bool:
@@ -48,12 +57,37 @@ class SafetensorsWriter(Writer):
         return target.suffix == ".safetensors" or target.suffix == ""
 
     def begin(self, metas: Mapping[str, TensorMeta]) -> None:
+        for path, header, size in self._lay_out(metas):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            self._dirty.append(0)
+            try:
+                write_at(fd, len(header).to_bytes(8, "little") + header, 0)
+                os.ftruncate(fd, size)  # the data section starts as a hole the tensors fill in
+            except OSError as e:
+                raise ExecutionError(f"{path}: cannot lay out the file: {e.strerror or e}") from None
+
+    def join(self, metas: Mapping[str, TensorMeta]) -> None:
+        self._joined = True
+        for path, _, size in self._lay_out(metas):
+            try:
+                fd = os.open(path, os.O_WRONLY)
+            except OSError as e:
+                raise ExecutionError(f"{path}: cannot open the file rank 0 laid out: {e.strerror or e}") from None
+            self._fds.append(fd)
+            self._dirty.append(0)
+            if os.fstat(fd).st_size != size:
+                raise ExecutionError(f"{path}: rank 0 laid it out with another size; do all ranks run the same plan?")
+
+    def _lay_out(self, metas: Mapping[str, TensorMeta]) -> list[tuple[Path, bytes, int]]:
+        """Every file's path, encoded header and total size; records where each tensor goes."""
         for key, meta in metas.items():
             if meta.dtype not in DTYPE_CODES:
                 raise ConfigError(f"{key!r}: safetensors cannot store dtype {dtype_name(meta.dtype)}")
         shards = self._layout(metas)
         names = self._names(len(shards))
         metadata = {"format": "pt", **self.metadata}
+        files = []
         for index, (name, keys) in enumerate(zip(names, shards)):
             header: dict[str, object] = {"__metadata__": metadata}
             offset = 0
@@ -66,15 +100,12 @@ class SafetensorsWriter(Writer):
             encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
             encoded += b" " * (-len(encoded) % 8)
             path = self.path if self.single_file else self.path / name
-            handle = open(path, "wb")
-            handle.write(len(encoded).to_bytes(8, "little"))
-            handle.write(encoded)
-            handle.truncate(8 + len(encoded) + offset)
             data_start = 8 + len(encoded)
             for key, (begin, _) in spans.items():
                 self._where[key] = (index, data_start + begin)
             self._files.append((path, spans))
-            self._handles.append(handle)
+            files.append((path, encoded, data_start + offset))
+        return files
 
     def _layout(self, metas: Mapping[str, TensorMeta]) -> list[list[str]]:
         if self.single_file:
@@ -99,37 +130,46 @@ class SafetensorsWriter(Writer):
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         index, offset = self._where[key]
-        handle = self._handles[index]
-        if tensor.numel() == 0:
-            return
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        if handle.tell() != offset:
-            handle.seek(offset)
-        handle.write(memoryview(data))
+        try:
+            write_at(self._fds[index], tensor_bytes(tensor), offset)
+        except OSError as e:
+            raise ExecutionError(f"{self._files[index][0]}: cannot write {key!r}: {e.strerror or e}") from None
+        self._wrote(index, tensor.nbytes)
 
     def write_raw(self, key: str, span: RawSpan) -> bool:
         index, offset = self._where[key]
-        handle = self._handles[index]
-        handle.flush()
-        copy_range(span.path, span.offset, handle, offset, span.length)
-        handle.seek(offset + span.length)
+        try:
+            copy_range(span.path, span.offset, self._fds[index], offset, span.length)
+        except OSError as e:
+            raise ExecutionError(
+                f"{self._files[index][0]}: cannot copy {key!r} from {span.path}: {e.strerror or e}"
+            ) from None
+        self._wrote(index, span.length)
         return True
 
+    def _wrote(self, index: int, nbytes: int) -> None:
+        self._dirty[index] += nbytes
+        if self._dirty[index] >= WRITEBACK_EVERY:
+            start_writeback(self._fds[index])
+            self._dirty[index] = 0
+
     def finish(self) -> list[Path]:
-        for handle in self._handles:
-            handle.flush()
-            os.fsync(handle.fileno())
-            handle.close()
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.fsync(fd)
+            os.close(fd)
         files = [path for path, _ in self._files]
         if not self.single_file and len(files) > 1:
-            weight_map = {key: path.name for path, spans in self._files for key in spans}
-            total = sum(end - begin for _, spans in self._files for begin, end in spans.values())
-            index = {"metadata": {"total_size": total, **self.metadata}, "weight_map": weight_map}
             index_path = self.path / INDEX_NAME
-            index_path.write_text(json.dumps(index, indent=2) + "\n")
+            if not self._joined:
+                weight_map = {key: path.name for path, spans in self._files for key in spans}
+                total = sum(end - begin for _, spans in self._files for begin, end in spans.values())
+                index = {"metadata": {"total_size": total, **self.metadata}, "weight_map": weight_map}
+                index_path.write_text(json.dumps(index, indent=2) + "\n")
             files.append(index_path)
         return files
 
     def abort(self) -> None:
-        for handle in self._handles:
-            handle.close()
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
