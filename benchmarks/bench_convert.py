@@ -1,24 +1,26 @@
 """Conversion benchmark: rename-only and q/k/v fusion of a 2.5 GB fp16 llama-style checkpoint.
 
-Each conversion is compared, in the same run, with ``cp`` of the checkpoint
-(with and without an fsync of the copy) and with the plain script people write
-(``load_file``, edit the dict, ``save_file``).  statebridge always makes what
-it commits durable (early writeback, then fsync); the "durability off" row
-patches both away in that process only, to show what the streaming itself
-costs next to ``cp``, which leaves its copy in the page cache.
+Each conversion is compared, in the same run, with ``cp`` of the checkpoint,
+with and without an fsync of the copy (measured once per round, round robin
+with every other case, and shared by both tables), and with the plain script
+people write (``load_file``, edit the dict, ``save_file``).  statebridge always
+makes what it commits durable (early writeback, then fsync); the "durability
+off" row patches both away in that process only, to show what the streaming
+itself costs next to ``cp``, which leaves its copy in the page cache.
 
-    .venv/bin/python benchmarks/bench_convert.py [--repeat 3]
+    .venv/bin/python benchmarks/bench_convert.py [--repeat 5]
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CACHE, LLAMA_2_5G, MB, Result, compare, llama_checkpoint, machine, parser, python_case, remove, table  # noqa: E402
+from common import CACHE, LLAMA_2_5G, MB, compare, llama_checkpoint, machine, parser, python_case, remove, table  # noqa: E402
 
 RENAME = [{"rename": {"pattern": "model.**", "to": "**"}}]
 FUSE = [
@@ -41,31 +43,38 @@ save_file(state, DST, metadata={'format': 'pt'})
 """
 FSYNC = "\nfd = os.open(DST, os.O_RDONLY); os.fsync(fd); os.close(fd)"
 SB_SETUP = "import statebridge as sb\nfrom statebridge.config import parse_config\nfrom statebridge.plugins import load_plugins\nload_plugins()"
-SB_RUN = "config = parse_config(CONFIG)\nsb.run(config.source, config.pipeline(), config.target, progress=False)"
+SB_RUN = "config = parse_config(CONFIG)\nsb.run(config.source, config.pipeline(), config.target, progress=False, workers={})"
 NO_FSYNC = """
 import statebridge.writers.safetensors as writer_module
 os.fsync = writer_module.start_writeback = lambda fd: None  # measurement only: the streaming without durability
 """
 
 
-def cases(name: str, steps: list[dict], plain: str, source: Path, out: Path, repeat_times: int) -> list[Result]:
+CONVERSIONS = {"rename": (RENAME, PLAIN_RENAME), "qkv-fusion": (FUSE, PLAIN_FUSE)}
+BASELINES = ("cp", "cp + fsync")
+
+
+def cases(source: Path, out: Path) -> list[tuple[str, list[str]]]:
+    """``cp`` and ``cp + fsync`` once, then each conversion's cases, labelled ``conversion: case``."""
     target = out / "converted.safetensors"
-    config = {"source": str(source), "target": str(target), "steps": steps}
-    config_file = out / f"{name}.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    defs = f"SRC, DST, LAYERS, CONFIG = {str(source)!r}, {str(target)!r}, {LLAMA_2_5G['layers']}, {config!r}"
-    clean = remove(target)
-    plan = [
+    commands = [
         ("cp", ["cp", str(source), str(target)]),
         ("cp + fsync", ["sh", "-c", f"cp '{source}' '{target}' && sync '{target}'"]),
-        ("plain script", python_case(f"{PLAIN_SETUP}\n{defs}", plain)),
-        ("plain script + fsync", python_case(f"{PLAIN_SETUP}\n{defs}", plain + FSYNC)),
-        ("statebridge run (CLI)", [sys.executable, "-m", "statebridge", "run", str(config_file), "--no-progress"]),
-        ("statebridge.run", python_case(f"{SB_SETUP}\n{defs}", SB_RUN)),
-        ("statebridge.run, durability off", python_case(f"{SB_SETUP}\n{defs}{NO_FSYNC}", SB_RUN)),
     ]
-    print(f"{name}:", flush=True)
-    return compare(plan, repeat_times, clean)
+    for name, (steps, plain) in CONVERSIONS.items():
+        config = {"source": str(source), "target": str(target), "steps": steps}
+        config_file = out / f"{name}.yaml"
+        config_file.write_text(yaml.safe_dump(config))
+        defs = f"SRC, DST, LAYERS, CONFIG = {str(source)!r}, {str(target)!r}, {LLAMA_2_5G['layers']}, {config!r}"
+        commands += [
+            (f"{name}: plain script", python_case(f"{PLAIN_SETUP}\n{defs}", plain)),
+            (f"{name}: plain script + fsync", python_case(f"{PLAIN_SETUP}\n{defs}", plain + FSYNC)),
+            (f"{name}: statebridge run (CLI)", [sys.executable, "-m", "statebridge", "run", str(config_file), "--no-progress"]),
+            (f"{name}: statebridge.run", python_case(f"{SB_SETUP}\n{defs}", SB_RUN.format(1))),
+            (f"{name}: statebridge.run, 2 workers", python_case(f"{SB_SETUP}\n{defs}", SB_RUN.format(2))),
+            (f"{name}: statebridge.run, durability off", python_case(f"{SB_SETUP}\n{defs}{NO_FSYNC}", SB_RUN.format(1))),
+        ]
+    return commands
 
 
 def largest_group(source: Path, steps: list[dict]) -> int:
@@ -87,20 +96,23 @@ def main() -> None:
     out = CACHE / "out"
     out.mkdir(exist_ok=True)
     print(f"machine: {machine()}\nsource: {source} ({source.stat().st_size / 1e9:.2f} GB)")
-    ratios = {
-        "time ÷ cp": ("time", "cp"),
-        "time ÷ cp+fsync": ("time", "cp + fsync"),
-        "wall ÷ cp": ("wall", "cp"),
-        "time ÷ plain": ("time", "plain script"),
-    }
-    for name, steps, plain in (("rename", RENAME, PLAIN_RENAME), ("qkv-fusion", FUSE, PLAIN_FUSE)):
-        results = cases(name, steps, plain, source, out, args.repeat)
-        print(table(f"{name}: {source.stat().st_size / 1e9:.2f} GB fp16, median of {args.repeat}", results, ratios))
-        api = next(r for r in results if r.name == "statebridge.run")
-        group = largest_group(source, steps)
-        print(f"\n  statebridge.run: {api.value('time') / results[0].value('time'):.2f}x cp, "
-              f"{api.value('time') / results[1].value('time'):.2f}x cp+fsync; peak RSS {api.value('peak') / MB:.0f} MB absolute, "
-              f"{api.value('rise') / MB:.0f} MB above the process after imports; largest computed group {group / MB:.0f} MB")
+    results = compare(cases(source, out), args.repeat, remove(out / "converted.safetensors"))
+    baselines = [r for r in results if r.name in BASELINES]
+    cp, durable_cp = (r.value("time") for r in baselines)
+    for name, (steps, _) in CONVERSIONS.items():
+        rows = baselines + [replace(r, name=r.name.removeprefix(f"{name}: ")) for r in results if r.name.startswith(f"{name}: ")]
+        ratios = {
+            "time ÷ cp": ("time", "cp"),
+            "time ÷ cp+fsync": ("time", "cp + fsync"),
+            "wall ÷ cp": ("wall", "cp"),
+            "time ÷ plain": ("time", "plain script"),
+        }
+        print(table(f"{name}: {source.stat().st_size / 1e9:.2f} GB fp16, median of {args.repeat}", rows, ratios))
+        for r in rows:
+            if r.name.startswith("statebridge.run"):
+                print(f"  {r.name}: {r.value('time') / cp:.2f}x cp, {r.value('time') / durable_cp:.2f}x cp+fsync; peak RSS "
+                      f"{r.value('peak') / MB:.0f} MB, {r.value('rise') / MB:.0f} MB above the process after imports")
+        print(f"  largest computed group: {largest_group(source, steps) / MB:.0f} MB")
 
 
 if __name__ == "__main__":

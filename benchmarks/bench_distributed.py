@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CACHE, compare, llama_checkpoint, machine, parser, remove, table  # noqa: E402
+from common import CACHE, compare, llama_checkpoint, machine, parser, table  # noqa: E402
 
 HEAVY = dict(layers=12, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000)
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))

@@ -32,8 +32,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-ROOT = Path(__file__).resolve().parents[1]
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
 CACHE = Path(os.environ.get("STATEBRIDGE_BENCH_DIR", Path.home() / ".cache" / "statebridge" / "bench"))
 MB = 1024**2
 
@@ -58,7 +61,8 @@ def llama_checkpoint(name: str, sizes: dict[str, int]) -> Path:
     return folder
 
 
-def llama_config(sizes: dict[str, int]):
+def llama_config(sizes: dict[str, int]) -> LlamaConfig:
+    """The transformers config of a :class:`~statebridge.testing.LlamaShape`, so ``from_pretrained`` can read the folder."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -101,7 +105,7 @@ def settle() -> None:
     time.sleep(1.0)
 
 
-def measure(command: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, int | None, str]:
+def measure(command: Sequence[str]) -> tuple[float, int | None, str]:
     """Run a command; return its wall time, peak RSS in bytes and its output (stdout and stderr).
 
     Peak RSS comes from GNU time (``/usr/bin/time -f %M``): a child forked from
@@ -110,9 +114,7 @@ def measure(command: Sequence[str], env: dict[str, str] | None = None, cwd: Path
     settle()
     timer = ["/usr/bin/time", "-f", "@@maxrss %M"] if Path("/usr/bin/time").exists() else []
     started = time.perf_counter()
-    done = subprocess.run(
-        timer + list(command), capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd
-    )
+    done = subprocess.run(timer + list(command), capture_output=True, text=True)
     wall = time.perf_counter() - started
     text = done.stdout + done.stderr
     if done.returncode != 0:
@@ -143,15 +145,15 @@ def python_case(setup: str, work: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-def compare(cases: Sequence[tuple[str, Sequence[str]]], times: int, cleanup: Callable[[], None], **kwargs) -> list[Result]:
+def compare(cases: Sequence[tuple[str, Sequence[str]]], times: int, cleanup: Callable[[], None]) -> list[Result]:
     """Measure every case ``times`` times, round robin (so drift on a shared machine spreads
     over all cases), after one discarded run of the first case; ``cleanup`` runs after each."""
     results = [Result(label) for label, _ in cases]
-    _once(cases[0][1], cleanup, **kwargs)
+    _once(cases[0][1], cleanup)
     for round_ in range(times):
         for result, (label, command) in zip(results, cases):
             print(f"  [{round_ + 1}/{times}] {label}", flush=True)
-            wall, peak, text = _once(command, cleanup, **kwargs)
+            wall, peak, text = _once(command, cleanup)
             result.wall.append(wall)
             if peak is not None:
                 result.peak.append(peak)
@@ -165,14 +167,16 @@ def compare(cases: Sequence[tuple[str, Sequence[str]]], times: int, cleanup: Cal
     return results
 
 
-def _once(command: Sequence[str], cleanup: Callable[[], None], **kwargs) -> tuple[float, int | None, str]:
+def _once(command: Sequence[str], cleanup: Callable[[], None]) -> tuple[float, int | None, str]:
     try:
-        return measure(command, **kwargs)
+        return measure(command)
     finally:
         cleanup()
 
 
 def remove(*paths: Path) -> Callable[[], None]:
+    """A cleanup that deletes ``paths`` (files or folders)."""
+
     def cleanup() -> None:
         for path in paths:
             if path.is_dir():
@@ -184,12 +188,13 @@ def remove(*paths: Path) -> Callable[[], None]:
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=3, help="runs per case; medians are reported (default 3)")
     return p
 
 
 def machine() -> str:
+    """The machine and software the figures come from, and today's date."""
     cores = os.cpu_count()
     with open("/proc/meminfo") as f:
         total = int(f.readline().split()[1]) * 1024
@@ -206,12 +211,14 @@ def table(title: str, rows: list[Result], ratios: dict[str, tuple[str, str]]) ->
 
     Metrics: ``time`` (in-process work time; the wall time for plain commands
     such as ``cp``), ``wall`` (whole process), ``peak`` (peak RSS), ``rise``.
+    The range column is the spread of ``time`` over the runs.
     """
     by_name = {r.name: r for r in rows}
-    head = ["case", "wall s", "in-process s", "peak RSS MB", "rise MB", *ratios]
+    head = ["case", "wall s", "in-process s", "range s", "peak RSS MB", "rise MB", *ratios]
     lines = [f"\n{title}\n", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["--:"] * (len(head) - 1)) + "|"]
     for r in rows:
-        cells = [r.name, _fmt(r.value("wall"), "{:.2f}"), _fmt(r.median("work"), "{:.2f}"),
+        times = r.work or r.wall
+        cells = [r.name, _fmt(r.value("wall"), "{:.2f}"), _fmt(r.median("work"), "{:.2f}"), f"{min(times):.2f}–{max(times):.2f}",
                  _fmt(r.value("peak"), "{:.0f}", MB), _fmt(r.value("rise"), "{:.0f}", MB)]
         for metric, base in ratios.values():
             mine, reference = r.value(metric), by_name[base].value(metric)
