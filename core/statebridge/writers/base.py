@@ -9,12 +9,13 @@ into a staging path that the caller's transaction renames into place on success.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
+from ..errors import ExecutionError
 from ..io.base import RawSpan
 from ..meta import TensorMeta
 
@@ -67,6 +68,17 @@ class Writer(ABC):
         :meth:`finish` then closes this process's part and leaves indexes to rank 0.
         """
         raise NotImplementedError(f"the {self.format} writer cannot be shared between processes")
+
+    def announced(self, key: str, metas: Mapping[str, TensorMeta], written: Collection[str], started: bool) -> TensorMeta:
+        """The metadata :meth:`begin` announced for ``key``; an error for a write out of protocol."""
+        if not started:
+            raise ExecutionError(f"{self.path}: write({key!r}) before begin()")
+        meta = metas.get(key)
+        if meta is None:
+            raise ExecutionError(f"{self.path}: {key!r} was not announced to begin()")
+        if key in written:
+            raise ExecutionError(f"{self.path}: {key!r} was written twice")
+        return meta
 
     @abstractmethod
     def finish(self) -> list[Path]:

@@ -198,13 +198,7 @@ class GGUFWriter(Writer):
     # -- tensor data, each at the offset its header entry names ----------------------------------
 
     def _slot(self, key: str) -> tuple[TensorMeta, int]:
-        if self._lib is None:
-            raise ExecutionError(f"{self.path}: write({key!r}) before begin()")
-        meta = self._metas.get(key)
-        if meta is None:
-            raise ExecutionError(f"{self.path}: {key!r} was not announced to begin()")
-        if key in self._written:
-            raise ExecutionError(f"{self.path}: {key!r} was written twice")
+        meta = self.announced(key, self._metas, self._written, started=self._lib is not None)
         return meta, self._offsets[key]
 
     def write(self, key: str, tensor: torch.Tensor) -> None:

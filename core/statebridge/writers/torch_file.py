@@ -135,13 +135,7 @@ class TorchWriter(Writer):
             self._zip.write_record(name, value, len(value))
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        if self._zip is None:
-            raise ExecutionError(f"{self.path}: write({key!r}) before begin()")
-        meta = self._metas.get(key)
-        if meta is None:
-            raise ExecutionError(f"{self.path}: {key!r} was not announced to begin()")
-        if key in self._written:
-            raise ExecutionError(f"{self.path}: {key!r} was written twice")
+        meta = self.announced(key, self._metas, self._written, started=self._zip is not None)
         if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
             raise ExecutionError(f"{self.path}: {key!r} is {TensorMeta.of(tensor)} but begin() announced {meta}")
         t = tensor.detach().to("cpu").contiguous()
