@@ -117,7 +117,7 @@ MODULE = """
                 if not hasattr(owner, part):
                     owner.add_module(part, nn.Module())
                 owner = getattr(owner, part)
-            owner.register_parameter(name, nn.Parameter(torch.empty(meta.shape, dtype=meta.dtype, device=device)))
+            owner.register_parameter(name, nn.Parameter(torch.empty(meta.shape, dtype=meta.dtype.torch, device=device)))
         return root
 """
 

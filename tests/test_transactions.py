@@ -58,7 +58,7 @@ def test_in_place_conversion_replaces_the_source_atomically(tmp_path, llama_file
     folder = tmp_path / "ckpt"
     sb.run(llama_file, None, folder, shard_size=60_000)
     sb.run(folder, [sb.Cast(dtype="bf16")], folder, shard_size=60_000)
-    assert {m.dtype for m in sb.open_source(folder).metas().values()} == {torch.bfloat16}
+    assert {m.dtype.name for m in sb.open_source(folder).metas().values()} == {"bfloat16"}
     assert leftovers(tmp_path) == []
 
 
@@ -122,7 +122,7 @@ def test_sigterm_cleans_up_and_leaves_the_target_as_it_was(tmp_path, big):
 
 
 def complete(target: Path) -> bool:
-    return {m.dtype for m in sb.open_source(target).metas().values()} == {torch.float32}
+    return {m.dtype.name for m in sb.open_source(target).metas().values()} == {"float32"}
 
 
 @pytest.mark.parametrize("existing", [False, True])

@@ -33,7 +33,7 @@ from .errors import (
 from .gates import Candidates, GateDecision
 from .hookspecs import hookimpl
 from .io import DictSource, ModuleSource, Source, open_source
-from .meta import TensorMeta
+from .meta import DType, TensorMeta
 from .plan import Plan
 from .registry import register_transform
 from .transaction import Transaction, transaction
@@ -64,7 +64,7 @@ from .transforms import (
 )
 
 __all__ = [
-    "AdaptShapes", "Candidates", "Cast", "Chunk", "CollisionError", "Concat", "ConfigError", "DictSource", "Drop",
+    "AdaptShapes", "Candidates", "Cast", "Chunk", "CollisionError", "Concat", "ConfigError", "DictSource", "Drop", "DType",
     "ExecutionError", "Finding", "GateDecision", "GateRejectedError", "Group", "Identity", "ModuleSource",
     "NotInvertibleError", "Parallel", "Params", "Permute", "Pipeline", "Plan", "PlanError", "PluginError", "Rename",
     "Report", "Reshape", "RunConfig", "RunReport", "Scope", "Sequential", "Source", "SourceError", "Split", "Stack",

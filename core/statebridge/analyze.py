@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .fingerprint import FINGERPRINT_KEY, LINEAGE_KEY, VERSION_KEY
@@ -15,6 +13,9 @@ from .io import SourceLike, open_source
 from .io.base import Source
 from .meta import TensorMeta, dtype_name
 from .patterns import NUMBER, compress_keys
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass

@@ -7,9 +7,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .checks import validate
 from .coverage import Requirements, target_spec
@@ -27,6 +25,9 @@ from .transforms.base import Transform
 from .transforms.composite import Pipeline
 from .writers.base import Writer
 from .writers.module import ModuleWriter
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PipelineLike = Transform | Sequence[Transform | Mapping[str, Any]] | None
 

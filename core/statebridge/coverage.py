@@ -18,12 +18,15 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from .checks import Finding
 from .errors import ConfigError
+from .io.memory import is_module
 from .meta import TensorMeta
 from .patterns import describe_keys
+
+if TYPE_CHECKING:
+    pass
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -57,7 +60,7 @@ class Requirements(BaseModel):
 
 def target_spec(expect: Any) -> Spec:
     """Key -> metadata (or None when only names are known) from a module, key list, path or source."""
-    if isinstance(expect, nn.Module):
+    if is_module(expect):
         return {k: TensorMeta.of(v) for k, v in expect.state_dict(keep_vars=True).items()}
     if isinstance(expect, Sequence) and not isinstance(expect, str):
         return {str(k): None for k in expect}

@@ -8,9 +8,7 @@ file writers, the plan checks, the ``summary`` analysis and the ``finite`` gate.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from . import coverage
 from . import transforms as _transforms  # noqa: F401 - importing registers the built-in transforms
@@ -21,6 +19,9 @@ from .hookspecs import hookimpl
 from .writers.gguf import GGUFWriter
 from .writers.safetensors import SafetensorsWriter
 from .writers.torch_file import TorchWriter
+
+if TYPE_CHECKING:
+    import torch
 
 
 class CorePlugin:
@@ -59,6 +60,8 @@ class CorePlugin:
         """``gates: {finite: true}`` rejects tensors with NaN or infinite values."""
         if not options.get("finite") or not candidate.is_floating_point():
             return None
+        import torch
+
         bad = int((~torch.isfinite(candidate)).sum())
         return GateDecision(bad == 0, f"{bad} non-finite values" if bad else "all finite", {"non_finite": float(bad)}, "finite")
 

@@ -26,17 +26,19 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
-
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, ExecutionError
 from .transaction import atomic_target
+
+if TYPE_CHECKING:
+    pass
 
 #: how long a rank waits for the others at one exchange; it includes waiting for
 #: the slowest rank to finish its share, so it is long (a rank that dies is noticed at once)
@@ -102,6 +104,8 @@ class Ranks:
         return split(work, self.world)[self.rank]
 
     def _exchange(self, status: _Status) -> list[_Status]:
+        import torch.distributed as dist
+
         statuses: list[Any] = [None] * self.world
         try:
             dist.all_gather_object(statuses, status, group=self.group)
@@ -155,10 +159,13 @@ def session(distributed: bool | None = None) -> Iterator[Ranks | None]:
     """
     global _OWN_GROUP
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    initialised = dist.is_available() and dist.is_initialized()
+    loaded = sys.modules.get("torch.distributed")  # no group can exist before torch.distributed is imported
+    initialised = loaded is not None and loaded.is_available() and loaded.is_initialized()
     if distributed is False or (distributed is None and initialised and not _OWN_GROUP) or (world <= 1 and not initialised):
         yield None
         return
+    import torch.distributed as dist
+
     if not dist.is_available():
         raise ConfigError("a distributed run needs torch.distributed, which this torch build lacks")
     if not initialised:
@@ -178,6 +185,8 @@ def session(distributed: bool | None = None) -> Iterator[Ranks | None]:
 
 
 def _shut_down() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -39,9 +39,8 @@ from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm import tqdm
 
 from .distributed import Ranks
@@ -53,6 +52,9 @@ from .patterns import describe_keys
 from .plan import Plan
 from .transforms.base import Group, Tensors
 from .writers.base import Writer
+
+if TYPE_CHECKING:
+    pass
 
 #: work of a byte copied raw, relative to a byte a computed group reads or writes: on the benchmark
 #: machine kernel copies ran at 2.4 GB/s and a cast (which reads and writes each byte) at 0.4 GB/s
@@ -222,6 +224,8 @@ class _Run:
                     self._admit(group, computed, memory_cost(self.plan, group, computed), budget, 0)
                     self._write(group, computed, *self._compute(group))
             return
+        import torch
+
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // workers))
         pool = ThreadPoolExecutor(workers, thread_name_prefix="statebridge")

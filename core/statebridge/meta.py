@@ -1,77 +1,142 @@
-"""Tensor metadata: what is known about a tensor from headers alone."""
+"""Tensor metadata: what is known about a tensor from headers alone.
+
+Element types are :class:`DType` values, named without importing torch: planning,
+inspecting and raw byte copies read headers only, so they never pay for torch (whose
+import alone costs about 220 MB of memory and over a second). ``DType.torch`` gives the
+torch dtype where tensor data is touched, and a ``DType`` compares equal to it.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 
-# safetensors dtype codes <-> torch dtypes (the codes are also used in plans and reports).
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True, eq=False)
+class DType:
+    """An element type by torch's name (``float16``), with what plans need to know of it."""
+
+    name: str
+    itemsize: int
+    is_floating_point: bool
+    #: the safetensors code (``F16``), or None where safetensors cannot store the type
+    code: str | None = None
+
+    @property
+    def torch(self) -> "torch.dtype":
+        """The torch dtype (imports torch)."""
+        import torch
+
+        return getattr(torch, self.name)
+
+    @classmethod
+    def of(cls, dtype: "DType | torch.dtype | str") -> "DType":
+        """The DType of a torch dtype, or of a name that :func:`parse_dtype` accepts."""
+        if isinstance(dtype, DType):
+            return dtype
+        if isinstance(dtype, str):
+            return parse_dtype(dtype)
+        name = str(dtype).removeprefix("torch.")
+        known = DTYPES.get(name)
+        if known is not None:
+            return known
+        if not hasattr(dtype, "itemsize") or not hasattr(dtype, "is_floating_point"):
+            raise TypeError(f"not a dtype: {dtype!r}")
+        return cls(name, dtype.itemsize, dtype.is_floating_point)
+
+    def __eq__(self, other: Any) -> bool:
+        if isinstance(other, DType):
+            return self.name == other.name
+        if type(other).__module__ == "torch" and type(other).__name__ == "dtype":
+            return str(other) == f"torch.{self.name}"
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"DType({self.name!r})"
+
+
+def _known(*dtypes: DType) -> dict[str, DType]:
+    return {d.name: d for d in dtypes}
+
+
+#: every dtype statebridge reads from headers, by torch's name
+DTYPES: dict[str, DType] = _known(
+    DType("bool", 1, False, "BOOL"),
+    DType("uint8", 1, False, "U8"),
+    DType("int8", 1, False, "I8"),
+    DType("int16", 2, False, "I16"),
+    DType("uint16", 2, False, "U16"),
+    DType("int32", 4, False, "I32"),
+    DType("uint32", 4, False, "U32"),
+    DType("int64", 8, False, "I64"),
+    DType("uint64", 8, False, "U64"),
+    DType("float16", 2, True, "F16"),
+    DType("bfloat16", 2, True, "BF16"),
+    DType("float32", 4, True, "F32"),
+    DType("float64", 8, True, "F64"),
+    DType("float8_e4m3fn", 1, True, "F8_E4M3"),
+    DType("float8_e5m2", 1, True, "F8_E5M2"),
+)
+#: safetensors dtype codes -> DType (the codes are also used in plans and reports)
+SAFETENSORS_DTYPES: dict[str, DType] = {d.code: d for d in DTYPES.values() if d.code}
 
 _ALIASES = {
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "fp64": torch.float64,
-    "double": torch.float64,
-    "long": torch.int64,
-    "int": torch.int32,
+    "fp16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "fp32": "float32",
+    "float": "float32",
+    "fp64": "float64",
+    "double": "float64",
+    "long": "int64",
+    "int": "int32",
 }
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    """Turn ``"bf16"``, ``"bfloat16"``, ``"torch.bfloat16"`` or ``"BF16"`` into a torch dtype."""
-    if isinstance(name, torch.dtype):
-        return name
-    text = str(name).strip()
+def parse_dtype(name: "str | DType | torch.dtype") -> DType:
+    """Turn ``"bf16"``, ``"bfloat16"``, ``"torch.bfloat16"``, ``"BF16"`` or a torch dtype into a DType."""
+    if not isinstance(name, str):
+        return DType.of(name)
+    text = name.strip()
     if text in SAFETENSORS_DTYPES:
         return SAFETENSORS_DTYPES[text]
     text = text.lower().removeprefix("torch.")
-    if text in _ALIASES:
-        return _ALIASES[text]
-    candidate = getattr(torch, text, None)
-    if isinstance(candidate, torch.dtype):
-        return candidate
-    raise ConfigError(
-        f"unknown dtype {name!r}; use one of: "
-        + ", ".join(sorted({str(d).removeprefix('torch.') for d in SAFETENSORS_DTYPES.values()}))
-    )
+    text = _ALIASES.get(text, text)
+    if text in DTYPES:
+        return DTYPES[text]
+    raise ConfigError(f"unknown dtype {name!r}; use one of: " + ", ".join(sorted(DTYPES)))
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: "DType | torch.dtype") -> str:
     """Short, stable name of a dtype (``float16``) for reports and fingerprints."""
     return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """Shape and dtype of one tensor, known before any of its bytes are read."""
+    """Shape and dtype of one tensor, known before any of its bytes are read.
+
+    ``dtype`` may be given as a torch dtype or a name; it is kept as a :class:`DType`.
+    """
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dtype, DType):
+            object.__setattr__(self, "dtype", DType.of(self.dtype))
 
     @property
     def numel(self) -> int:
@@ -82,8 +147,8 @@ class TensorMeta:
         return self.numel * self.dtype.itemsize
 
     @classmethod
-    def of(cls, tensor: torch.Tensor) -> "TensorMeta":
-        return cls(tuple(tensor.shape), tensor.dtype)
+    def of(cls, tensor: "torch.Tensor") -> "TensorMeta":
+        return cls(tuple(tensor.shape), DType.of(tensor.dtype))
 
     def __str__(self) -> str:
         return f"{dtype_name(self.dtype)}{list(self.shape)}"

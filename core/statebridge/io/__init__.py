@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Union
 
 from ..errors import SourceError
 from .base import RawSpan, Source
 from .gguf import GGUFSource
-from .memory import DictSource, ModuleSource
+from .memory import DictSource, ModuleSource, is_module
 from .safetensors import INDEX_NAME, SafetensorsFile, ShardedSafetensors
 from .torch_pickle import TORCH_SUFFIXES, TorchPickle
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = [
     "DictSource",
@@ -28,7 +30,7 @@ __all__ = [
     "open_source",
 ]
 
-SourceLike = Source | str | os.PathLike[str] | Mapping[str, torch.Tensor] | nn.Module
+SourceLike = Union[Source, str, "os.PathLike[str]", Mapping[str, "torch.Tensor"], "nn.Module"]
 
 
 def open_source(source: SourceLike) -> Source:
@@ -41,7 +43,7 @@ def open_source(source: SourceLike) -> Source:
     """
     if isinstance(source, Source):
         return source
-    if isinstance(source, nn.Module):
+    if is_module(source):
         return ModuleSource(source)
     if isinstance(source, Mapping):
         return DictSource(source)

@@ -11,10 +11,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..meta import TensorMeta
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)

@@ -34,16 +34,18 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf import quants as gguf_quants
 
 from ..errors import SourceError
-from ..meta import TensorMeta
+from ..meta import DTYPES, DType, TensorMeta
 from .base import RawSpan, Source
+
+if TYPE_CHECKING:
+    import torch
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -57,15 +59,15 @@ MAX_METADATA_ARRAY_ITEMS = 256
 MAX_METADATA_ARRAY_CHARS = 16 * 1024
 
 #: GGML types whose stored bytes are plain little-endian values of a torch dtype
-PLAIN_TYPES: dict[GGMLQuantizationType, torch.dtype] = {
-    GGMLQuantizationType.F32: torch.float32,
-    GGMLQuantizationType.F16: torch.float16,
-    GGMLQuantizationType.BF16: torch.bfloat16,
-    GGMLQuantizationType.F64: torch.float64,
-    GGMLQuantizationType.I8: torch.int8,
-    GGMLQuantizationType.I16: torch.int16,
-    GGMLQuantizationType.I32: torch.int32,
-    GGMLQuantizationType.I64: torch.int64,
+PLAIN_TYPES: dict[GGMLQuantizationType, DType] = {
+    GGMLQuantizationType.F32: DTYPES['float32'],
+    GGMLQuantizationType.F16: DTYPES['float16'],
+    GGMLQuantizationType.BF16: DTYPES['bfloat16'],
+    GGMLQuantizationType.F64: DTYPES['float64'],
+    GGMLQuantizationType.I8: DTYPES['int8'],
+    GGMLQuantizationType.I16: DTYPES['int16'],
+    GGMLQuantizationType.I32: DTYPES['int32'],
+    GGMLQuantizationType.I64: DTYPES['int64'],
 }
 
 # struct format and size of each scalar value type (prefix added per byte order)
@@ -134,6 +136,7 @@ class GGUFSource(Source):
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+
         self.path = Path(path)
         self.name = str(self.path)
         self._mmap: mmap.mmap | None = None
@@ -148,7 +151,7 @@ class GGUFSource(Source):
         self._tensors: dict[str, _TensorInfo] = header.tensors
         self.gguf_types: dict[str, str] = {k: t.qtype.name for k, t in self._tensors.items()}
         self._metas = {
-            k: TensorMeta(t.shape, PLAIN_TYPES.get(t.qtype, torch.float32)) for k, t in self._tensors.items()
+            k: TensorMeta(t.shape, PLAIN_TYPES.get(t.qtype, DTYPES['float32'])) for k, t in self._tensors.items()
         }
         self._metadata = {k: _field_to_string(f) for k, f in header.fields.items()}
 
@@ -171,14 +174,16 @@ class GGUFSource(Source):
         return RawSpan(self.path, info.offset, info.nbytes)
 
     def load(self, key: str) -> torch.Tensor:
+        import torch
+
         info = self._info(key)
         meta = self._metas[key]
         if meta.numel == 0:
-            return torch.empty(meta.shape, dtype=meta.dtype)
+            return torch.empty(meta.shape, dtype=meta.dtype.torch)
         buffer = self._map()
         dtype = PLAIN_TYPES.get(info.qtype)
         if dtype is not None:
-            tensor = torch.frombuffer(buffer, dtype=dtype, count=meta.numel, offset=info.offset)
+            tensor = torch.frombuffer(buffer, dtype=dtype.torch, count=meta.numel, offset=info.offset)
             if info.offset % dtype.itemsize:
                 tensor = tensor.clone()  # a misaligned view is legal but slow and fragile; copy it
             if self.byte_order != sys.byteorder:
@@ -187,6 +192,8 @@ class GGUFSource(Source):
         return self._dequantize(key, info, buffer)
 
     def _dequantize(self, key: str, info: _TensorInfo, buffer: mmap.mmap) -> torch.Tensor:
+        import torch
+
         if self.byte_order != "little":
             raise SourceError(
                 self.path, f"tensor {key!r}: {info.qtype.name} data in a big-endian GGUF file cannot be dequantized"
@@ -232,6 +239,8 @@ class GGUFSource(Source):
 
 def _byteswapped(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of ``tensor`` with every element's bytes reversed (numpy has no bfloat16, so go via int16)."""
+    import torch
+
     if tensor.dtype == torch.bfloat16:
         return torch.from_numpy(tensor.view(torch.int16).numpy().byteswap()).view(torch.bfloat16)
     return torch.from_numpy(tensor.numpy().byteswap())
@@ -394,6 +403,7 @@ class _Header:
         return [self._value(sub_type, what, depth + 1)[0] for _ in range(count)], sub_type
 
     def _check_tensors(self, infos: list[tuple[str, list[int], int, int]]) -> dict[str, _TensorInfo]:
+
         data_size = self.size - self.data_offset
         if infos and data_size < 0:
             raise SourceError(self.path, f"the tensor data section would start at byte {self.data_offset}, past the end of the file (truncated?)")
@@ -420,7 +430,7 @@ class _Header:
                     f"but the file has {self.size} bytes (truncated?)",
                 )
             # torch computes sizes and strides in int64, even for a tensor with no elements
-            extent = PLAIN_TYPES.get(qtype, torch.float32).itemsize * math.prod(max(d, 1) for d in ne)
+            extent = PLAIN_TYPES.get(qtype, DTYPES['float32']).itemsize * math.prod(max(d, 1) for d in ne)
             if extent >= 2**63:
                 raise SourceError(
                     self.path, f"tensor {name!r}: shape {list(reversed(ne))} is too large for torch (its sizes overflow int64)"

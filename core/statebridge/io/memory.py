@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceError
 from ..meta import TensorMeta
 from .base import Source
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def is_module(obj: Any) -> bool:
+    """Whether ``obj`` is an ``nn.Module``, without importing torch (none exists before it is imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
 
 
 class DictSource(Source):
     """A mapping of names to tensors (for example a ``state_dict()``)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], name: str = "<dict>") -> None:
+        import torch
+
         self.name = name
         self._tensors = dict(tensors)
         bad = [k for k, v in self._tensors.items() if not isinstance(v, torch.Tensor)]

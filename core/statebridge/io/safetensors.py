@@ -14,12 +14,14 @@ import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import SourceError
 from ..meta import SAFETENSORS_DTYPES, TensorMeta
 from .base import RawSpan, Source
+
+if TYPE_CHECKING:
+    import torch
 
 #: refuse headers larger than this (the format's own reference implementation uses 100 MB)
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -49,12 +51,14 @@ class SafetensorsFile(Source):
         return RawSpan(self.path, self._data_start + begin, end - begin)
 
     def load(self, key: str) -> torch.Tensor:
+        import torch
+
         try:
             meta = self._metas[key]
         except KeyError:
             raise SourceError(self.path, f"no tensor named {key!r}") from None
         if meta.numel == 0:
-            return torch.empty(meta.shape, dtype=meta.dtype)
+            return torch.empty(meta.shape, dtype=meta.dtype.torch)
         span = self.raw_span(key)
         # Map just this tensor's pages (the map offset must be page aligned).  The tensor
         # keeps its map alive through the buffer and unmaps it when it is freed.
@@ -71,7 +75,7 @@ class SafetensorsFile(Source):
                 mapped = mmap.mmap(f.fileno(), span.offset + span.length - start, offset=start, access=mmap.ACCESS_COPY)
         except OSError as e:
             raise SourceError(self.path, f"cannot map tensor {key!r}: {e.strerror or e}") from None
-        tensor = torch.frombuffer(mapped, dtype=meta.dtype, count=meta.numel, offset=span.offset - start)
+        tensor = torch.frombuffer(mapped, dtype=meta.dtype.torch, count=meta.numel, offset=span.offset - start)
         return tensor.reshape(meta.shape)
 
 

@@ -19,13 +19,14 @@ import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceError
 from ..meta import TensorMeta
 from .base import Source
+
+if TYPE_CHECKING:
+    import torch
 
 TORCH_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
 
@@ -42,6 +43,8 @@ class TorchPickle(Source):
         self._metas = {k: TensorMeta.of(v) for k, v in self._tensors.items()}
 
     def _load(self) -> Any:
+        import torch
+
         if not self.path.is_file():
             raise SourceError(self.path, "no such file")
         try:
@@ -164,6 +167,8 @@ def _flatten(root: Any, path: Path, out: dict[str, torch.Tensor], skipped: list[
     itself, and a few hundred bytes can describe 2**60 paths through a few dozen dicts:
     walking stops once it has made far more visits than there are distinct objects.
     """
+    import torch
+
     distinct: set[int] = set()
     visits = 0
 

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import model_validator
-from torch import nn
 
 from ..errors import PlanError
 from ..meta import TensorMeta
 from ..registry import register_transform
 from .base import Group, Params, PathParam, Transform
 from .matching import select
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @register_transform("adapt_shapes")
@@ -95,6 +97,8 @@ class AdaptShapes(Transform):
         p = self.params
 
         def adapt(x: torch.Tensor) -> torch.Tensor:
+            import torch
+
             overlap = tuple(slice(0, min(s, t)) for s, t in zip(x.shape, shape))
             if p.strategy == "slice":
                 return x[overlap].contiguous()

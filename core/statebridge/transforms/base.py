@@ -12,15 +12,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import ConfigError, NotInvertibleError
 from ..meta import TensorMeta
 
-Tensors = dict[str, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+Tensors = dict[str, "torch.Tensor"]
 Compute = Callable[[Tensors], Tensors]
 
 

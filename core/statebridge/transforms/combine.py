@@ -9,8 +9,8 @@ input anchors the match and its captures fill the other names, so
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import Field, model_validator
 
 from ..errors import NotInvertibleError, PlanError
@@ -19,6 +19,9 @@ from ..patterns import KeyPattern
 from ..registry import register_transform
 from .base import Group, Params, Transform
 from .matching import bind, require
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _dim(dim: int, rank: int, key: str) -> int:
@@ -135,6 +138,8 @@ class Stack(_Join):
         return dim, tuple(shape)
 
     def join(self, tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+        import torch
+
         return torch.stack(tensors, dim)
 
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
@@ -152,6 +157,8 @@ class Unstack(_Part):
         return [meta.shape[:dim] + meta.shape[dim + 1 :]] * n
 
     def part(self, tensor: torch.Tensor, dim: int, shapes: list[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
+        import torch
+
         return torch.unbind(tensor, dim)
 
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
@@ -171,6 +178,8 @@ class Concat(_Join):
         return dim, tuple(shape)
 
     def join(self, tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+        import torch
+
         return torch.cat(tensors, dim)
 
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
@@ -207,6 +216,8 @@ class Split(_Part):
         return [meta.shape[:dim] + (size,) + meta.shape[dim + 1 :] for size in sizes]
 
     def part(self, tensor: torch.Tensor, dim: int, shapes: list[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
+        import torch
+
         return torch.split(tensor, [shape[dim] for shape in shapes], dim)
 
     def describe(self, dim: int, shapes: list[tuple[int, ...]]) -> str:

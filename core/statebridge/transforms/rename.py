@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from pydantic import model_validator
-from torch import nn
 
 from ..errors import PlanError
 from ..meta import TensorMeta
@@ -14,6 +14,9 @@ from ..patterns import KeyPattern
 from ..registry import register_transform
 from .base import Group, Params, Transform
 from .matching import require, select
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @register_transform("rename")

@@ -6,17 +6,20 @@ every key it touches appears in the plan's lineage (``statebridge plan`` lists t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import field_validator, model_validator
 
 from ..errors import NotInvertibleError, PlanError
-from ..meta import TensorMeta, dtype_name, parse_dtype
+from ..meta import DTYPES, DType, TensorMeta, dtype_name, parse_dtype
 from ..registry import register_transform
 from .base import Transform
 from .layout import _PatternParams, _PerKey
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register_transform("cast")
@@ -35,7 +38,7 @@ class Cast(_PerKey):
             return dtype_name(parse_dtype(value))
 
     @property
-    def dtype(self) -> torch.dtype:
+    def dtype(self) -> DType:
         return parse_dtype(self.params.dtype)
 
     def keys(self, metas: Mapping[str, TensorMeta]) -> list[str]:
@@ -50,7 +53,7 @@ class Cast(_PerKey):
 
     def fn(self, key: str, meta: TensorMeta):
         dtype = self.dtype
-        return lambda x: x.to(dtype)
+        return lambda x: x.to(dtype.torch)
 
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
         sources = {metas[k].dtype for k in self.keys(metas)}
@@ -64,24 +67,39 @@ class Cast(_PerKey):
         return Cast(pattern=self.params.pattern, dtype=dtype_name(source), integers=self.params.integers, strict=False)
 
 
-def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
-    """Whether every value of ``src`` is exactly representable in ``dst``."""
-    if src.is_floating_point and dst.is_floating_point:
-        s, d = torch.finfo(src), torch.finfo(dst)
-        return d.bits >= s.bits and d.max >= s.max and d.eps <= s.eps and d.tiny <= s.tiny
-    if not src.is_floating_point and not dst.is_floating_point and src != torch.bool:
-        s, d = torch.iinfo(src), torch.iinfo(dst)
-        return d.min <= s.min and d.max >= s.max
-    return False
+#: exponent and mantissa bits of the floating-point formats a cast can invert
+_FLOAT_BITS = {
+    "float8_e4m3fn": (4, 3),
+    "float8_e5m2": (5, 2),
+    "float16": (5, 10),
+    "bfloat16": (8, 7),
+    "float32": (8, 23),
+    "float64": (11, 52),
+}
+
+
+def _widens(src: DType, dst: DType) -> bool:
+    """Whether every value of ``src`` is exactly representable in ``dst`` (decided from names, without torch)."""
+    if src.name in _FLOAT_BITS and dst.name in _FLOAT_BITS:
+        (src_exponent, src_mantissa), (dst_exponent, dst_mantissa) = _FLOAT_BITS[src.name], _FLOAT_BITS[dst.name]
+        return dst_exponent >= src_exponent and dst_mantissa >= src_mantissa
+    integers = re.compile(r"(u?)int(\d+)")
+    s, d = integers.fullmatch(src.name), integers.fullmatch(dst.name)
+    if s is None or d is None:
+        return False  # bool, complex, or a float meeting an integer
+    src_signed, src_bits, dst_signed, dst_bits = not s[1], int(s[2]), not d[1], int(d[2])
+    if src_signed and not dst_signed:
+        return False
+    return dst_bits > src_bits if dst_signed and not src_signed else dst_bits >= src_bits
 
 
 # op name -> function(tensor, **args); the config's ``args`` are checked against its signature
-VALUE_OPS: dict[str, Callable[..., torch.Tensor]] = {
+VALUE_OPS: dict[str, Callable[..., "torch.Tensor"]] = {
     "scale": lambda x, factor: x * factor,
     "add": lambda x, value: x + value,
     "clamp": lambda x, min=None, max=None: x.clamp(min=min, max=max),
-    "fill": lambda x, value: torch.full_like(x, value),
-    "zero": lambda x: torch.zeros_like(x),
+    "fill": lambda x, value: x.new_full(x.shape, value),
+    "zero": lambda x: x.new_zeros(x.shape),
 }
 
 
@@ -124,6 +142,6 @@ class ValueOp(_PerKey):
 
     def fn(self, key: str, meta: TensorMeta):
         op, args = VALUE_OPS[self.params.op], self.params.args
-        work = torch.float64 if meta.dtype == torch.float64 else torch.float32
-        return lambda x: op(x.to(work), **args).to(meta.dtype)
+        work = DTYPES["float64" if meta.dtype.name == "float64" else "float32"]
+        return lambda x: op(x.to(work.torch), **args).to(meta.dtype.torch)
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import ExecutionError
 from ..io.base import RawSpan
 from ..meta import TensorMeta
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Writer(ABC):

@@ -41,19 +41,21 @@ import struct
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType, GGUFValueType
 from gguf import GGUFWriter as _LibWriter
 
 from ..errors import ConfigError, ExecutionError
 from ..io.base import RawSpan
 from ..io.gguf import GGUFField
-from ..meta import TensorMeta, dtype_name
+from ..meta import DTYPES, DType, TensorMeta, dtype_name
 from .base import Writer
 from .rawcopy import copy_range
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_ARCHITECTURE = "statebridge"
 ARCHITECTURE_KEY = "general.architecture"
@@ -62,15 +64,15 @@ ALIGNMENT_KEY = "general.alignment"
 MAX_DIMS = 4
 
 #: torch dtype -> (GGML type, numpy dtype of the same width used to hand the bytes to gguf)
-GGUF_DTYPES: dict[torch.dtype, tuple[GGMLQuantizationType, np.dtype]] = {
-    torch.float32: (GGMLQuantizationType.F32, np.dtype(np.float32)),
-    torch.float16: (GGMLQuantizationType.F16, np.dtype(np.float16)),
-    torch.bfloat16: (GGMLQuantizationType.BF16, np.dtype(np.int16)),  # numpy has no bfloat16
-    torch.float64: (GGMLQuantizationType.F64, np.dtype(np.float64)),
-    torch.int8: (GGMLQuantizationType.I8, np.dtype(np.int8)),
-    torch.int16: (GGMLQuantizationType.I16, np.dtype(np.int16)),
-    torch.int32: (GGMLQuantizationType.I32, np.dtype(np.int32)),
-    torch.int64: (GGMLQuantizationType.I64, np.dtype(np.int64)),
+GGUF_DTYPES: dict[DType, tuple[GGMLQuantizationType, np.dtype]] = {
+    DTYPES['float32']: (GGMLQuantizationType.F32, np.dtype(np.float32)),
+    DTYPES['float16']: (GGMLQuantizationType.F16, np.dtype(np.float16)),
+    DTYPES['bfloat16']: (GGMLQuantizationType.BF16, np.dtype(np.int16)),  # numpy has no bfloat16
+    DTYPES['float64']: (GGMLQuantizationType.F64, np.dtype(np.float64)),
+    DTYPES['int8']: (GGMLQuantizationType.I8, np.dtype(np.int8)),
+    DTYPES['int16']: (GGMLQuantizationType.I16, np.dtype(np.int16)),
+    DTYPES['int32']: (GGMLQuantizationType.I32, np.dtype(np.int32)),
+    DTYPES['int64']: (GGMLQuantizationType.I64, np.dtype(np.int64)),
 }
 
 
@@ -202,6 +204,8 @@ class GGUFWriter(Writer):
         return meta, self._offsets[key]
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
+        import torch
+
         meta, offset = self._slot(key)
         if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
             raise ExecutionError(f"{self.path}: {key!r} is {TensorMeta.of(tensor)} but begin() announced {meta}")

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import PlanError
 from ..meta import TensorMeta
 from ..patterns import describe_keys
 from .base import Writer
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 class ModuleWriter(Writer):
@@ -51,6 +53,8 @@ class ModuleWriter(Writer):
             raise PlanError(f"cannot load into {type(self.module).__name__}: " + "; ".join(problems))
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
+        import torch
+
         slot = self.slots[key]
         if slot.is_meta:
             self._assign(key, slot, tensor.to(slot.dtype))
@@ -60,6 +64,8 @@ class ModuleWriter(Writer):
         self.loaded.append(key)
 
     def _assign(self, key: str, slot: torch.Tensor, value: torch.Tensor) -> None:
+        from torch import nn
+
         owner_name, _, name = key.rpartition(".")
         owner = self.module.get_submodule(owner_name) if owner_name else self.module
         if name in owner._parameters:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 _CHUNK = 64 * 1024 * 1024
 
@@ -56,6 +59,8 @@ def write_at(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A tensor's little-endian row-major bytes, without a copy when it is already contiguous on the CPU."""
+    import torch
+
     flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
     return memoryview(flat.numpy())
 

@@ -17,15 +17,17 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, ExecutionError
 from ..io.base import RawSpan
 from ..io.safetensors import INDEX_NAME
-from ..meta import DTYPE_CODES, TensorMeta, dtype_name
+from ..meta import TensorMeta, dtype_name
 from .base import Writer
 from .rawcopy import copy_range, start_writeback, tensor_bytes, write_at
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 #: start writing back a file's dirty pages after this many bytes (see :func:`start_writeback`)
@@ -82,7 +84,7 @@ class SafetensorsWriter(Writer):
     def _lay_out(self, metas: Mapping[str, TensorMeta]) -> list[tuple[Path, bytes, int]]:
         """Every file's path, encoded header and total size; records where each tensor goes."""
         for key, meta in metas.items():
-            if meta.dtype not in DTYPE_CODES:
+            if meta.dtype.code is None:
                 raise ConfigError(f"{key!r}: safetensors cannot store dtype {dtype_name(meta.dtype)}")
         shards = self._layout(metas)
         names = self._names(len(shards))
@@ -94,7 +96,7 @@ class SafetensorsWriter(Writer):
             spans = {}
             for key in keys:
                 meta = metas[key]
-                header[key] = {"dtype": DTYPE_CODES[meta.dtype], "shape": list(meta.shape), "data_offsets": [offset, offset + meta.nbytes]}
+                header[key] = {"dtype": meta.dtype.code, "shape": list(meta.shape), "data_offsets": [offset, offset + meta.nbytes]}
                 spans[key] = (offset, offset + meta.nbytes)
                 offset += meta.nbytes
             encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()

@@ -35,13 +35,14 @@ import pickle
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from ..errors import ConfigError, ExecutionError
 from ..meta import TensorMeta, dtype_name
 from .base import Writer
+
+if TYPE_CHECKING:
+    import torch
 
 TORCH_TARGET_SUFFIXES = {".pt", ".pth", ".bin"}
 #: what torch.save uses (torch.serialization.DEFAULT_PROTOCOL)
@@ -81,8 +82,10 @@ class _Pickler(pickle.Pickler):
 
 def _tensor_ref(meta: TensorMeta, storage_key: str) -> _TensorRef:
     """What ``torch.save`` would pickle for a contiguous CPU tensor of ``meta`` in storage ``storage_key``."""
+    import torch
+
     # Ask torch how it reduces a tensor of this dtype (v2 + typed storage, or v3 + untyped + dtype).
-    rebuild, template = torch.empty(0, dtype=meta.dtype).__reduce_ex__(PICKLE_PROTOCOL)
+    rebuild, template = torch.empty(0, dtype=meta.dtype.torch).__reduce_ex__(PICKLE_PROTOCOL)
     storage = template[0]
     if isinstance(storage, torch.storage.TypedStorage):
         storage_type = getattr(torch, storage._pickle_storage_type())
@@ -92,7 +95,7 @@ def _tensor_ref(meta: TensorMeta, storage_key: str) -> _TensorRef:
         numel = meta.nbytes
     else:  # pragma: no cover - a torch version with yet another scheme
         raise ConfigError(f"this torch version pickles {dtype_name(meta.dtype)} tensors in a way statebridge does not know")
-    stride = torch.empty(meta.shape, dtype=meta.dtype, device="meta").stride()  # contiguous; allocates nothing
+    stride = torch.empty(meta.shape, dtype=meta.dtype.torch, device="meta").stride()  # contiguous; allocates nothing
     ref = _StorageRef(("storage", storage_type, storage_key, "cpu", numel))
     args = (ref, 0, tuple(meta.shape), stride, False, collections.OrderedDict()) + tuple(template[6:])
     return _TensorRef(rebuild, args)
@@ -116,6 +119,8 @@ class TorchWriter(Writer):
         return Path(target).suffix.lower() in TORCH_TARGET_SUFFIXES
 
     def begin(self, metas: Mapping[str, TensorMeta]) -> None:
+        import torch
+
         if self._zip is not None:
             raise ExecutionError(f"{self.path}: begin() was called twice")
         for key, meta in metas.items():

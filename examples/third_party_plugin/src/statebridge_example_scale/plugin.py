@@ -12,15 +12,17 @@ Use it in a config like any built-in transform::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-
-import torch
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import statebridge
 from statebridge.checks import Finding
 from statebridge.errors import PlanError
 from statebridge.meta import TensorMeta
 from statebridge.transforms.matching import select
+
+if TYPE_CHECKING:
+    import torch
 
 
 @statebridge.register_transform("scale_by_name")
@@ -48,15 +50,23 @@ class ScaleByName(statebridge.Transform):
         # Declared from metadata alone: one group per matching key, same name, shape and dtype.
         return [
             statebridge.Group.map_one(
-                key, key, metas[key], self._scale(metas[key].dtype), f"scale_by_name(factor={self.params.factor})"
+                key, key, metas[key], self._scale(), f"scale_by_name(factor={self.params.factor})"
             )
             for key in self.keys(metas)
         ]
 
-    def _scale(self, dtype: torch.dtype):
+    def _scale(self) -> Callable[[torch.Tensor], torch.Tensor]:
         factor = self.params.factor
-        work = torch.float64 if dtype == torch.float64 else torch.float32
-        return lambda x: (x.to(work) * factor).to(dtype)
+
+        def scale(x: torch.Tensor) -> torch.Tensor:
+            # torch is imported here, when data is touched, not at the top of the module: statebridge
+            # imports every plugin on start, and planning or a raw-copy run never needs torch.
+            import torch
+
+            work = torch.float64 if x.dtype == torch.float64 else torch.float32
+            return (x.to(work) * factor).to(x.dtype)
+
+        return scale
 
 
 def _steps(transform: object) -> Iterator[object]:
