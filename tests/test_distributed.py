@@ -59,6 +59,9 @@ def test_two_processes_write_byte_identical_output(workdir):
     assert len(expected) > 5 and "model.safetensors.index.json" in expected
     assert files(workdir / "two") == expected
     assert not [p for p in workdir.iterdir() if p.name.startswith(".")]  # no staging left behind
+    # rank 0 alone prints the plan and the report, which counts both processes
+    assert two.stdout.count("plan for ") == 1 and two.stdout.count("wrote ") == 1, two.stdout
+    assert "per process, 2 processes" in two.stdout
 
 
 def outcomes(result: subprocess.CompletedProcess[str]) -> dict[tuple[int, str], dict]:

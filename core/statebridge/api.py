@@ -108,6 +108,11 @@ class RunReport:
             lines.append(f"  {'time':14}{guess.seconds:>11.2f}s{s.seconds:>11.2f}s")
             lines.append(f"  {'bytes written':14}{human_bytes(guess.bytes_written):>12}{human_bytes(s.bytes_written):>12}")
             lines.append(f"  {'memory rise':14}{human_bytes(guess.peak_tensor_bytes):>12}{memory:>12}")
+        if s.budget:
+            lines.append(
+                f"  tensors in flight at most {human_bytes(s.peak_in_flight)} of a {human_bytes(s.budget)} budget"
+                + (f" per process, {s.ranks} processes" if s.ranks > 1 else "")
+            )
         for record in s.gate_records:
             lines.append(f"  gate {record.key}: chose {record.chosen}")
         return "\n".join(lines)
@@ -150,6 +155,10 @@ def run(
         built.estimate = estimate(built, target)
         stored = {**provenance(built.pipeline, built.lineage), **(metadata or {})}
         writer = writer_for(target, format)(target, metadata=stored, shard_size=shard_size)
+        if built.estimate.bytes_read or built.new:
+            # Computing needs torch: import it before measuring, so the memory rise the report
+            # shows is the run's tensors, not torch's own import (about 220 MB).
+            import torch  # noqa: F401
         with rank_target(target, writer.writes_folder, ranks) as staging, PeakMemory() as memory:
             writer.path = staging
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -149,8 +150,11 @@ def _run(args: argparse.Namespace) -> None:
     if not config.target:
         raise StatebridgeError(f"{args.config}: no target; set target: in the config or pass --target")
     built = plan(source, pipeline, format=config.format, shard_size=config.shard_size, **config.checks())
-    built.estimate = estimate(built, config.target)
-    if args.dry_run or not args.json:
+    # Under torchrun every rank plans (they must agree), but only rank 0 probes the disk and speaks.
+    speaks = int(os.environ.get("RANK", "0")) == 0
+    if speaks:
+        built.estimate = estimate(built, config.target)
+    if speaks and (args.dry_run or not args.json):
         print(json.dumps(built.to_dict(), indent=2) if args.json else built.render(args.verbose))
     if args.dry_run:
         return
@@ -167,7 +171,8 @@ def _run(args: argparse.Namespace) -> None:
         workers=config.workers,
         **config.checks(),
     )
-    print(json.dumps({"target": str(report.target), "files": [str(f) for f in report.files]}) if args.json else report.render())
+    if speaks:
+        print(json.dumps({"target": str(report.target), "files": [str(f) for f in report.files]}) if args.json else report.render())
 
 
 def _plugins(args: argparse.Namespace) -> None:
