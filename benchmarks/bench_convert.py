@@ -3,10 +3,14 @@
 Each conversion is compared, in the same run, with ``cp`` of the checkpoint,
 with and without an fsync of the copy (measured once per round, round robin
 with every other case, and shared by both tables), and with the plain script
-people write (``load_file``, edit the dict, ``save_file``).  statebridge always
-makes what it commits durable (early writeback, then fsync); the "durability
-off" row patches both away in that process only, to show what the streaming
-itself costs next to ``cp``, which leaves its copy in the page cache.
+people write (``load_file``, edit the dict, ``save_file``).  statebridge makes
+what it commits durable by default (early writeback, then fsync); the
+``--no-fsync`` / ``durable=False`` rows commit as ``cp`` does, leaving the data
+in the page cache for the kernel to write back.
+
+A rename copies raw bytes only and never imports torch, so its statebridge
+cases import only statebridge before the timed part; the fusion cases import
+torch first, as the plain script does, so the timed parts compare like with like.
 
     .venv/bin/python benchmarks/bench_convert.py [--repeat 5]
 """
@@ -43,14 +47,10 @@ save_file(state, DST, metadata={'format': 'pt'})
 """
 FSYNC = "\nfd = os.open(DST, os.O_RDONLY); os.fsync(fd); os.close(fd)"
 SB_SETUP = "import statebridge as sb\nfrom statebridge.config import parse_config\nfrom statebridge.plugins import load_plugins\nload_plugins()"
-SB_RUN = "config = parse_config(CONFIG)\nsb.run(config.source, config.pipeline(), config.target, progress=False, workers={})"
-NO_FSYNC = """
-import statebridge.writers.safetensors as writer_module
-os.fsync = writer_module.start_writeback = lambda fd: None  # measurement only: the streaming without durability
-"""
+SB_RUN = "config = parse_config(CONFIG)\nsb.run(config.source, config.pipeline(), config.target, progress=False, workers={}, durable={})"
 
-
-CONVERSIONS = {"rename": (RENAME, PLAIN_RENAME), "qkv-fusion": (FUSE, PLAIN_FUSE)}
+#: name -> (steps, plain script, whether statebridge computes tensors, and so needs torch)
+CONVERSIONS = {"rename": (RENAME, PLAIN_RENAME, False), "qkv-fusion": (FUSE, PLAIN_FUSE, True)}
 BASELINES = ("cp", "cp + fsync")
 
 
@@ -61,18 +61,21 @@ def cases(source: Path, out: Path) -> list[tuple[str, list[str]]]:
         ("cp", ["cp", str(source), str(target)]),
         ("cp + fsync", ["sh", "-c", f"cp '{source}' '{target}' && sync '{target}'"]),
     ]
-    for name, (steps, plain) in CONVERSIONS.items():
+    for name, (steps, plain, computes) in CONVERSIONS.items():
         config = {"source": str(source), "target": str(target), "steps": steps}
         config_file = out / f"{name}.yaml"
         config_file.write_text(yaml.safe_dump(config))
         defs = f"SRC, DST, LAYERS, CONFIG = {str(source)!r}, {str(target)!r}, {LLAMA_2_5G['layers']}, {config!r}"
+        setup = f"{SB_SETUP}\n{defs}" + ("\nimport torch" if computes else "")
+        cli = [sys.executable, "-m", "statebridge", "run", str(config_file), "--no-progress"]
         commands += [
             (f"{name}: plain script", python_case(f"{PLAIN_SETUP}\n{defs}", plain)),
             (f"{name}: plain script + fsync", python_case(f"{PLAIN_SETUP}\n{defs}", plain + FSYNC)),
-            (f"{name}: statebridge run (CLI)", [sys.executable, "-m", "statebridge", "run", str(config_file), "--no-progress"]),
-            (f"{name}: statebridge.run", python_case(f"{SB_SETUP}\n{defs}", SB_RUN.format(1))),
-            (f"{name}: statebridge.run, 2 workers", python_case(f"{SB_SETUP}\n{defs}", SB_RUN.format(2))),
-            (f"{name}: statebridge.run, durability off", python_case(f"{SB_SETUP}\n{defs}{NO_FSYNC}", SB_RUN.format(1))),
+            (f"{name}: statebridge run (CLI)", cli),
+            (f"{name}: statebridge run --no-fsync (CLI)", [*cli, "--no-fsync"]),
+            (f"{name}: statebridge.run", python_case(setup, SB_RUN.format(1, True))),
+            (f"{name}: statebridge.run, 2 workers", python_case(setup, SB_RUN.format(2, True))),
+            (f"{name}: statebridge.run, durable=False", python_case(setup, SB_RUN.format(1, False))),
         ]
     return commands
 
@@ -99,7 +102,7 @@ def main() -> None:
     results = compare(cases(source, out), args.repeat, remove(out / "converted.safetensors"))
     baselines = [r for r in results if r.name in BASELINES]
     cp, durable_cp = (r.value("time") for r in baselines)
-    for name, (steps, _) in CONVERSIONS.items():
+    for name, (steps, _, _) in CONVERSIONS.items():
         rows = baselines + [replace(r, name=r.name.removeprefix(f"{name}: ")) for r in results if r.name.startswith(f"{name}: ")]
         ratios = {
             "time ÷ cp": ("time", "cp"),

@@ -16,6 +16,7 @@ import torch
 import statebridge as sb
 from statebridge.testing import LlamaShape, write_llama
 from statebridge.transaction import recover, staging_path
+from statebridge.writers import safetensors as sb_safetensors
 
 
 def digest(path: Path) -> str:
@@ -60,6 +61,45 @@ def test_in_place_conversion_replaces_the_source_atomically(tmp_path, llama_file
     sb.run(folder, [sb.Cast(dtype="bf16")], folder, shard_size=60_000)
     assert {m.dtype.name for m in sb.open_source(folder).metas().values()} == {"bfloat16"}
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("layout", ["file", "shards"])
+def test_durable_runs_fsync_and_non_durable_runs_do_not_but_write_the_same_bytes(tmp_path, llama_file, monkeypatch, layout):
+    """``durable=False`` (``--no-fsync``) drops every fsync and early writeback, and nothing else."""
+    sb.run(llama_file, None, tmp_path / "warm.safetensors")  # measures (and caches) the disk's bandwidth, with fsync
+    calls: list[str] = []
+    real_fsync, real_writeback = os.fsync, sb_safetensors.start_writeback
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(sb_safetensors, "WRITEBACK_EVERY", 1)  # kick writeback after every tensor
+    monkeypatch.setattr(sb_safetensors, "start_writeback", lambda *a: (calls.append("writeback"), real_writeback(*a))[1])
+    outputs = {}
+    for durable in (True, False):
+        calls.clear()
+        target = tmp_path / f"{durable}" / ("model.safetensors" if layout == "file" else "ckpt")
+        sb.run(llama_file, [sb.Cast(pattern="**.mlp.**", dtype="bf16")], target, shard_size=60_000, durable=durable)
+        files = sorted(target.rglob("*")) if target.is_dir() else [target]
+        outputs[durable] = {f.name: f.read_bytes() for f in files}
+        assert ("fsync" in calls and "writeback" in calls) if durable else calls == [], (durable, calls)
+    assert outputs[True] == outputs[False]
+
+
+def test_no_fsync_on_the_command_line_and_durable_false_in_a_config(tmp_path, llama_file, monkeypatch):
+    from statebridge.cli import main
+
+    sb.run(llama_file, None, tmp_path / "warm.safetensors")  # measures (and caches) the disk's bandwidth, with fsync
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"source: {llama_file}\nsteps: []\n")
+    assert main(["run", str(config), "--no-progress", "--no-fsync", "--target", str(tmp_path / "a.safetensors")]) == 0
+    config.write_text(f"source: {llama_file}\nsteps: []\ndurable: false\n")
+    assert main(["run", str(config), "--no-progress", "--target", str(tmp_path / "b.safetensors")]) == 0
+    assert synced == []
+    config.write_text(f"source: {llama_file}\nsteps: []\n")
+    assert main(["run", str(config), "--no-progress", "--target", str(tmp_path / "d.safetensors")]) == 0
+    assert synced  # durable by default
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "d.safetensors").read_bytes()
 
 
 def test_recover_removes_dead_staging_and_restores_a_lost_target(tmp_path):

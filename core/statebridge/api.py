@@ -134,12 +134,16 @@ def run(
     expect: Any = None,
     on_collision: str = "error",
     distributed: bool | None = None,
+    durable: bool = True,
 ) -> RunReport:
     """Stream ``source`` through ``pipeline`` into ``target``, atomically.
 
     The target (file or shard folder) appears only when everything was written
     and fsynced; on any error it is left as it was.  ``require``, ``expect``
     and ``on_collision`` are checked on the plan first, as in :func:`plan`.
+    ``durable=False`` skips the fsyncs: the commit is still atomic for every
+    process (an interrupted or failed run leaves nothing), but, as after a
+    ``cp``, a power cut soon after may lose data the kernel had not written yet.
 
     Under ``torchrun`` the run is collective: every rank calls it with the same
     arguments and does a share of the work (see :mod:`statebridge.distributed`);
@@ -155,11 +159,12 @@ def run(
         built.estimate = estimate(built, target)
         stored = {**provenance(built.pipeline, built.lineage), **(metadata or {})}
         writer = writer_for(target, format)(target, metadata=stored, shard_size=shard_size)
+        writer.durable = durable
         if built.estimate.bytes_read or built.new:
             # Computing needs torch: import it before measuring, so the memory rise the report
             # shows is the run's tensors, not torch's own import (about 220 MB).
             import torch  # noqa: F401
-        with rank_target(target, writer.writes_folder, ranks) as staging, PeakMemory() as memory:
+        with rank_target(target, writer.writes_folder, ranks, durable) as staging, PeakMemory() as memory:
             writer.path = staging
             try:
                 stats = execute(

@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--max-memory", help="memory budget for tensors in flight, e.g. 4GB")
             p.add_argument("--workers", type=int, help="threads for reading, computing and writing")
             p.add_argument(
+                "--no-fsync",
+                dest="durable",
+                action="store_false",
+                default=None,
+                help="commit without fsync: still atomic, but like cp not safe against a power cut; faster",
+            )
+            p.add_argument(
                 "--inverse",
                 action="store_true",
                 help="run the config's inverse: read --source (a converted checkpoint), write --target; "
@@ -122,6 +129,7 @@ def _load(args: argparse.Namespace, override_source: bool = True):
     extra = {
         "max_memory": getattr(args, "max_memory", None),
         "workers": getattr(args, "workers", None),
+        "durable": getattr(args, "durable", None),
         "require": Requirements.parse(args.require) if args.require else None,
         "expect": str(Path(args.expect).absolute()) if args.expect else None,
         "on_collision": args.on_collision,
@@ -169,6 +177,7 @@ def _run(args: argparse.Namespace) -> None:
         gates=config.gates,
         max_memory=config.max_memory,
         workers=config.workers,
+        durable=config.durable,
         **config.checks(),
     )
     if speaks:

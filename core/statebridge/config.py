@@ -63,6 +63,10 @@ class RunConfig(BaseModel):
     gates: dict[str, Any] = Field(default_factory=dict, description="options passed to gate hooks")
     max_memory: int | None = Field(None, description="memory budget for tensors in flight, e.g. 4GB (default: a safe share of available RAM)")
     workers: int = Field(1, ge=1, description="threads for reading, computing and writing groups")
+    durable: bool = Field(
+        True,
+        description="fsync the target before committing it (false: atomic but not power-cut safe, like cp; faster)",
+    )
     steps: list[dict[str, Any]] = Field(default_factory=list, description="transforms, each {name: params}")
     require: Requirements = Field(default_factory=Requirements, description="coverage and target-spec invariants")
     expect: str | list[str] | None = Field(None, description="target spec: a checkpoint path or a list of keys")

@@ -192,7 +192,7 @@ def _shut_down() -> None:
 
 
 @contextmanager
-def rank_target(target: Path, folder: bool, ranks: Ranks | None) -> Iterator[Path]:
+def rank_target(target: Path, folder: bool, ranks: Ranks | None, durable: bool = True) -> Iterator[Path]:
     """:func:`~statebridge.transaction.atomic_target` for one process, or for every rank of a run at once.
 
     All ranks get rank 0's staging path; rank 0 commits only after every rank
@@ -200,12 +200,12 @@ def rank_target(target: Path, folder: bool, ranks: Ranks | None) -> Iterator[Pat
     after the commit, so the target is complete wherever ``run()`` returns.
     """
     if ranks is None:
-        with atomic_target(target, folder=folder) as staging:
+        with atomic_target(target, folder=folder, durable=durable) as staging:
             yield staging
         return
     with ranks.guard():
         if ranks.rank == 0:
-            with atomic_target(target, folder=folder) as staging:
+            with atomic_target(target, folder=folder, durable=durable) as staging:
                 offers = ranks.sync((str(target.absolute()), str(staging)))
                 ranks.require_same([t for t, _ in offers], "targets")
                 yield staging

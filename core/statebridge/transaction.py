@@ -52,7 +52,9 @@ class Transaction:
 
 
 @contextmanager
-def transaction(target: str | os.PathLike[str], *, folder: bool | None = None, copy: bool = True) -> Iterator[Transaction]:
+def transaction(
+    target: str | os.PathLike[str], *, folder: bool | None = None, copy: bool = True, durable: bool = True
+) -> Iterator[Transaction]:
     """Edit ``target`` (a checkpoint file or folder) all-or-nothing, copy-on-write.
 
     ``tx.path`` starts as a copy of the existing target (sharing blocks where the
@@ -65,15 +67,20 @@ def transaction(target: str | os.PathLike[str], *, folder: bool | None = None, c
     """
     target = Path(target)
     is_folder = target.is_dir() if folder is None else folder
-    with atomic_target(target, folder=is_folder) as staging:
+    with atomic_target(target, folder=is_folder, durable=durable) as staging:
         if copy and target.exists():
             _copy_tree(target, staging)
         yield Transaction(target, staging)
 
 
 @contextmanager
-def atomic_target(target: str | os.PathLike[str], folder: bool) -> Iterator[Path]:
-    """Yield a staging path (a file path, or a fresh folder) that becomes ``target`` on success."""
+def atomic_target(target: str | os.PathLike[str], folder: bool, durable: bool = True) -> Iterator[Path]:
+    """Yield a staging path (a file path, or a fresh folder) that becomes ``target`` on success.
+
+    ``durable``: fsync the staged files before the rename and the parent folder after it, so the
+    commit survives a power cut; without it the swap is still atomic for every process, as a
+    ``cp`` is, but the kernel writes the data back when it likes.
+    """
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)
@@ -83,8 +90,9 @@ def atomic_target(target: str | os.PathLike[str], folder: bool) -> Iterator[Path
             if folder:
                 staging.mkdir()
             yield staging
-            _fsync(staging)
-            _swap_into_place(staging, target)
+            if durable:
+                _fsync(staging)
+            _swap_into_place(staging, target, durable)
         except BaseException:
             _remove(staging)
             raise
@@ -158,7 +166,7 @@ def _exchange(a: Path, b: Path) -> bool:
     return result == 0
 
 
-def _swap_into_place(staging: Path, target: Path) -> None:
+def _swap_into_place(staging: Path, target: Path, durable: bool) -> None:
     if staging.is_dir() and target.exists():
         if _exchange(staging, target):
             _remove(staging)  # now holds the previous target
@@ -175,7 +183,8 @@ def _swap_into_place(staging: Path, target: Path) -> None:
         if target.is_dir():
             shutil.rmtree(target)
         os.replace(staging, target)
-    _fsync_one(target.parent)
+    if durable:
+        _fsync_one(target.parent)
 
 
 def _copy_tree(source: Path, destination: Path) -> None:

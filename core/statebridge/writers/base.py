@@ -8,6 +8,7 @@ into a staging path that the caller's transaction renames into place on success.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -33,6 +34,8 @@ class Writer(ABC):
         self.path = Path(path)
         self.metadata = dict(metadata or {})
         self.shard_size = shard_size
+        #: whether :meth:`finish` makes the files durable (fsync); ``run(durable=False)`` clears it
+        self.durable = True
 
     @property
     def writes_folder(self) -> bool:
@@ -83,7 +86,12 @@ class Writer(ABC):
 
     @abstractmethod
     def finish(self) -> list[Path]:
-        """Flush, fsync and close; return the files written."""
+        """Flush, :meth:`sync` and close; return the files written."""
+
+    def sync(self, fd: int) -> None:
+        """fsync a written file, unless the run asked for no durability (``durable=False``)."""
+        if self.durable:
+            os.fsync(fd)
 
     def abort(self) -> None:
         """Close open handles after a failure (the transaction removes the files)."""

@@ -248,7 +248,7 @@ class GGUFWriter(Writer):
         # truncate() makes the final padding (and the length) the same whatever order tensors came in.
         self._file.flush()
         self._file.truncate(self._end)
-        os.fsync(self._file.fileno())
+        self.sync(self._file.fileno())
         lib.close()
         return [self.path]
 

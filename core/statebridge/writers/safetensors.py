@@ -33,6 +33,7 @@ DEFAULT_SHARD_SIZE = 5 * 1024**3
 #: start writing back a file's dirty pages after this many bytes (see :func:`start_writeback`)
 WRITEBACK_EVERY = 64 * 1024**2
 SINGLE_FILE = "model.safetensors"
+_CLEAN = (2**63, 0, 0)  # nothing written since the last writeback
 
 
 class SafetensorsWriter(Writer):
@@ -47,7 +48,7 @@ class SafetensorsWriter(Writer):
         self._files: list[tuple[Path, dict[str, tuple[int, int]]]] = []
         self._where: dict[str, tuple[int, int]] = {}  # key -> (file index, absolute offset)
         self._fds: list[int] = []
-        self._dirty: list[int] = []  # bytes written per file since its last writeback kick
+        self._dirty: list[tuple[int, int, int]] = []  # per file: (first, end, bytes) written since the last writeback
         self._joined = False
 
     @property
@@ -62,7 +63,7 @@ class SafetensorsWriter(Writer):
         for path, header, size in self._lay_out(metas):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
-            self._dirty.append(0)
+            self._dirty.append(_CLEAN)
             try:
                 write_at(fd, len(header).to_bytes(8, "little") + header, 0)
                 os.ftruncate(fd, size)  # the data section starts as a hole the tensors fill in
@@ -77,7 +78,7 @@ class SafetensorsWriter(Writer):
             except OSError as e:
                 raise ExecutionError(f"{path}: cannot open the file rank 0 laid out: {e.strerror or e}") from None
             self._fds.append(fd)
-            self._dirty.append(0)
+            self._dirty.append(_CLEAN)
             if os.fstat(fd).st_size != size:
                 raise ExecutionError(f"{path}: rank 0 laid it out with another size; do all ranks run the same plan?")
 
@@ -136,7 +137,7 @@ class SafetensorsWriter(Writer):
             write_at(self._fds[index], tensor_bytes(tensor), offset)
         except OSError as e:
             raise ExecutionError(f"{self._files[index][0]}: cannot write {key!r}: {e.strerror or e}") from None
-        self._wrote(index, tensor.nbytes)
+        self._wrote(index, offset, tensor.nbytes)
 
     def write_raw(self, key: str, span: RawSpan) -> bool:
         index, offset = self._where[key]
@@ -146,19 +147,24 @@ class SafetensorsWriter(Writer):
             raise ExecutionError(
                 f"{self._files[index][0]}: cannot copy {key!r} from {span.path}: {e.strerror or e}"
             ) from None
-        self._wrote(index, span.length)
+        self._wrote(index, offset, span.length)
         return True
 
-    def _wrote(self, index: int, nbytes: int) -> None:
-        self._dirty[index] += nbytes
-        if self._dirty[index] >= WRITEBACK_EVERY:
-            start_writeback(self._fds[index])
-            self._dirty[index] = 0
+    def _wrote(self, index: int, offset: int, nbytes: int) -> None:
+        """Count bytes written at ``offset``; start writing back each 64 MB stretch (durable runs only)."""
+        if not self.durable:
+            return
+        begin, end, dirty = self._dirty[index]
+        begin, end, dirty = min(begin, offset), max(end, offset + nbytes), dirty + nbytes
+        if dirty >= WRITEBACK_EVERY:
+            start_writeback(self._fds[index], begin, end - begin)
+            begin, end, dirty = _CLEAN
+        self._dirty[index] = (begin, end, dirty)
 
     def finish(self) -> list[Path]:
         fds, self._fds = self._fds, []
         for fd in fds:
-            os.fsync(fd)
+            self.sync(fd)
             os.close(fd)
         files = [path for path, _ in self._files]
         if not self.single_file and len(files) > 1:

@@ -171,7 +171,7 @@ class TorchWriter(Writer):
         self._zip = None
         del zip_writer
         handle.flush()
-        os.fsync(handle.fileno())
+        self.sync(handle.fileno())
         handle.close()
         self._file = None
         return [self.path]
