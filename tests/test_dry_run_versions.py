@@ -58,6 +58,29 @@ def test_dry_run_on_the_command_line_writes_nothing(tmp_path, llama_file, capsys
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("shard_size", ["60KB", None], ids=["shards", "one-file"])
+def test_dry_run_lists_the_files_the_run_writes(tmp_path, llama_file, capsys, shard_size):
+    """Names, sizes to the byte and the tensors of each file, from headers alone, before the run."""
+    target = tmp_path / ("out" if shard_size else "out.safetensors")
+    config = f"source: {llama_file}\ntarget: {target}\nmetadata: {{origin: test}}\nsteps:\n  - concat: {json.dumps(QKV)}\n"
+    if shard_size:
+        config += f"shard_size: {shard_size}\n"
+    (tmp_path / "c.yaml").write_text(config)
+    assert main(["run", str(tmp_path / "c.yaml"), "--dry-run", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)["estimate"]["files"]
+    assert main(["run", str(tmp_path / "c.yaml"), "--dry-run", "--verbose"]) == 0
+    text = capsys.readouterr().out
+    assert main(["run", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
+    written = sorted(target.iterdir()) if shard_size else [target]
+    assert {f["name"]: f["bytes"] for f in planned} == {p.name: p.stat().st_size for p in written}
+    if shard_size:
+        assert len(planned) > 3 and planned[-1]["name"] == "model.safetensors.index.json"
+        weight_map = json.loads((target / "model.safetensors.index.json").read_text())["weight_map"]
+        assert {k: f["name"] for f in planned for k in f["keys"]} == weight_map
+    for f in planned:
+        assert f["name"] in text
+
+
 def test_real_run_reports_estimate_next_to_actual(tmp_path, llama_file):
     report = sb.run(llama_file, [sb.Concat(**QKV)], tmp_path / "out.safetensors")
     text = report.render()

@@ -85,6 +85,20 @@ def writer_for(target: Path, format: str | None = None) -> type[Writer]:
     raise ConfigError(f"cannot tell the output format of {str(target)!r}; set format: one of {', '.join(sorted(writers))}")
 
 
+def target_writer(
+    plan: Plan,
+    target: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    shard_size: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Writer:
+    """The writer that will write ``plan`` to ``target``, with the provenance it stores (fingerprint, lineage)."""
+    target = Path(target)
+    stored = {**provenance(plan.pipeline, plan.lineage), **(metadata or {})}
+    return writer_for(target, format)(target, metadata=stored, shard_size=shard_size)
+
+
 @dataclass
 class RunReport:
     """What a run planned and did, with the dry-run estimate beside the actual figures."""
@@ -156,10 +170,9 @@ def run(
             src, pipeline, require=require, expect=expect, on_collision=on_collision,
             format=format, shard_size=shard_size, gates=dict(gates or {}),
         )
-        built.estimate = estimate(built, target)
-        stored = {**provenance(built.pipeline, built.lineage), **(metadata or {})}
-        writer = writer_for(target, format)(target, metadata=stored, shard_size=shard_size)
+        writer = target_writer(built, target, format=format, shard_size=shard_size, metadata=metadata)
         writer.durable = durable
+        built.estimate = estimate(built, target, writer)
         if built.estimate.bytes_read or built.new:
             # Computing needs torch: import it before measuring, so the memory rise the report
             # shows is the run's tensors, not torch's own import (about 220 MB).

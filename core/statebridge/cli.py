@@ -16,13 +16,15 @@ from pathlib import Path
 
 from . import __version__
 from .analyze import analyze
-from .api import plan, run
-from .config import config_schema, load_config, parse_size
+from .api import plan, run, target_writer
+from .config import RunConfig, config_schema, load_config, parse_size
 from .coverage import Requirements
 from .errors import StatebridgeError
 from .estimate import estimate
 from .io import open_source
+from .plan import Plan
 from .plugins import load_plugins
+from .writers.base import Writer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,8 +144,14 @@ def _load(args: argparse.Namespace, override_source: bool = True):
 def _plan(args: argparse.Namespace) -> None:
     config = _load(args)
     built = plan(config.source, config.pipeline(), format=config.format, shard_size=config.shard_size, **config.checks())
-    built.estimate = estimate(built, config.target)
+    built.estimate = estimate(built, config.target, _writer(built, config) if config.target else None)
     print(json.dumps(built.to_dict(), indent=2) if args.json else built.render(args.verbose))
+
+
+def _writer(built: Plan, config: RunConfig, inverse: bool = False) -> Writer:
+    """The writer a run of this config would use, for the dry run's list of files."""
+    metadata = None if inverse else config.metadata
+    return target_writer(built, config.target, format=config.format, shard_size=config.shard_size, metadata=metadata)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -161,7 +169,7 @@ def _run(args: argparse.Namespace) -> None:
     # Under torchrun every rank plans (they must agree), but only rank 0 probes the disk and speaks.
     speaks = int(os.environ.get("RANK", "0")) == 0
     if speaks:
-        built.estimate = estimate(built, config.target)
+        built.estimate = estimate(built, config.target, _writer(built, config, inverse=args.inverse))
     if speaks and (args.dry_run or not args.json):
         print(json.dumps(built.to_dict(), indent=2) if args.json else built.render(args.verbose))
     if args.dry_run:

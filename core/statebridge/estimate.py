@@ -11,18 +11,21 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .meta import human_bytes
 from .transaction import staging_path
+from .writers.base import PlannedFile, Writer
 
 if TYPE_CHECKING:
     from .plan import Plan
 
 PROBE_BYTES = 64 * 1024 * 1024
 CACHE_SECONDS = 7 * 24 * 3600
+#: a dry run lists this many files, then counts the rest
+SHOWN_FILES = 12
 
 
 @dataclass(frozen=True)
@@ -44,15 +47,25 @@ class Estimate:
     peak_tensor_bytes: int  # the largest group's tensors in memory at once
     seconds: float
     bandwidth: Bandwidth
+    files: list[PlannedFile] = field(default_factory=list)  # what the writer will write, when it was known
 
-    def render(self) -> str:
+    def render(self, verbose: bool = False) -> str:
         how = "measured" if self.bandwidth.measured else "assumed"
-        return (
+        lines = [
             f"  estimate: {human_bytes(self.bytes_read)} decoded, {human_bytes(self.bytes_copied)} copied as raw bytes, "
             f"{human_bytes(self.bytes_written)} written; tensors in memory at most {human_bytes(self.peak_tensor_bytes)}; "
             f"about {self.seconds:.1f} s (disk {human_bytes(self.bandwidth.read)}/s read, "
             f"{human_bytes(self.bandwidth.write)}/s write, {how})"
-        )
+        ]
+        if self.files:
+            lines.append(f"  files ({len(self.files)}):")
+            shown = self.files if verbose or len(self.files) <= SHOWN_FILES else self.files[: SHOWN_FILES - 1]
+            width = max(len(planned.name) for planned in shown)
+            for planned in shown:
+                lines.append(f"    {planned.name:<{width}}  {human_bytes(planned.nbytes):>9}  {_holding(planned.keys)}".rstrip())
+            if len(shown) < len(self.files):
+                lines.append(f"    ... {len(self.files) - len(shown)} more (--verbose or --json lists them all)")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, float]:
         return {
@@ -63,11 +76,23 @@ class Estimate:
             "seconds": self.seconds,
             "read_bandwidth": self.bandwidth.read,
             "write_bandwidth": self.bandwidth.write,
+            "files": [{"name": f.name, "bytes": f.nbytes, "keys": f.keys} for f in self.files],
         }
 
 
-def estimate(plan: "Plan", target: str | os.PathLike[str] | None = None) -> Estimate:
-    """Estimate ``plan``'s cost when written to ``target`` (bandwidth probed next to it)."""
+def _holding(keys: list[str]) -> str:
+    if not keys:
+        return ""
+    if len(keys) == 1:
+        return f"1 tensor: {keys[0]}"
+    return f"{len(keys)} tensors: {keys[0]} .. {keys[-1]}"
+
+
+def estimate(plan: "Plan", target: str | os.PathLike[str] | None = None, writer: Writer | None = None) -> Estimate:
+    """Estimate ``plan``'s cost when written to ``target`` (bandwidth probed next to it).
+
+    With the ``writer`` that will write it, the estimate also lists the files, from metadata alone.
+    """
     metas = plan.source.metas()
     decoded = copied = peak = 0
     for group in plan.groups:
@@ -83,7 +108,8 @@ def estimate(plan: "Plan", target: str | os.PathLike[str] | None = None) -> Esti
     bandwidth = probe(Path(target).parent if target else Path.cwd())
     written = plan.bytes_written
     seconds = (decoded + copied) / bandwidth.read + written / bandwidth.write
-    return Estimate(decoded, copied, written, peak, seconds, bandwidth)
+    files = writer.layout(plan.outputs) if writer is not None else []
+    return Estimate(decoded, copied, written, peak, seconds, bandwidth, files)
 
 
 def probe(directory: Path) -> Bandwidth:

@@ -110,7 +110,7 @@ class Plan:
             f"  reads {human_bytes(self.bytes_read)}, writes {human_bytes(self.bytes_written)}, largest group {human_bytes(self.largest_group_bytes)}"
         )
         if self.estimate is not None:
-            lines.append(self.estimate.render())
+            lines.append(self.estimate.render(verbose))
         lines.extend(_section("dropped", self.dropped))
         lines.extend(_section("new", self.new))
         ops: dict[str, list[str]] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -20,6 +21,15 @@ from ..meta import TensorMeta
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """A file a writer will write, known from the plan before any data: for dry runs."""
+
+    name: str  # relative to the target folder, or the target file's own name
+    keys: list[str]  # the tensors it will hold, in order
+    nbytes: int  # its size in bytes, or the tensors' bytes where the format's overhead is not known yet
 
 
 class Writer(ABC):
@@ -46,6 +56,13 @@ class Writer(ABC):
     def for_target(cls, target: Path) -> bool:
         """Whether this writer is the natural choice for ``target`` (used when no format is named)."""
         return False
+
+    def layout(self, metas: Mapping[str, TensorMeta]) -> list[PlannedFile]:
+        """The files :meth:`begin` would write for ``metas``, from metadata alone (shown by dry runs).
+
+        The default is one file holding every tensor; writers that shard override it.
+        """
+        return [PlannedFile(self.path.name, list(metas), sum(m.nbytes for m in metas.values()))]
 
     @abstractmethod
     def begin(self, metas: Mapping[str, TensorMeta]) -> None:

@@ -23,7 +23,7 @@ from ..errors import ConfigError, ExecutionError
 from ..io.base import RawSpan
 from ..io.safetensors import INDEX_NAME
 from ..meta import TensorMeta, dtype_name
-from .base import Writer
+from .base import PlannedFile, Writer
 from .rawcopy import copy_range, start_writeback, tensor_bytes, write_at
 
 if TYPE_CHECKING:
@@ -82,16 +82,35 @@ class SafetensorsWriter(Writer):
             if os.fstat(fd).st_size != size:
                 raise ExecutionError(f"{path}: rank 0 laid it out with another size; do all ranks run the same plan?")
 
+    def layout(self, metas: Mapping[str, TensorMeta]) -> list[PlannedFile]:
+        headers = self._headers(metas)
+        files = [PlannedFile(name, list(spans), 8 + len(header) + size) for name, header, spans, size in headers]
+        if not self.single_file and len(files) > 1:
+            index = self._index([(name, spans) for name, _, spans, _ in headers])
+            files.append(PlannedFile(INDEX_NAME, [], len(index.encode())))
+        return files
+
     def _lay_out(self, metas: Mapping[str, TensorMeta]) -> list[tuple[Path, bytes, int]]:
         """Every file's path, encoded header and total size; records where each tensor goes."""
+        files = []
+        for index, (name, header, spans, size) in enumerate(self._headers(metas)):
+            path = self.path if self.single_file else self.path / name
+            data_start = 8 + len(header)
+            for key, (begin, _) in spans.items():
+                self._where[key] = (index, data_start + begin)
+            self._files.append((path, spans))
+            files.append((path, header, data_start + size))
+        return files
+
+    def _headers(self, metas: Mapping[str, TensorMeta]) -> list[tuple[str, bytes, dict[str, tuple[int, int]], int]]:
+        """Each file's name, encoded header, tensor spans (within the data section) and data size."""
         for key, meta in metas.items():
             if meta.dtype.code is None:
                 raise ConfigError(f"{key!r}: safetensors cannot store dtype {dtype_name(meta.dtype)}")
-        shards = self._layout(metas)
-        names = self._names(len(shards))
+        shards = self._shards(metas)
         metadata = {"format": "pt", **self.metadata}
         files = []
-        for index, (name, keys) in enumerate(zip(names, shards)):
+        for name, keys in zip(self._names(len(shards)), shards):
             header: dict[str, object] = {"__metadata__": metadata}
             offset = 0
             spans = {}
@@ -102,15 +121,16 @@ class SafetensorsWriter(Writer):
                 offset += meta.nbytes
             encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
             encoded += b" " * (-len(encoded) % 8)
-            path = self.path if self.single_file else self.path / name
-            data_start = 8 + len(encoded)
-            for key, (begin, _) in spans.items():
-                self._where[key] = (index, data_start + begin)
-            self._files.append((path, spans))
-            files.append((path, encoded, data_start + offset))
+            files.append((name, encoded, spans, offset))
         return files
 
-    def _layout(self, metas: Mapping[str, TensorMeta]) -> list[list[str]]:
+    def _index(self, files: list[tuple[str, dict[str, tuple[int, int]]]]) -> str:
+        """The text of ``model.safetensors.index.json`` for these files and their tensors' spans."""
+        weight_map = {key: name for name, spans in files for key in spans}
+        total = sum(end - begin for _, spans in files for begin, end in spans.values())
+        return json.dumps({"metadata": {"total_size": total, **self.metadata}, "weight_map": weight_map}, indent=2) + "\n"
+
+    def _shards(self, metas: Mapping[str, TensorMeta]) -> list[list[str]]:
         if self.single_file:
             return [list(metas)]
         limit = self.shard_size or DEFAULT_SHARD_SIZE
@@ -170,10 +190,7 @@ class SafetensorsWriter(Writer):
         if not self.single_file and len(files) > 1:
             index_path = self.path / INDEX_NAME
             if not self._joined:
-                weight_map = {key: path.name for path, spans in self._files for key in spans}
-                total = sum(end - begin for _, spans in self._files for begin, end in spans.values())
-                index = {"metadata": {"total_size": total, **self.metadata}, "weight_map": weight_map}
-                index_path.write_text(json.dumps(index, indent=2) + "\n")
+                index_path.write_text(self._index([(path.name, spans) for path, spans in self._files]))
             files.append(index_path)
         return files
 
