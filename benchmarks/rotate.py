@@ -51,7 +51,8 @@ class Rotate(sb.Transform):
                 q = _orthogonal(hidden, seed)
                 return (q.T @ w.float() if writes else w.float() @ q).to(w.dtype)
 
-            groups.append(sb.Group.map_one(key, key, meta, fn, "rotate"))
+            # a (rows x hidden) @ (hidden x hidden) matmul: about `hidden` multiply-adds per element
+            groups.append(sb.Group.map_one(key, key, meta, fn, "rotate", effort=hidden / 64))
         return groups
 
 

@@ -123,3 +123,27 @@ def test_split_is_within_one_item_of_an_even_share():
     assert [i for r in ranges for i in r] == list(range(500))
     share, largest = sum(work) / 7, max(work)
     assert all(abs(sum(work[i] for i in r) - share) <= largest for r in ranges)
+
+
+def test_declared_effort_weighs_a_group_for_sharing(tmp_path):
+    """A transform that computes far more per byte than a cast says so (``effort``), and ranks share by it."""
+    import torch
+
+    import statebridge as sb
+    from statebridge.execute import work
+
+    source = {"a": torch.ones(64, 64), "b": torch.ones(64, 64)}
+
+    class Heavy(sb.Transform):
+        class Params(sb.Params):
+            pass
+
+        def plan(self, metas):
+            return [sb.Group.map_one("a", "a", metas["a"], lambda x: x @ x, "square", effort=50)]
+
+    plain = sb.plan(source, [sb.Cast(pattern="b", dtype="bf16")])
+    heavy = sb.plan(source, [Heavy(), sb.Cast(pattern="a", dtype="bf16")])
+    cast_work = {g.inputs: work(plain, g) for g in plain.groups}[("b",)]
+    merged = {g.inputs: g for g in heavy.groups}[("a",)]  # the square and the cast, one group
+    assert merged.passes == 51  # 50 declared + 1 for the cast
+    assert work(heavy, merged) == 51 * cast_work  # same bytes in and out (float32 -> bfloat16), 51 times the passes

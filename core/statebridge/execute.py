@@ -170,12 +170,13 @@ def work(plan: Plan, group: Group) -> float:
     """Estimated work of a group, in byte-equivalents, to balance ranks.
 
     A raw copy moves bytes in the kernel; a computed group reads, computes and
-    writes, with one pass over its tensors per operation in its chain.
+    writes, with as many passes over its tensors as its ``effort`` says (one per
+    operation in its chain unless a transform declared more).
     """
     raw = raw_spans(plan, group)
     if len(raw) == len(group.outputs):
         return RAW_COPY_WORK * sum(span.length for span in raw.values())
-    return memory_cost(plan, group, group.outputs) * max(1, len(group.ops))
+    return memory_cost(plan, group, group.outputs) * group.passes
 
 
 def _open_shared(plan: Plan, sink: Writer, ranks: Ranks, groups: list[Group]) -> list[Group]:

@@ -32,7 +32,11 @@ class Group:
 
     ``renames`` maps each output to the input whose bytes it carries unchanged,
     when the group only renames; writers then copy those bytes without decoding.
-    ``ops`` names what was done, for lineage and reports.
+    ``ops`` names what was done, for lineage and reports.  ``effort`` says how
+    heavy the computing is, in passes over the group's bytes (None: one pass per
+    op, right for casts, concatenations and the like); a transform that does far
+    more per byte (a matmul, an SVD) says so, and torchrun ranks share the work
+    by it.
     """
 
     inputs: tuple[str, ...]
@@ -40,6 +44,12 @@ class Group:
     compute: Compute
     ops: tuple[str, ...] = ()
     renames: Mapping[str, str] | None = None
+    effort: float | None = None
+
+    @property
+    def passes(self) -> float:
+        """The computing effort in passes over the group's bytes (see ``effort``)."""
+        return self.effort if self.effort is not None else max(1, len(self.ops))
 
     @classmethod
     def rename(cls, source: str, target: str, meta: TensorMeta, op: str = "rename") -> "Group":
@@ -53,9 +63,19 @@ class Group:
         )
 
     @classmethod
-    def map_one(cls, source: str, target: str, meta: TensorMeta, fn: Callable[[torch.Tensor], torch.Tensor], op: str) -> "Group":
+    def map_one(
+        cls,
+        source: str,
+        target: str,
+        meta: TensorMeta,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        op: str,
+        effort: float | None = None,
+    ) -> "Group":
         """A group that computes one tensor from one tensor."""
-        return cls(inputs=(source,), outputs={target: meta}, compute=lambda t: {target: fn(t[source])}, ops=(op,))
+        return cls(
+            inputs=(source,), outputs={target: meta}, compute=lambda t: {target: fn(t[source])}, ops=(op,), effort=effort
+        )
 
 
 #: marks a params field holding a file path; config files resolve it against their own folder

@@ -253,6 +253,7 @@ def _merged_group(comp: _Component, outputs: dict[str, TensorMeta]) -> Group:
         compute=compute,
         ops=_union(stage.group.ops for stage in stages),
         renames=renames if len(renames) == len(outputs) and outputs else None,
+        effort=sum(stage.group.passes for stage in stages) if any(s.group.effort is not None for s in stages) else None,
     )
 
 

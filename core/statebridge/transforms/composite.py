@@ -142,4 +142,5 @@ def _prefixed(group: Group, prefix: str) -> Group:
         compute=compute,
         ops=group.ops,
         renames={prefix + k: prefix + v for k, v in group.renames.items()} if group.renames else None,
+        effort=group.effort,
     )
