@@ -14,7 +14,7 @@ from .coverage import Requirements, target_spec
 from .distributed import rank_target, session
 from .errors import ConfigError
 from .estimate import PeakMemory, estimate
-from .execute import ExecutionStats, execute
+from .execute import ExecutionStats, execute, raw_offsets
 from .fingerprint import provenance
 from .io import SourceLike, open_source
 from .meta import human_bytes
@@ -96,7 +96,9 @@ def target_writer(
     """The writer that will write ``plan`` to ``target``, with the provenance it stores (fingerprint, lineage)."""
     target = Path(target)
     stored = {**provenance(plan.pipeline, plan.lineage), **(metadata or {})}
-    return writer_for(target, format)(target, metadata=stored, shard_size=shard_size)
+    writer = writer_for(target, format)(target, metadata=stored, shard_size=shard_size)
+    writer.source_offsets = raw_offsets(plan)
+    return writer
 
 
 @dataclass

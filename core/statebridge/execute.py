@@ -158,6 +158,11 @@ def raw_spans(plan: Plan, group: Group) -> dict[str, RawSpan]:
     return {key: span for key, span in spans.items() if span is not None and span.length == group.outputs[key].nbytes}
 
 
+def raw_offsets(plan: Plan) -> dict[str, int]:
+    """Where each output that can be copied as raw bytes starts in its source file."""
+    return {key: span.offset for group in plan.groups for key, span in raw_spans(plan, group).items()}
+
+
 def memory_cost(plan: Plan, group: Group, computed: Mapping[str, TensorMeta]) -> int:
     """Bytes a group holds in flight when it computes ``computed``: its inputs and those outputs."""
     if not computed:
@@ -225,10 +230,13 @@ class _Run:
                     self._admit(group, computed, memory_cost(self.plan, group, computed), budget, 0)
                     self._write(group, computed, *self._compute(group))
             return
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads // workers))
+        # Divide torch's intra-op threads among the workers.  A run that computes has imported
+        # torch by now (api.run does, before measuring); one that only copies raw bytes has not,
+        # and does not need it.
+        torch = sys.modules.get("torch")
+        threads = torch.get_num_threads() if torch is not None else 0
+        if torch is not None:
+            torch.set_num_threads(max(1, threads // workers))
         pool = ThreadPoolExecutor(workers, thread_name_prefix="statebridge")
         window: deque[_Flight] = deque()  # in plan order
         in_flight = 0
@@ -247,7 +255,8 @@ class _Run:
                 in_flight -= self._land(window.popleft())
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            torch.set_num_threads(threads)
+            if torch is not None:
+                torch.set_num_threads(threads)
 
     def _admit(self, group: Group, computed: dict[str, TensorMeta], cost: int, budget: int, in_flight: int) -> None:
         """Record a group entering flight; warn when it alone exceeds the budget (it then runs alone)."""

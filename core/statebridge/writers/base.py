@@ -46,6 +46,10 @@ class Writer(ABC):
         self.shard_size = shard_size
         #: whether :meth:`finish` makes the files durable (fsync); ``run(durable=False)`` clears it
         self.durable = True
+        #: where each tensor that will be copied as raw bytes starts in its source file (set by
+        #: ``run`` before :meth:`begin`): a writer that places tensors may align to it, so the
+        #: kernel copies whole pages
+        self.source_offsets: Mapping[str, int] = {}
 
     @property
     def writes_folder(self) -> bool:
