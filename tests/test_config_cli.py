@@ -136,3 +136,26 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, llama_file):
         "statebridge: error: steps[0] (rename): source key 'lm_haed.weight' (named in the rename mapping) is not in the state; did you mean 'lm_head.weight'?"
     ]
     assert not (tmp_path / "o").exists()
+
+
+def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
+    """``statebridge inspect big.safetensors --json | head -c 100``: no traceback when head exits."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    def letters(i: int) -> str:  # names with no numbers in them, so inspect cannot fold them into ranges
+        return "".join("abcdefghijklmnopqrstuvwxyz"[(i // 26**d) % 26] for d in range(4))
+
+    save_file({f"{letters(i)}.weight": torch.zeros(1) for i in range(5000)}, tmp_path / "many.safetensors")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "statebridge", "inspect", "--json", str(tmp_path / "many.safetensors")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout.read(100)  # type: ignore[union-attr]
+    process.stdout.close()  # type: ignore[union-attr]
+    stderr = process.stderr.read().decode()  # type: ignore[union-attr]
+    assert process.wait(timeout=60) == 1
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

@@ -39,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("statebridge: interrupted; the target was left as it was", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (``statebridge plan c.yaml | head``): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
