@@ -42,6 +42,8 @@ MB = 1024**2
 
 #: a llama-style model of 2.46 GB in float16: hidden 2048, 25 layers, grouped-query attention (TinyLlama-like)
 LLAMA_2_5G = dict(layers=25, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000)
+#: 9.7 GB in float16 (Llama-2-7B's widths, 26 layers): more than the kernel's dirty page cache allowance
+LLAMA_10G = dict(layers=26, hidden=4096, intermediate=11008, heads=32, kv_heads=8, vocab=32000)
 
 
 def llama_checkpoint(name: str, sizes: dict[str, int]) -> Path:
