@@ -100,7 +100,7 @@ def largest_group(source: Path, steps: list[dict]) -> int:
     plan = sb.plan(source, parse_config({"source": str(source), "steps": steps}).pipeline())
     metas = plan.source.metas()
     return max(
-        (sum(metas[k].nbytes for k in g.inputs) + sum(m.nbytes for m in g.outputs.values()) for g in plan.groups if not g.renames),
+        (sum(metas[k].nbytes for k in g.inputs) + sum(m.nbytes for m in g.outputs.values()) for g in plan.groups if len(plan.raw_spans(g)) < len(g.outputs)),
         default=0,
     )
 

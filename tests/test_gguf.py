@@ -455,7 +455,7 @@ def test_writer_write_raw_copies_bytes(tmp_path: Path, plain_gguf) -> None:
     writer = GGUFWriter(path)
     writer.begin(dict(src.metas()))
     for key in src.metas():
-        assert writer.write_raw(key, src.raw_span(key))
+        assert writer.write_raw(key, [src.raw_span(key)])
     writer.finish()
     out = GGUFSource(path)
     for key, array in arrays.items():
@@ -562,7 +562,7 @@ def test_gemma_fields_and_raw_tensors_round_trip_through_our_writer(gemma: GGUFS
     writer.begin({k: gemma.metas()[k] for k in plain})
     for i, key in enumerate(plain):
         if i % 2:
-            assert writer.write_raw(key, gemma.raw_span(key))
+            assert writer.write_raw(key, [gemma.raw_span(key)])
         else:
             writer.write(key, gemma.load(key))
     writer.finish()

@@ -31,10 +31,60 @@ def test_run_to_single_file_matches_the_transform(tmp_path, llama_file, llama_sd
     out = load_file(tmp_path / "out.safetensors")
     p = "model.layers.0.self_attn."
     assert torch.equal(out[p + "qkv_proj.weight"], torch.cat([llama_sd[p + f"{x}_proj.weight"] for x in "qkv"]))
-    assert report.stats.tensors_copied_raw == len(llama_sd) - 6
+    assert report.stats.tensors_copied_raw == len(llama_sd) - 4  # q, k, v -> qkv in two layers; all raw bytes
+    assert report.stats.tensors_written == 0
     assert report.files == [tmp_path / "out.safetensors"]
     with safe_open(tmp_path / "out.safetensors", "pt") as f:
         assert f.metadata()["format"] == "pt"
+
+
+BYTE_RANGES = {
+    "concat": [sb.Concat(**QKV)],
+    "concat-then-split": [sb.Concat(**QKV), sb.Split(
+        input="model.layers.*.self_attn.qkv_proj.weight",
+        outputs=[f"model.layers.*.self_attn.{x}_proj.weight" for x in "qkv"],
+        sizes=[64, 32, 32],
+    )],
+    "chunk": [sb.Chunk(input="model.layers.*.mlp.up_proj.weight", outputs=["model.layers.*.mlp.up_a", "model.layers.*.mlp.up_b"])],
+    "stack": [sb.Stack(inputs=["model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight"], output="model.layers.*.mlp.gate_up")],
+    "stack-then-unstack": [
+        sb.Stack(inputs=["model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight"], output="model.layers.*.mlp.gate_up"),
+        sb.Unstack(input="model.layers.*.mlp.gate_up", outputs=["model.layers.*.mlp.g", "model.layers.*.mlp.u"]),
+    ],
+    "reshape-then-rename": [sb.Reshape(pattern="model.norm.weight", shape=[2, -1]), sb.Rename(mapping={"model.norm.weight": "norm"})],
+}
+
+
+@pytest.mark.parametrize("name", list(BYTE_RANGES))
+def test_outputs_that_are_byte_ranges_of_the_source_are_copied_raw(tmp_path, llama_file, llama_sd, name):
+    """Concatenations, splits, stacks and reshapes along the outermost dimension move no bytes around:
+    the writer copies them from the file, and the result equals what torch computes."""
+    steps = BYTE_RANGES[name]
+    report = sb.run(llama_file, steps, tmp_path / "raw.safetensors")
+    sb.run(llama_sd, steps, tmp_path / "computed.safetensors")  # a dict has no file to copy from
+    assert report.stats.tensors_written == 0 and report.stats.tensors_copied_raw == len(report.plan.outputs)
+    raw, computed = load_file(tmp_path / "raw.safetensors"), load_file(tmp_path / "computed.safetensors")
+    assert raw.keys() == computed.keys() and all(torch.equal(raw[k], computed[k]) for k in raw)
+
+
+def test_a_concatenation_along_an_inner_dimension_is_computed(tmp_path, llama_file, llama_sd):
+    steps = [sb.Concat(inputs=["model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight"],
+                       output="model.layers.*.mlp.gate_up", dim=1)]
+    report = sb.run(llama_file, steps, tmp_path / "out.safetensors")
+    assert report.stats.tensors_written == 2  # one per layer, computed by torch.cat
+    p = "model.layers.1.mlp."
+    expected = torch.cat([llama_sd[p + "gate_proj.weight"], llama_sd[p + "up_proj.weight"]], dim=1)
+    assert torch.equal(load_file(tmp_path / "out.safetensors")[p + "gate_up"], expected)
+
+
+def test_cut_takes_byte_ranges_across_pieces():
+    from statebridge.transforms.base import Piece, cut
+
+    pieces = (Piece("a", 10, 4), Piece("b", 0, 6))
+    assert cut(pieces, 0, 10) == pieces
+    assert cut(pieces, 2, 5) == (Piece("a", 12, 2), Piece("b", 0, 3))
+    assert cut(pieces, 4, 6) == (Piece("b", 0, 6),)
+    assert cut(pieces, 9, 1) == (Piece("b", 5, 1),)
 
 
 def test_sharded_output_with_index(tmp_path, llama_file, llama_sd):

@@ -44,7 +44,7 @@ def test_rename_mapping_glob_and_regex(llama_sd):
 def test_rename_keeps_order_and_is_a_pure_rename_group(llama_sd):
     plan = sb.plan(DictSource(llama_sd), [sb.Rename(pattern="model.**", to="m.**")])
     assert [k.replace("m.", "model.", 1) if k.startswith("m.") else k for k in plan.outputs] == list(llama_sd)
-    assert all(g.renames for g in plan.groups)
+    assert all(g.pieces for g in plan.groups)
 
 
 def test_rename_round_trip(llama_sd):

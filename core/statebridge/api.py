@@ -14,7 +14,7 @@ from .coverage import Requirements, target_spec
 from .distributed import rank_target, session
 from .errors import ConfigError
 from .estimate import PeakMemory, estimate
-from .execute import ExecutionStats, execute, raw_offsets
+from .execute import ExecutionStats, execute
 from .fingerprint import provenance
 from .io import SourceLike, open_source
 from .meta import human_bytes
@@ -97,7 +97,7 @@ def target_writer(
     target = Path(target)
     stored = {**provenance(plan.pipeline, plan.lineage), **(metadata or {})}
     writer = writer_for(target, format)(target, metadata=stored, shard_size=shard_size)
-    writer.source_offsets = raw_offsets(plan)
+    writer.source_offsets = plan.raw_offsets()
     return writer
 
 

@@ -98,7 +98,7 @@ def estimate(plan: "Plan", target: str | os.PathLike[str] | None = None, writer:
     for group in plan.groups:
         if not group.outputs:
             continue
-        raw = group.renames is not None and all(plan.source.raw_span(src) is not None for src in group.renames.values())
+        raw = len(plan.raw_spans(group)) == len(group.outputs)
         size = sum(metas[k].nbytes for k in group.inputs)
         if raw:
             copied += size

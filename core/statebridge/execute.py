@@ -4,9 +4,11 @@
 group sits where its first input is stored), so every source file is read
 front to back and every target file is written front to back.
 
-**Raw copies.** Tensors a group merely renames (or moves to another shard) are
-copied as raw bytes from the source file when the source stores plain bytes
-and the writer can place them; they are never decoded and cost no memory.
+**Raw copies.** Tensors whose bytes are byte ranges of source tensors (a
+rename, a move to another shard, a concatenation or split along the first
+dimension, a reshape: ``Group.pieces``) are copied as raw bytes from the
+source file when the source stores plain bytes and the writer can place them;
+they are never decoded and cost no memory.
 
 **Memory.** A computed group costs the bytes of its inputs and outputs while
 it is in flight: loaded, computed, and not yet written.  At most ``max_memory``
@@ -46,7 +48,6 @@ from tqdm import tqdm
 from .distributed import Ranks
 from .errors import ConfigError, ExecutionError
 from .gates import GateRecord, run_gates
-from .io.base import RawSpan
 from .meta import TensorMeta, human_bytes
 from .patterns import describe_keys
 from .plan import Plan
@@ -150,19 +151,6 @@ def available_memory() -> int:
         return 8 * 1024**3
 
 
-def raw_spans(plan: Plan, group: Group) -> dict[str, RawSpan]:
-    """The outputs of ``group`` that can be copied as raw bytes, with where their bytes lie."""
-    if not group.renames:
-        return {}
-    spans = {key: plan.source.raw_span(origin) for key, origin in group.renames.items()}
-    return {key: span for key, span in spans.items() if span is not None and span.length == group.outputs[key].nbytes}
-
-
-def raw_offsets(plan: Plan) -> dict[str, int]:
-    """Where each output that can be copied as raw bytes starts in its source file."""
-    return {key: span.offset for group in plan.groups for key, span in raw_spans(plan, group).items()}
-
-
 def memory_cost(plan: Plan, group: Group, computed: Mapping[str, TensorMeta]) -> int:
     """Bytes a group holds in flight when it computes ``computed``: its inputs and those outputs."""
     if not computed:
@@ -178,9 +166,9 @@ def work(plan: Plan, group: Group) -> float:
     writes, with as many passes over its tensors as its ``effort`` says (one per
     operation in its chain unless a transform declared more).
     """
-    raw = raw_spans(plan, group)
+    raw = plan.raw_spans(group)
     if len(raw) == len(group.outputs):
-        return RAW_COPY_WORK * sum(span.length for span in raw.values())
+        return RAW_COPY_WORK * sum(span.length for spans in raw.values() for span in spans)
     return memory_cost(plan, group, group.outputs) * group.passes
 
 
@@ -273,11 +261,11 @@ class _Run:
     def _copy_raw(self, group: Group) -> dict[str, TensorMeta]:
         """Copy what can be copied as raw bytes; return the outputs left to compute."""
         computed = dict(group.outputs)
-        for key, span in raw_spans(self.plan, group).items():
-            if self.sink.write_raw(key, span):
+        for key, spans in self.plan.raw_spans(group).items():
+            if self.sink.write_raw(key, spans):
                 self.stats.tensors_copied_raw += 1
-                self.stats.bytes_written += span.length
-                self.bar.update(span.length)
+                self.stats.bytes_written += group.outputs[key].nbytes
+                self.bar.update(group.outputs[key].nbytes)
                 del computed[key]
         return computed
 

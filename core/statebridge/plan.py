@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .transforms.compose import Lineage, compose
-from .io.base import Source
+from .io.base import RawSpan, Source
 from .meta import TensorMeta, human_bytes
 from .patterns import compress_keys
 from .transforms.base import Group, Transform
@@ -59,6 +59,33 @@ class Plan:
             overwritten=[k for k in metas if k in set(composition.overwritten)],
             options=options,
         )
+
+    # -- raw copies -------------------------------------------------------------
+    def raw_spans(self, group: Group) -> dict[str, list[RawSpan]]:
+        """The outputs of ``group`` that can be copied as raw bytes, each with where its bytes lie, in order.
+
+        An output qualifies when the group declares its bytes as byte ranges of source tensors
+        (``Group.pieces``: a rename, a concatenation along the first dimension, ...) and the
+        source stores those tensors as plain bytes (safetensors, unquantized GGUF).
+        """
+        if not group.pieces:
+            return {}
+        found: dict[str, list[RawSpan]] = {}
+        for key, pieces in group.pieces.items():
+            spans = []
+            for piece in pieces:
+                whole = self.source.raw_span(piece.key)
+                if whole is None or piece.offset + piece.length > whole.length:
+                    break
+                spans.append(RawSpan(whole.path, whole.offset + piece.offset, piece.length))
+            else:
+                if sum(span.length for span in spans) == group.outputs[key].nbytes:
+                    found[key] = spans
+        return found
+
+    def raw_offsets(self) -> dict[str, int]:
+        """Where each output that can be copied as raw bytes starts in its source file."""
+        return {key: spans[0].offset for group in self.groups for key, spans in self.raw_spans(group).items() if spans}
 
     # -- figures -----------------------------------------------------------------
     @property

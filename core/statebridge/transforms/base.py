@@ -26,12 +26,43 @@ Tensors = dict[str, "torch.Tensor"]
 Compute = Callable[[Tensors], Tensors]
 
 
+@dataclass(frozen=True)
+class Piece:
+    """``length`` bytes of tensor ``key``'s row-major bytes, from byte ``offset``."""
+
+    key: str
+    offset: int
+    length: int
+
+
+#: a tensor's bytes as byte ranges of other tensors, laid end to end
+Pieces = tuple[Piece, ...]
+
+
+def whole(key: str, meta: TensorMeta) -> Pieces:
+    """All of tensor ``key``'s bytes."""
+    return (Piece(key, 0, meta.nbytes),)
+
+
+def cut(pieces: Pieces, offset: int, length: int) -> Pieces:
+    """The byte range ``[offset, offset + length)`` of the bytes ``pieces`` lay end to end."""
+    out, position = [], 0
+    for piece in pieces:
+        start, end = max(offset, position), min(offset + length, position + piece.length)
+        if start < end:
+            out.append(Piece(piece.key, piece.offset + start - position, end - start))
+        position += piece.length
+    return tuple(out)
+
+
 @dataclass(frozen=True, eq=False)
 class Group:
     """A unit of work: ``inputs`` -> ``outputs`` (with metadata), computed by ``compute``.
 
-    ``renames`` maps each output to the input whose bytes it carries unchanged,
-    when the group only renames; writers then copy those bytes without decoding.
+    ``pieces`` says, for a group whose every output is its inputs' bytes laid
+    end to end (a rename; a concatenation, split or stack along the first
+    dimension; a reshape), which byte ranges of which inputs make each output:
+    writers then copy those bytes from the source file without decoding them.
     ``ops`` names what was done, for lineage and reports.  ``effort`` says how
     heavy the computing is, in passes over the group's bytes (None: one pass per
     op, right for casts, concatenations and the like); a transform that does far
@@ -43,7 +74,7 @@ class Group:
     outputs: Mapping[str, TensorMeta]
     compute: Compute
     ops: tuple[str, ...] = ()
-    renames: Mapping[str, str] | None = None
+    pieces: Mapping[str, Pieces] | None = None
     effort: float | None = None
 
     @property
@@ -59,7 +90,7 @@ class Group:
             outputs={target: meta},
             compute=lambda t: {target: t[source]},
             ops=(op,) if source != target else (),
-            renames={target: source},
+            pieces={target: whole(source, meta)},
         )
 
     @classmethod

@@ -8,6 +8,7 @@ input anchors the match and its captures fill the other names, so
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ from ..errors import NotInvertibleError, PlanError
 from ..meta import TensorMeta
 from ..patterns import KeyPattern
 from ..registry import register_transform
-from .base import Group, Params, Transform
+from .base import Group, Params, Piece, Pieces, Transform, whole
 from .matching import bind, require
 
 if TYPE_CHECKING:
@@ -80,12 +81,15 @@ class _Join(Transform):
             require(keys, metas, f"joined into {output!r} by {self.name}")
             parts = [metas[k] for k in keys]
             dim, shape = self.joined(keys, parts)
+            # Joined along the outermost non-trivial dimension, the result is its parts' bytes end to end.
+            pieces = {output: tuple(p for k, m in zip(keys, parts) for p in whole(k, m))} if math.prod(shape[:dim]) == 1 else None
             groups.append(
                 Group(
                     inputs=tuple(keys),
                     outputs={output: TensorMeta(shape, parts[0].dtype)},
                     compute=lambda t, keys=tuple(keys), output=output, dim=dim: {output: self.join([t[k] for k in keys], dim)},
                     ops=(f"{self.name}(dim={dim})",),
+                    pieces=pieces,
                 )
             )
         return groups
@@ -113,17 +117,28 @@ class _Part(Transform):
             meta = metas[source]
             dim = _dim(p.dim, len(meta.shape), source)
             shapes = self.parts(source, meta, dim, len(outputs))
+            metas_out = {o: TensorMeta(shape, meta.dtype) for o, shape in zip(outputs, shapes)}
             groups.append(
                 Group(
                     inputs=(source,),
-                    outputs={o: TensorMeta(shape, meta.dtype) for o, shape in zip(outputs, shapes)},
+                    outputs=metas_out,
                     compute=lambda t, s=source, outs=tuple(outputs), dim=dim, shapes=shapes: {
                         o: x.contiguous() for o, x in zip(outs, self.part(t[s], dim, shapes))
                     },
                     ops=(self.describe(dim, shapes),),
+                    pieces=_consecutive(source, metas_out) if math.prod(meta.shape[:dim]) == 1 else None,
                 )
             )
         return groups
+
+
+def _consecutive(source: str, parts: Mapping[str, TensorMeta]) -> dict[str, Pieces]:
+    """Parts cut along the outermost non-trivial dimension: consecutive byte ranges of ``source``."""
+    pieces, offset = {}, 0
+    for key, meta in parts.items():
+        pieces[key] = (Piece(source, offset, meta.nbytes),)
+        offset += meta.nbytes
+    return pieces
 
 
 @register_transform("stack")

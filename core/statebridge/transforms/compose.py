@@ -18,7 +18,7 @@ from ..errors import CollisionError, ExecutionError, PlanError, StatebridgeError
 from ..gates import Candidates
 from ..meta import TensorMeta
 from ..patterns import describe_keys, did_you_mean
-from .base import Group, Tensors
+from .base import Group, Piece, Pieces, Tensors, cut, whole
 
 if TYPE_CHECKING:
     from .base import Transform
@@ -43,7 +43,7 @@ class _Component:
     stages: list[tuple[int, int, _Stage]] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     live: dict[str, None] = field(default_factory=dict)  # keys this component currently holds, in order
-    raw: dict[str, str | None] = field(default_factory=dict)  # live key -> source key with identical bytes
+    raw: dict[str, Pieces | None] = field(default_factory=dict)  # live key -> the source bytes it is, if any
     merged_into: "_Component | None" = None
 
     def root(self) -> "_Component":
@@ -121,13 +121,10 @@ def compose(
             for key in group.inputs:
                 if key not in producer:
                     comp.inputs.append(key)
-                    comp.raw[key] = key
+                    comp.raw[key] = whole(key, state[key])
                     consumed_sources.append(key)
             comp.stages.append((index, gi, _Stage(label, group)))
-            origins = {
-                key: comp.raw.get(group.renames[key]) if group.renames and key in group.renames else None
-                for key in group.outputs
-            }
+            origins = {key: _origin(group, key, comp.raw) for key in group.outputs}
             sources = _union(lineage[k].sources for k in group.inputs)
             ops = _union(lineage[k].ops for k in group.inputs) + tuple(group.ops)
             if not group.outputs:
@@ -227,9 +224,22 @@ def _check_step(
     return groups
 
 
+def _origin(group: Group, key: str, raw: Mapping[str, Pieces | None]) -> Pieces | None:
+    """The source bytes output ``key`` of ``group`` is made of, when they are known and untouched."""
+    if not group.pieces or key not in group.pieces:
+        return None
+    out: list[Piece] = []
+    for piece in group.pieces[key]:
+        source = raw.get(piece.key)
+        if source is None:
+            return None
+        out.extend(cut(source, piece.offset, piece.length))
+    return tuple(out)
+
+
 def _merged_group(comp: _Component, outputs: dict[str, TensorMeta]) -> Group:
     stages = [stage for _, _, stage in sorted(comp.stages, key=lambda s: (s[0], s[1]))]
-    renames = {k: comp.raw[k] for k in outputs if comp.raw.get(k) is not None}
+    pieces = {k: comp.raw[k] for k in outputs if comp.raw.get(k) is not None}
 
     def compute(tensors: Tensors) -> Tensors:
         live = dict(tensors)
@@ -252,7 +262,7 @@ def _merged_group(comp: _Component, outputs: dict[str, TensorMeta]) -> Group:
         outputs=outputs,
         compute=compute,
         ops=_union(stage.group.ops for stage in stages),
-        renames=renames if len(renames) == len(outputs) and outputs else None,
+        pieces=pieces if len(pieces) == len(outputs) and outputs else None,
         effort=sum(stage.group.passes for stage in stages) if any(s.group.effort is not None for s in stages) else None,
     )
 

@@ -7,6 +7,7 @@ as transform objects or in config form (``{"rename": {...}}``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ConfigDict, field_validator
@@ -141,6 +142,8 @@ def _prefixed(group: Group, prefix: str) -> Group:
         outputs={prefix + k: m for k, m in group.outputs.items()},
         compute=compute,
         ops=group.ops,
-        renames={prefix + k: prefix + v for k, v in group.renames.items()} if group.renames else None,
+        pieces={prefix + k: tuple(replace(p, key=prefix + p.key) for p in v) for k, v in group.pieces.items()}
+        if group.pieces
+        else None,
         effort=group.effort,
     )

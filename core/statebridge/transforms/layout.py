@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from pydantic import Field
 
 from ..errors import NotInvertibleError, PlanError
 from ..meta import TensorMeta
 from ..registry import register_transform
-from .base import Group, Params, Transform
+from .base import Group, Params, Transform, whole
 from .matching import select
 
 
@@ -22,6 +23,9 @@ class _PerKey(Transform):
     def fn(self, key: str, meta: TensorMeta):
         raise NotImplementedError
 
+    #: whether the output has exactly the input's bytes (then writers copy them without decoding)
+    same_bytes = False
+
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.params.model_dump(exclude={"pattern", "strict"}).items())
         return f"{self.name}({args})"
@@ -30,10 +34,11 @@ class _PerKey(Transform):
         return select(self.params.pattern, metas, self.params.strict)
 
     def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
-        return [
-            Group.map_one(key, key, self.out_meta(key, metas[key]), self.fn(key, metas[key]), self.describe())
-            for key in self.keys(metas)
-        ]
+        groups = []
+        for key in self.keys(metas):
+            group = Group.map_one(key, key, self.out_meta(key, metas[key]), self.fn(key, metas[key]), self.describe())
+            groups.append(replace(group, pieces={key: whole(key, metas[key])}) if self.same_bytes else group)
+        return groups
 
 
 class _PatternParams(Params):
@@ -99,6 +104,8 @@ class Permute(_PerKey):
 @register_transform("reshape")
 class Reshape(_PerKey):
     """Give every matching tensor a new shape with the same number of elements (one -1 allowed)."""
+
+    same_bytes = True  # row-major bytes do not move
 
     class Params(_PatternParams):
         shape: list[int]

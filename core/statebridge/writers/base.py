@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -76,8 +76,8 @@ class Writer(ABC):
     def write(self, key: str, tensor: torch.Tensor) -> None:
         """Write one tensor (its shape and dtype match what :meth:`begin` announced)."""
 
-    def write_raw(self, key: str, span: RawSpan) -> bool:
-        """Copy a tensor's bytes straight from a source file; return False if unsupported.
+    def write_raw(self, key: str, spans: Sequence[RawSpan]) -> bool:
+        """Copy a tensor's bytes straight from source files (``spans``, laid end to end); False if unsupported.
 
         Raw copies may arrive before :meth:`write` calls for keys announced
         earlier (the executor copies them while it computes other groups), so a

@@ -39,7 +39,7 @@ import logging
 import os
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
@@ -52,7 +52,7 @@ from ..io.base import RawSpan
 from ..io.gguf import GGUFField
 from ..meta import DTYPES, DType, TensorMeta, dtype_name
 from .base import Writer
-from .rawcopy import copy_range
+from .rawcopy import copy_spans
 
 if TYPE_CHECKING:
     import torch
@@ -219,17 +219,17 @@ class GGUFWriter(Writer):
                 raise ExecutionError(f"{self.path}: cannot write {key!r}: {e.strerror or e}") from None
         self._written.add(key)
 
-    def write_raw(self, key: str, span: RawSpan) -> bool:
+    def write_raw(self, key: str, spans: Sequence[RawSpan]) -> bool:
         """Copy stored bytes (plain little-endian, as GGUF stores them) in the kernel, without decoding."""
         meta, offset = self._slot(key)
-        if span.length != meta.nbytes:
+        if sum(span.length for span in spans) != meta.nbytes:
             return False
-        if span.length:
+        if meta.nbytes:
             try:
                 self._file.flush()
-                copy_range(span.path, span.offset, self._file.fileno(), offset, span.length)
+                copy_spans(spans, self._file.fileno(), offset)
             except OSError as e:
-                raise ExecutionError(f"{self.path}: cannot copy {key!r} from {span.path}: {e.strerror or e}") from None
+                raise ExecutionError(f"{self.path}: cannot copy {key!r} from {spans[0].path}: {e.strerror or e}") from None
         self._written.add(key)
         return True
 

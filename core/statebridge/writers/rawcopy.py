@@ -10,14 +10,26 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
+    from ..io.base import RawSpan
+
 
 _CHUNK = 64 * 1024 * 1024
+
+
+def copy_spans(spans: Sequence[RawSpan], dest_fd: int, dest_offset: int) -> int:
+    """Copy ``spans`` one after another into ``dest_fd`` from ``dest_offset``; return the bytes copied."""
+    done = 0
+    for span in spans:
+        copy_range(span.path, span.offset, dest_fd, dest_offset + done, span.length)
+        done += span.length
+    return done
 
 
 def copy_range(source: Path, src_offset: int, dest_fd: int, dest_offset: int, length: int) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,7 @@ from ..io.base import RawSpan
 from ..io.safetensors import INDEX_NAME
 from ..meta import TensorMeta, dtype_name
 from .base import PlannedFile, Writer
-from .rawcopy import copy_range, start_writeback, tensor_bytes, write_at
+from .rawcopy import copy_spans, start_writeback, tensor_bytes, write_at
 
 if TYPE_CHECKING:
     import torch
@@ -178,15 +178,15 @@ class SafetensorsWriter(Writer):
             raise ExecutionError(f"{self._files[index][0]}: cannot write {key!r}: {e.strerror or e}") from None
         self._wrote(index, offset, tensor.nbytes)
 
-    def write_raw(self, key: str, span: RawSpan) -> bool:
+    def write_raw(self, key: str, spans: Sequence[RawSpan]) -> bool:
         index, offset = self._where[key]
         try:
-            copy_range(span.path, span.offset, self._fds[index], offset, span.length)
+            copied = copy_spans(spans, self._fds[index], offset)
         except OSError as e:
             raise ExecutionError(
-                f"{self._files[index][0]}: cannot copy {key!r} from {span.path}: {e.strerror or e}"
+                f"{self._files[index][0]}: cannot copy {key!r} from {spans[0].path}: {e.strerror or e}"
             ) from None
-        self._wrote(index, offset, span.length)
+        self._wrote(index, offset, copied)
         return True
 
     def _wrote(self, index: int, offset: int, nbytes: int) -> None:
