@@ -8,9 +8,10 @@ what it commits durable by default (early writeback, then fsync); the
 ``--no-fsync`` / ``durable=False`` rows commit as ``cp`` does, leaving the data
 in the page cache for the kernel to write back.
 
-A rename copies raw bytes only and never imports torch, so its statebridge
-cases import only statebridge before the timed part; the fusion cases import
-torch first, as the plain script does, so the timed parts compare like with like.
+Neither conversion computes a tensor in statebridge: a rename and a
+concatenation along the first dimension are both raw byte copies, and torch is
+never imported, so the statebridge cases import only statebridge before the
+timed part (the plain script imports torch, which it needs).
 
     .venv/bin/python benchmarks/bench_convert.py [--repeat 5] [--size 10g --only rename]
 
@@ -53,8 +54,8 @@ FSYNC = "\nfd = os.open(DST, os.O_RDONLY); os.fsync(fd); os.close(fd)"
 SB_SETUP = "import statebridge as sb\nfrom statebridge.config import parse_config\nfrom statebridge.plugins import load_plugins\nload_plugins()"
 SB_RUN = "config = parse_config(CONFIG)\nsb.run(config.source, config.pipeline(), config.target, progress=False, workers={}, durable={})"
 
-#: name -> (steps, plain script, whether statebridge computes tensors, and so needs torch)
-CONVERSIONS = {"rename": (RENAME, PLAIN_RENAME, False), "qkv-fusion": (FUSE, PLAIN_FUSE, True)}
+#: name -> (steps, the plain script doing the same)
+CONVERSIONS = {"rename": (RENAME, PLAIN_RENAME), "qkv-fusion": (FUSE, PLAIN_FUSE)}
 BASELINES = ("cp", "cp + fsync")
 
 
@@ -68,14 +69,14 @@ def cases(source: Path, out: Path, layers: int, only: list[str], plain_cases: bo
         ("cp", ["cp", str(source), str(target)]),
         ("cp + fsync", ["sh", "-c", f"cp '{source}' '{target}' && sync '{target}'"]),
     ]
-    for name, (steps, plain, computes) in CONVERSIONS.items():
+    for name, (steps, plain) in CONVERSIONS.items():
         if name not in only:
             continue
         config = {"source": str(source), "target": str(target), "steps": steps}
         config_file = out / f"{name}.yaml"
         config_file.write_text(yaml.safe_dump(config))
         defs = f"SRC, DST, LAYERS, CONFIG = {str(source)!r}, {str(target)!r}, {layers}, {config!r}"
-        setup = f"{SB_SETUP}\n{defs}" + ("\nimport torch" if computes else "")
+        setup = f"{SB_SETUP}\n{defs}"
         cli = [sys.executable, "-m", "statebridge", "run", str(config_file), "--no-progress"]
         if plain_cases:
             commands += [
@@ -120,7 +121,7 @@ def main() -> None:
     results = compare(cases(source, out, sizes["layers"], only, not args.no_plain), args.repeat, remove(out / "converted.safetensors"))
     baselines = [r for r in results if r.name in BASELINES]
     cp, durable_cp = (r.value("time") for r in baselines)
-    for name, (steps, _, _) in CONVERSIONS.items():
+    for name, (steps, _) in CONVERSIONS.items():
         if name not in only:
             continue
         rows = baselines + [replace(r, name=r.name.removeprefix(f"{name}: ")) for r in results if r.name.startswith(f"{name}: ")]
