@@ -28,6 +28,20 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
 
 
+class _Repeated:
+    """A ``json.loads`` object hook that notes keys an object names twice (json keeps the last silently)."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    def hook(self, pairs: list[tuple[str, object]]) -> dict[str, object]:
+        obj = dict(pairs)
+        if len(obj) < len(pairs) and not self.keys:
+            seen: set[str] = set()
+            self.keys.extend(k for k, _ in pairs if k in seen or seen.add(k))
+        return obj
+
+
 class SafetensorsFile(Source):
     """One ``.safetensors`` file."""
 
@@ -104,25 +118,17 @@ def _read_header(
         text = repr(value)
         return text if len(text) <= 120 else f"{text[:100]}... ({len(text)} characters)"
 
-    repeated: list[str] = []
-
-    def unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        obj = dict(pairs)
-        if len(obj) < len(pairs) and not repeated:
-            seen: set[str] = set()
-            repeated.extend(k for k, _ in pairs if k in seen or seen.add(k))
-        return obj
-
+    repeated = _Repeated()
     try:
-        header = json.loads(raw, object_pairs_hook=unique)
+        header = json.loads(raw, object_pairs_hook=repeated.hook)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SourceError(path, f"header is not valid JSON ({e}); not a safetensors file?") from None
     except ValueError:  # Python refuses to convert integers of more than 4300 digits
         raise SourceError(path, "header holds a number thousands of digits long; not a safetensors file?") from None
     except RecursionError:
         raise SourceError(path, "header JSON is nested thousands of levels deep; not a safetensors file?") from None
-    if repeated:
-        raise SourceError(path, f"header names {brief(repeated[0])} twice; which one is meant?")
+    if repeated.keys:
+        raise SourceError(path, f"header names {brief(repeated.keys[0])} twice; which one is meant?")
     if not isinstance(header, dict):
         raise SourceError(path, "header is not a JSON object")
 
@@ -228,17 +234,9 @@ class ShardedSafetensors(Source):
 
     def _read_index(self, index_path: Path) -> tuple[list[Path], dict[str, str]]:
         """The shard files the index names, and key -> shard file name (as ``Path.name``)."""
-        repeated: list[str] = []
-
-        def unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
-            obj = dict(pairs)
-            if len(obj) < len(pairs) and not repeated:
-                seen: set[str] = set()
-                repeated.extend(k for k, _ in pairs if k in seen or seen.add(k))
-            return obj
-
+        repeated = _Repeated()
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=unique)
+            index = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=repeated.hook)
         except OSError as e:
             raise SourceError(index_path, f"cannot read the shard index: {e.strerror or e}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -251,10 +249,10 @@ class ShardedSafetensors(Source):
             raise SourceError(
                 index_path, "the shard index is JSON nested thousands of levels deep; re-download or regenerate it"
             ) from None
-        if repeated:
+        if repeated.keys:
             raise SourceError(
                 index_path,
-                f"the shard index names {repeated[0][:200]!r} twice; which one is meant? (re-download or regenerate it)",
+                f"the shard index names {repeated.keys[0][:200]!r} twice; which one is meant? (re-download or regenerate it)",
             )
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
