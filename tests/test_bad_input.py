@@ -341,3 +341,19 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
         assert lines[0].startswith("statebridge: error: "), (case, stderr)
         assert case.name in lines[0], (case, stderr)
     assert not marker.exists()
+
+
+def test_a_key_named_twice_in_a_header_or_an_index_is_refused(tmp_path):
+    """JSON keeps the last of two equal keys silently; a checkpoint that does so is ambiguous."""
+    entry = '{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    header = ('{"w":' + entry + ',"w":' + entry + "}").encode()
+    (tmp_path / "twice.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    with pytest.raises(SourceError, match="header names 'w' twice; which one is meant"):
+        open_source(tmp_path / "twice.safetensors")
+
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    save_file({"w": torch.zeros(1)}, folder / "a.safetensors")
+    (folder / INDEX_NAME).write_text('{"weight_map": {"w": "a.safetensors", "w": "a.safetensors"}}')
+    with pytest.raises(SourceError, match="the shard index names 'w' twice"):
+        open_source(folder)
