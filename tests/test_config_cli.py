@@ -6,13 +6,11 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import statebridge as sb
 from statebridge import ConfigError
 from statebridge.cli import main
 from statebridge.config import load_config, parse_size

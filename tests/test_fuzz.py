@@ -299,6 +299,14 @@ class Inputs:
         return path
 
 
+def check_file(worker: Worker, scratch: Path, test: str, suffix: str, blob: bytes) -> None:
+    """Write one fuzzed file, open it in the worker (a bad outcome saves it and fails), then remove it."""
+    path = _inputs(scratch, test).path(suffix)
+    path.write_bytes(blob)
+    verdict(worker, path, test)
+    _discard(path)
+
+
 def _discard(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
@@ -766,27 +774,19 @@ def test_seeds_open_cleanly(worker, seeds, scratch):
 @_fuzz(600)
 @given(data=st.data())
 def test_fuzz_safetensors_bytes(worker, seeds, scratch, data):
-    inputs = _inputs(scratch, "safetensors_bytes")
     blob = data.draw(mutated_bytes(seeds.safetensors, [Field(0, 8, "header length", choices=(len(seeds.safetensors) - 8,))]))
-    path = inputs.path(".safetensors")
-    path.write_bytes(blob)
-    verdict(worker, path, "safetensors_bytes")
-    _discard(path)
+    check_file(worker, scratch, "safetensors_bytes", ".safetensors", blob)
 
 
 @_fuzz(800)
 @given(data=st.data())
 def test_fuzz_safetensors_header_json(worker, seeds, scratch, data):
-    inputs = _inputs(scratch, "safetensors_json")
     header, body = split_safetensors(seeds.safetensors)
     tree = data.draw(mutated_json(header))
     blob = safetensors_bytes(tree, body, pad=data.draw(st.integers(0, 7)))
     if data.draw(st.integers(0, 4)) == 0:
         blob = data.draw(mutated_bytes(blob))
-    path = inputs.path(".safetensors")
-    path.write_bytes(blob)
-    verdict(worker, path, "safetensors_json")
-    _discard(path)
+    check_file(worker, scratch, "safetensors_json", ".safetensors", blob)
 
 
 @_fuzz(500)
@@ -820,19 +820,14 @@ def test_fuzz_sharded_index_and_shards(worker, seeds, scratch, data):
 @_fuzz(1000)
 @given(data=st.data())
 def test_fuzz_gguf(worker, seeds, scratch, data):
-    inputs = _inputs(scratch, "gguf")
     seed, fields = data.draw(st.sampled_from(seeds.ggufs))
     blob = data.draw(mutated_bytes(seed, fields))
-    path = inputs.path(".gguf")
-    path.write_bytes(blob)
-    verdict(worker, path, "gguf")
-    _discard(path)
+    check_file(worker, scratch, "gguf", ".gguf", blob)
 
 
 @_fuzz(600)
 @given(data=st.data())
 def test_fuzz_torch_zip(worker, seeds, scratch, data):
-    inputs = _inputs(scratch, "torch_zip")
     if data.draw(st.booleans()):
         blob = data.draw(mutated_bytes(seeds.torch_zip, zip_fields(seeds.torch_zip)))
     else:  # keep the archive valid (CRCs and all) and damage what is inside it
@@ -846,21 +841,14 @@ def test_fuzz_torch_zip(worker, seeds, scratch, data):
         )
         drop = data.draw(st.booleans()) and record != "data.pkl"
         blob = rezip(seeds.torch_zip, lambda n, d: (b"" if drop else replacement) if n == name else d)
-    path = inputs.path(".pt")
-    path.write_bytes(blob)
-    verdict(worker, path, "torch_zip")
-    _discard(path)
+    check_file(worker, scratch, "torch_zip", ".pt", blob)
 
 
 @_fuzz(500)
 @given(data=st.data())
 def test_fuzz_torch_legacy(worker, seeds, scratch, data):
-    inputs = _inputs(scratch, "torch_legacy")
     blob = data.draw(mutated_bytes(seeds.torch_legacy, legacy_fields(seeds.torch_legacy)))
-    path = inputs.path(".pt")
-    path.write_bytes(blob)
-    verdict(worker, path, "torch_legacy")
-    _discard(path)
+    check_file(worker, scratch, "torch_legacy", ".pt", blob)
 
 
 _INPUTS: dict[tuple[Path, str], Inputs] = {}

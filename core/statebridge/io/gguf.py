@@ -60,14 +60,14 @@ MAX_METADATA_ARRAY_CHARS = 16 * 1024
 
 #: GGML types whose stored bytes are plain little-endian values of a torch dtype
 PLAIN_TYPES: dict[GGMLQuantizationType, DType] = {
-    GGMLQuantizationType.F32: DTYPES['float32'],
-    GGMLQuantizationType.F16: DTYPES['float16'],
-    GGMLQuantizationType.BF16: DTYPES['bfloat16'],
-    GGMLQuantizationType.F64: DTYPES['float64'],
-    GGMLQuantizationType.I8: DTYPES['int8'],
-    GGMLQuantizationType.I16: DTYPES['int16'],
-    GGMLQuantizationType.I32: DTYPES['int32'],
-    GGMLQuantizationType.I64: DTYPES['int64'],
+    GGMLQuantizationType.F32: DTYPES["float32"],
+    GGMLQuantizationType.F16: DTYPES["float16"],
+    GGMLQuantizationType.BF16: DTYPES["bfloat16"],
+    GGMLQuantizationType.F64: DTYPES["float64"],
+    GGMLQuantizationType.I8: DTYPES["int8"],
+    GGMLQuantizationType.I16: DTYPES["int16"],
+    GGMLQuantizationType.I32: DTYPES["int32"],
+    GGMLQuantizationType.I64: DTYPES["int64"],
 }
 
 # struct format and size of each scalar value type (prefix added per byte order)
@@ -151,7 +151,7 @@ class GGUFSource(Source):
         self._tensors: dict[str, _TensorInfo] = header.tensors
         self.gguf_types: dict[str, str] = {k: t.qtype.name for k, t in self._tensors.items()}
         self._metas = {
-            k: TensorMeta(t.shape, PLAIN_TYPES.get(t.qtype, DTYPES['float32'])) for k, t in self._tensors.items()
+            k: TensorMeta(t.shape, PLAIN_TYPES.get(t.qtype, DTYPES["float32"])) for k, t in self._tensors.items()
         }
         self._metadata = {k: _field_to_string(f) for k, f in header.fields.items()}
 
@@ -430,7 +430,7 @@ class _Header:
                     f"but the file has {self.size} bytes (truncated?)",
                 )
             # torch computes sizes and strides in int64, even for a tensor with no elements
-            extent = PLAIN_TYPES.get(qtype, DTYPES['float32']).itemsize * math.prod(max(d, 1) for d in ne)
+            extent = PLAIN_TYPES.get(qtype, DTYPES["float32"]).itemsize * math.prod(max(d, 1) for d in ne)
             if extent >= 2**63:
                 raise SourceError(
                     self.path, f"tensor {name!r}: shape {list(reversed(ne))} is too large for torch (its sizes overflow int64)"

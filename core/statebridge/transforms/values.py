@@ -77,14 +77,15 @@ _FLOAT_BITS = {
     "float64": (11, 52),
 }
 
+_INTEGER = re.compile(r"(u?)int(\d+)")
+
 
 def _widens(src: DType, dst: DType) -> bool:
     """Whether every value of ``src`` is exactly representable in ``dst`` (decided from names, without torch)."""
     if src.name in _FLOAT_BITS and dst.name in _FLOAT_BITS:
         (src_exponent, src_mantissa), (dst_exponent, dst_mantissa) = _FLOAT_BITS[src.name], _FLOAT_BITS[dst.name]
         return dst_exponent >= src_exponent and dst_mantissa >= src_mantissa
-    integers = re.compile(r"(u?)int(\d+)")
-    s, d = integers.fullmatch(src.name), integers.fullmatch(dst.name)
+    s, d = _INTEGER.fullmatch(src.name), _INTEGER.fullmatch(dst.name)
     if s is None or d is None:
         return False  # bool, complex, or a float meeting an integer
     src_signed, src_bits, dst_signed, dst_bits = not s[1], int(s[2]), not d[1], int(d[2])

@@ -36,7 +36,6 @@ same bytes.
 from __future__ import annotations
 
 import logging
-import os
 import struct
 import sys
 from collections.abc import Mapping, Sequence
@@ -65,14 +64,14 @@ MAX_DIMS = 4
 
 #: torch dtype -> (GGML type, numpy dtype of the same width used to hand the bytes to gguf)
 GGUF_DTYPES: dict[DType, tuple[GGMLQuantizationType, np.dtype]] = {
-    DTYPES['float32']: (GGMLQuantizationType.F32, np.dtype(np.float32)),
-    DTYPES['float16']: (GGMLQuantizationType.F16, np.dtype(np.float16)),
-    DTYPES['bfloat16']: (GGMLQuantizationType.BF16, np.dtype(np.int16)),  # numpy has no bfloat16
-    DTYPES['float64']: (GGMLQuantizationType.F64, np.dtype(np.float64)),
-    DTYPES['int8']: (GGMLQuantizationType.I8, np.dtype(np.int8)),
-    DTYPES['int16']: (GGMLQuantizationType.I16, np.dtype(np.int16)),
-    DTYPES['int32']: (GGMLQuantizationType.I32, np.dtype(np.int32)),
-    DTYPES['int64']: (GGMLQuantizationType.I64, np.dtype(np.int64)),
+    DTYPES["float32"]: (GGMLQuantizationType.F32, np.dtype(np.float32)),
+    DTYPES["float16"]: (GGMLQuantizationType.F16, np.dtype(np.float16)),
+    DTYPES["bfloat16"]: (GGMLQuantizationType.BF16, np.dtype(np.int16)),  # numpy has no bfloat16
+    DTYPES["float64"]: (GGMLQuantizationType.F64, np.dtype(np.float64)),
+    DTYPES["int8"]: (GGMLQuantizationType.I8, np.dtype(np.int8)),
+    DTYPES["int16"]: (GGMLQuantizationType.I16, np.dtype(np.int16)),
+    DTYPES["int32"]: (GGMLQuantizationType.I32, np.dtype(np.int32)),
+    DTYPES["int64"]: (GGMLQuantizationType.I64, np.dtype(np.int64)),
 }
 
 
