@@ -24,8 +24,8 @@ from huggingface_hub import save_torch_state_dict
 from safetensors.torch import save_file
 
 from statebridge.errors import SourceError
-from statebridge.io import open_source
-from statebridge.io.safetensors import INDEX_NAME
+from statebridge.readers import open_source
+from statebridge.readers.safetensors import INDEX_NAME
 
 sys.path.insert(0, str(Path(__file__).parent))
 import material  # noqa: E402

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from statebridge import ConfigError
 from statebridge.cli import main
-from statebridge.config import load_config, parse_size
+from statebridge.config import load_config
+from statebridge.options import parse_size
 
 YAML = """
 source: llama.safetensors
@@ -122,7 +123,8 @@ def test_schema_lists_every_transform(capsys):
 def test_plugins_lists_the_core(capsys):
     assert main(["plugins", "--json"]) == 0
     core = next(p for p in json.loads(capsys.readouterr().out) if p["name"] == "statebridge")
-    assert "rename" in core["transforms"] and "safetensors" in core["writers"] and "statebridge_validate" in core["hooks"]
+    assert "rename" in core["provides"]["transforms"] and "safetensors" in core["provides"]["writers"]
+    assert "validate_plan" in core["hooks"] and "inspect" in core["provides"]["commands"]
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path, llama_file):
@@ -155,5 +157,5 @@ def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
     assert process.stdout.read(100)  # type: ignore[union-attr]
     process.stdout.close()  # type: ignore[union-attr]
     stderr = process.stderr.read().decode()  # type: ignore[union-attr]
-    assert process.wait(timeout=60) == 1
-    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert process.wait(timeout=60) in (0, 1)  # not 120 (Python failing to flush at exit)
+    assert stderr == "", stderr

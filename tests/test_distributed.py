@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from statebridge.distributed import split
+from statebridge.execute.distributed import split
 from statebridge.testing import LlamaShape, write_llama
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -130,7 +130,7 @@ def test_declared_effort_weighs_a_group_for_sharing(tmp_path):
     import torch
 
     import statebridge as sb
-    from statebridge.execute import work
+    from statebridge.execute.executor import work
 
     source = {"a": torch.ones(64, 64), "b": torch.ones(64, 64)}
 

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 import statebridge as sb
+from statebridge.trust.versions import Version
 from statebridge import ConfigError, PlanError
 from statebridge.cli import main
-from statebridge.io.base import Source
+from statebridge.readers.base import Source
 
 QKV = dict(
     inputs=[f"model.layers.*.self_attn.{x}_proj.weight" for x in "qkv"],
@@ -89,7 +90,7 @@ def test_real_run_reports_estimate_next_to_actual(tmp_path, llama_file):
 
 
 def test_bandwidth_is_measured_once_and_cached(tmp_path, monkeypatch):
-    from statebridge.estimate import probe
+    from statebridge.execute.estimate import probe
 
     monkeypatch.setenv("STATEBRIDGE_CACHE", str(tmp_path / "cache"))
     first = probe(tmp_path)
@@ -151,7 +152,7 @@ def test_version_errors_name_the_missing_edge(tmp_path, llama_file, capsys):
 
 def test_version_detection(llama_sd):
     graph = sb.VersionGraph(
-        {"a": sb.versions.Version(signature=["model.**"]), "b": sb.versions.Version(signature=["lm_head.weight"])}, []
+        {"a": Version(signature=["model.**"]), "b": Version(signature=["lm_head.weight"])}, []
     )
     with pytest.raises(PlanError, match="matches the signatures of a, b"):
         graph.detect(sb.DictSource(llama_sd).metas())

@@ -56,7 +56,7 @@ from hypothesis import strategies as st
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import save_file
 
-from statebridge.io.safetensors import INDEX_NAME
+from statebridge.readers.safetensors import INDEX_NAME
 
 #: address-space limit of the worker: a reader that tries to allocate what a lying header claims hits it
 MEMORY_LIMIT = 4 * 1024**3
@@ -91,7 +91,7 @@ import faulthandler, json, os, resource, sys, time, traceback
 faulthandler.enable()
 import torch
 from statebridge.errors import SourceError
-from statebridge.io import open_source
+from statebridge.readers import open_source
 
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

@@ -15,9 +15,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import quant_shape_to_byte_shape
 
 from statebridge.errors import ConfigError, ExecutionError, SourceError
-from statebridge.io import open_source
-from statebridge.io.gguf import GGUFField, GGUFSource
-from statebridge.meta import TensorMeta
+from statebridge.readers import open_source
+from statebridge.readers.gguf import GGUFField, GGUFSource
+from statebridge.tensors.meta import TensorMeta
 from statebridge.writers.gguf import GGUFWriter
 
 Q = GGMLQuantizationType

@@ -1,7 +1,7 @@
 import pytest
 
 from statebridge import ConfigError
-from statebridge.patterns import KeyPattern, compress_keys, describe_keys
+from statebridge.tensors.patterns import KeyPattern, compress_keys, describe_keys
 
 
 def test_glob_star_stays_within_a_component():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import os
 import subprocess
 import sys
@@ -20,34 +21,32 @@ from statebridge import hookspecs
 
 GOOD_PLUGIN = '''
 """A third-party plugin that uses every hook."""
+import click
 import numpy as np
 import torch
 import statebridge as sb
-from statebridge.writers.base import Writer
 
 
 class Negate(sb.Transform):
-    """Negate matching tensors (registered through the statebridge_transform hook)."""
+    """Negate matching tensors."""
     name = "negate"
 
     class Params(sb.Params):
         pattern: str
 
     def plan(self, metas):
-        from statebridge.transforms.matching import select
-        return [sb.Group.map_one(k, k, metas[k], torch.neg, "negate") for k in select(self.params.pattern, metas)]
+        return [sb.Group.map_one(k, k, metas[k], torch.neg, "negate") for k in sb.select(self.params.pattern, metas)]
 
 
-@sb.register_transform("halve")
 class Halve(Negate):
-    """Registered by the decorator alone."""
+    """Halve matching tensors, under a namespaced name."""
+    name = "good.halve"
 
     def plan(self, metas):
-        from statebridge.transforms.matching import select
-        return [sb.Group.map_one(k, k, metas[k], lambda x: x / 2, "halve") for k in select(self.params.pattern, metas)]
+        return [sb.Group.map_one(k, k, metas[k], lambda x: x / 2, "halve") for k in sb.select(self.params.pattern, metas)]
 
 
-class NpzWriter(Writer):
+class NpzWriter(sb.Writer):
     """Collects tensors into a numpy .npz archive."""
     format = "npz"
 
@@ -68,41 +67,55 @@ class NpzWriter(Writer):
 
 
 @sb.hookimpl
-def statebridge_transform():
-    return [Negate]
+def register_transforms(register):
+    register(Negate)
+    register(Halve)
 
 
 @sb.hookimpl
-def statebridge_export():
-    return [NpzWriter]
+def register_writers(register):
+    register(NpzWriter)
 
 
 @sb.hookimpl
-def statebridge_validate(plan):
+def validate_plan(plan):
     if "forbidden" in plan.outputs:
         return [sb.Finding("error", "no tensor may be called forbidden", "good.names", "forbidden")]
     return [sb.Finding("info", f"{len(plan.outputs)} outputs", "good.count")]
 
 
 @sb.hookimpl
-def statebridge_analyses():
-    return ["count"]
+def register_analyses(register):
+    register("count", lambda sources, model, options: sb.Report("count", ["source", "tensors"], [[s.name, len(s.metas())] for s in sources]))
 
 
-@sb.hookimpl
-def statebridge_analyze(analysis, sources, model, options):
-    if analysis != "count":
-        return None
-    return sb.Report("count", ["source", "tensors"], [[s.name, len(s.metas())] for s in sources])
-
-
-@sb.hookimpl
-def statebridge_gate(key, candidate, inputs, group, options):
-    limit = options.get("max_abs")
-    if limit is None or not candidate.is_floating_point():
+def max_abs(key, candidate, inputs, group, limit):
+    if not candidate.is_floating_point():
         return None
     peak = float(candidate.abs().max())
-    return sb.GateDecision(peak <= limit, f"max |x| {peak:g} vs {limit}", {"max_abs": peak}, "good.max_abs")
+    return sb.GateDecision(peak <= limit, f"max |x| {peak:g} vs {limit}", {"max_abs": peak})
+
+
+@sb.hookimpl
+def register_gates(register):
+    register("max_abs", max_abs)
+
+
+@click.group()
+def good():
+    """The good plugin's commands."""
+
+
+@good.command()
+@click.argument("path")
+def count(path):
+    """Count the tensors of PATH."""
+    click.echo(len(sb.open_source(path).metas()))
+
+
+@sb.hookimpl
+def register_commands(register):
+    register(good)
 '''
 
 
@@ -141,21 +154,31 @@ def test_broken_plugin_warns_with_distribution_and_version_and_others_load(site)
     result = cli(site, "plugins", "--json")
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == (
-        "statebridge: warning: statebridge plugin 'broken' from broken-plugin 0.3.0 failed to load: "
-        "ModuleNotFoundError: No module named 'not_a_module_anywhere'; the other plugins are loaded"
+        "statebridge: warning: statebridge plugin 'broken' from broken-plugin 0.3.0 failed: "
+        "ModuleNotFoundError: No module named 'not_a_module_anywhere'; the other plugins still work"
     )
     plugins = names(result)
     assert plugins["broken"]["error"].startswith("ModuleNotFoundError")
     good = plugins["good"]
     assert (good["distribution"], good["version"]) == ("good-plugin", "1.2.0")
-    assert good["transforms"] == ["halve", "negate"] and good["writers"] == ["npz"] and good["analyses"] == ["count"]
-    assert set(good["hooks"]) == {f"statebridge_{h}" for h in ("transform", "export", "validate", "analyses", "analyze", "gate")}
+    assert good["provides"] == {
+        "transforms": ["good.halve", "negate"], "writers": ["npz"], "gates": ["max_abs"], "analyses": ["count"], "commands": ["good"],
+    }
+    assert good["hooks"] == sorted(f"register_{k}" for k in ("transforms", "writers", "gates", "analyses", "commands")) + ["validate_plan"]
+
+
+def test_a_broken_plugin_does_not_stop_help_or_other_commands(site, checkpoint):
+    helped = cli(site, "--help")
+    assert helped.returncode == 0 and "broken" in helped.stdout and "ModuleNotFoundError" in helped.stdout
+    assert re.search(r"\n  good +The good plugin's commands.  \[good-plugin\]\n", helped.stdout), helped.stdout
+    counted = cli(site, "good", "count", "ck.safetensors")
+    assert counted.returncode == 0 and counted.stdout == "2\n", counted.stderr
 
 
 def test_strict_mode_makes_a_broken_plugin_fatal(site):
     result = cli(site, "plugins", STATEBRIDGE_STRICT_PLUGINS="1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "statebridge: error: statebridge plugin 'broken' from broken-plugin 0.3.0 failed to load" in result.stderr
+    assert "statebridge: error: statebridge plugin 'broken' from broken-plugin 0.3.0 failed: ModuleNotFoundError" in result.stderr
 
 
 def test_load_and_disable_select_plugins(site):
@@ -164,6 +187,30 @@ def test_load_and_disable_select_plugins(site):
     result = cli(site, "plugins", "--json", STATEBRIDGE_DISABLE_PLUGINS="broken,good")
     assert set(names(result)) == {"statebridge"} and result.stderr == ""
     assert set(names(cli(site, "plugins", "--json", STATEBRIDGE_LOAD_PLUGINS=""))) == {"statebridge"}
+
+
+def test_disabling_a_plugin_removes_its_command_and_namespaced_transform(site, checkpoint):
+    (site.parent / "c.yaml").write_text("source: ck.safetensors\ntarget: out.safetensors\nsteps:\n  - good.halve: {pattern: b}\n")
+    enabled = cli(site, "plan", "c.yaml", STATEBRIDGE_DISABLE_PLUGINS="broken")
+    assert enabled.returncode == 0 and "halve" in enabled.stdout, enabled.stderr
+    disabled = cli(site, "plan", "c.yaml", STATEBRIDGE_DISABLE_PLUGINS="broken,good")
+    assert disabled.returncode == 2 and "unknown transform 'good.halve'" in disabled.stderr
+    gone = cli(site, "good", "count", "ck.safetensors", STATEBRIDGE_DISABLE_PLUGINS="broken,good")
+    assert gone.returncode == 2 and "No such command 'good'" in gone.stderr
+    assert "good" not in cli(site, "--help", STATEBRIDGE_DISABLE_PLUGINS="broken,good").stdout
+
+
+def test_disabling_in_process_removes_everything_it_registered(site, monkeypatch):
+    from statebridge.plugins import load_plugins
+
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("STATEBRIDGE_LOAD_PLUGINS", "good")
+    loaded = load_plugins()
+    assert "good.halve" in loaded.transforms and "good" in loaded.commands and "max_abs" in loaded.gates
+    monkeypatch.setenv("STATEBRIDGE_DISABLE_PLUGINS", "good")
+    reloaded = load_plugins()
+    assert "good.halve" not in reloaded.transforms and "good" not in reloaded.commands and "max_abs" not in reloaded.gates
+    assert "negate" not in reloaded.transforms and "npz" not in reloaded.writers and "count" not in reloaded.analyses
 
 
 @pytest.fixture
@@ -180,8 +227,8 @@ def run_config(site: Path, text: str, *args: str):
     return cli(site, "run", "c.yaml", "--no-progress", *args, STATEBRIDGE_DISABLE_PLUGINS="broken")
 
 
-def test_transform_and_export_hooks(site, checkpoint):
-    result = run_config(site, "source: ck.safetensors\ntarget: out.npz\nsteps:\n  - negate: {pattern: a}\n  - halve: {pattern: b}\n")
+def test_transform_and_writer_hooks(site, checkpoint):
+    result = run_config(site, "source: ck.safetensors\ntarget: out.npz\nsteps:\n  - negate: {pattern: a}\n  - good.halve: {pattern: b}\n")
     assert result.returncode == 0, result.stderr
     import numpy as np
 
@@ -198,12 +245,16 @@ def test_validate_hook_stops_the_run_before_writing(site, checkpoint):
     assert "info (good.count): 2 outputs" in ok.stdout
 
 
-def test_gate_hook_rejects_with_its_reason(site, checkpoint):
-    result = run_config(site, "source: ck.safetensors\ntarget: out.safetensors\ngates: {max_abs: 3}\nsteps:\n  - halve: {pattern: '*'}\n")
+def test_gate_rejects_with_its_reason_and_an_unknown_gate_is_refused(site, checkpoint):
+    result = run_config(site, "source: ck.safetensors\ntarget: out.safetensors\ngates: {max_abs: 3}\nsteps:\n  - good.halve: {pattern: '*'}\n")
     assert result.returncode == 0, result.stderr
-    result = run_config(site, "source: ck.safetensors\ntarget: out.safetensors\ngates: {max_abs: 1}\nsteps:\n  - halve: {pattern: '*'}\n")
-    assert result.returncode == 2
-    assert "'b': every candidate was rejected: output: good.max_abs rejected (max |x| 2 vs 1)" in result.stderr
+    result = run_config(site, "source: ck.safetensors\ntarget: out.safetensors\ngates: {max_abs: 1}\nsteps:\n  - good.halve: {pattern: '*'}\n")
+    assert result.returncode == 1
+    assert "'b': every candidate was rejected: output: max_abs rejected (max |x| 2 vs 1)" in result.stderr
+    assert not (site.parent / "out.safetensors").exists() or result.returncode == 1
+    typo = run_config(site, "source: ck.safetensors\ntarget: typo.safetensors\ngates: {max_ab: 1}\n")
+    assert typo.returncode == 2 and "gates: unknown gate 'max_ab'; did you mean 'max_abs'?" in typo.stderr
+    assert not (site.parent / "typo.safetensors").exists()
 
 
 def test_analyze_hook(site, checkpoint):
@@ -211,20 +262,28 @@ def test_analyze_hook(site, checkpoint):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["rows"] == [["ck.safetensors", 2], ["ck.safetensors", 2]]
     missing = cli(site, "analyze", "diff", "ck.safetensors", STATEBRIDGE_DISABLE_PLUGINS="broken")
-    assert missing.returncode == 2 and "no installed plugin provides the analysis 'diff'; available: count, summary" in missing.stderr
+    assert missing.returncode == 2 and "unknown analysis 'diff'" in missing.stderr and "count, summary" in missing.stderr
 
 
-def test_two_plugins_registering_one_name_is_an_error_naming_both(site):
-    make_dist(site, "copycat", "0.1", "copycat", GOOD_PLUGIN.split("class NpzWriter")[0].replace('"halve"', '"rename"'))
+def test_two_plugins_registering_one_name_is_reported_naming_both(site):
+    make_dist(site, "copycat", "0.1", "copycat", GOOD_PLUGIN.replace('"good.halve"', '"rename"').replace("def register_writers", "def _unused"))
     result = cli(site, "plugins", STATEBRIDGE_DISABLE_PLUGINS="broken,good")
-    assert result.returncode == 2
-    assert "transform 'rename' is registered twice: by 'statebridge 0.1.0'" in result.stderr and "by 'copycat 0.1'" in result.stderr
+    assert "transform 'rename' is registered twice: by statebridge 0.1.0" in result.stderr and "by copycat 0.1" in result.stderr
+    strict = cli(site, "plugins", STATEBRIDGE_DISABLE_PLUGINS="broken,good", STATEBRIDGE_STRICT_PLUGINS="1")
+    assert strict.returncode == 2 and "registered twice" in strict.stderr
+
+
+def test_a_plugin_name_that_breaks_the_rules_is_refused(site):
+    make_dist(site, "badname", "0.1", "badname", GOOD_PLUGIN.replace('"good.halve"', '"good halve"'))
+    result = cli(site, "plugins", "--json", STATEBRIDGE_LOAD_PLUGINS="badname")
+    assert "registered the transform name 'good halve'" in result.stderr
+    assert names(result)["badname"]["provides"]["transforms"] == ["negate"]
 
 
 def test_every_hook_is_documented():
-    specs = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("statebridge_")]
-    assert sorted(specs) == sorted(f"statebridge_{h}" for h in ("transform", "validate", "analyze", "analyses", "export", "gate"))
+    specs = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)]
+    assert sorted(specs) == sorted([*(f"register_{k}" for k in ("transforms", "writers", "gates", "analyses", "commands")), "validate_plan"])
     manual = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
+    assert "hookspecs.py" in manual
     for name in specs:
-        assert len(inspect.getdoc(getattr(hookspecs, name))) > 80, name
-        assert f"`{name}`" in manual, f"{name} is missing from docs/plugins.md"
+        assert len(inspect.getdoc(getattr(hookspecs, name))) > 40, name

@@ -24,9 +24,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from statebridge.errors import SourceError
-from statebridge.io import DictSource, ModuleSource, SafetensorsFile, ShardedSafetensors, TorchPickle, open_source
-from statebridge.io.safetensors import INDEX_NAME
-from statebridge.meta import SAFETENSORS_DTYPES, TensorMeta
+from statebridge.readers import DictSource, ModuleSource, SafetensorsFile, ShardedSafetensors, TorchPickle, open_source
+from statebridge.readers.safetensors import INDEX_NAME
+from statebridge.tensors.meta import SAFETENSORS_DTYPES, TensorMeta
 
 sys.path.insert(0, str(Path(__file__).parent))
 import material  # noqa: E402

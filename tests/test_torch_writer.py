@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from statebridge.errors import ExecutionError
-from statebridge.io import open_source
-from statebridge.meta import TensorMeta
+from statebridge.readers import open_source
+from statebridge.tensors.meta import TensorMeta
 from statebridge.writers.torch_file import TorchWriter
 
 
@@ -132,7 +132,7 @@ _PEAK_SCRIPT = textwrap.dedent(
     import json, resource, sys
     from pathlib import Path
     import torch
-    from statebridge.meta import TensorMeta
+    from statebridge.tensors.meta import TensorMeta
     from statebridge.writers.torch_file import TorchWriter
 
     n, rows = 8, 16 * 1024  # 8 tensors of 16384 x 1024 float32 = 64 MiB each

@@ -15,7 +15,7 @@ import torch
 
 import statebridge as sb
 from statebridge.testing import LlamaShape, write_llama
-from statebridge.transaction import recover, staging_path
+from statebridge.execute.transaction import recover, staging_path
 from statebridge.writers import safetensors as sb_safetensors
 
 

@@ -7,7 +7,7 @@ import torch
 
 import statebridge as sb
 from statebridge import CollisionError, ConfigError, NotInvertibleError, PlanError, UnknownTransformError
-from statebridge.io import DictSource
+from statebridge.readers import DictSource
 
 
 def apply(state: dict[str, torch.Tensor], steps) -> dict[str, torch.Tensor]:
@@ -231,7 +231,10 @@ def test_adapt_shapes_to_a_meta_module():
 def test_scope_runs_steps_under_a_prefix(llama_sd):
     out = apply(llama_sd, [sb.Scope(prefix="model.layers.0.", steps=[sb.Rename(pattern="self_attn.**", to="attn.**")])])
     assert "model.layers.0.attn.q_proj.weight" in out and "model.layers.1.self_attn.q_proj.weight" in out
-    assert_round_trip(llama_sd, [sb.Scope(prefix="model.", steps=[{"concat": {**QKV, "inputs": [i.removeprefix("model.") for i in QKV["inputs"]], "output": "layers.*.qkv"}}])])
+    inner = {"concat": {**QKV, "inputs": [i.removeprefix("model.") for i in QKV["inputs"]], "output": "layers.*.qkv"}}
+    assert_round_trip(llama_sd, [sb.as_pipeline([{"scope": {"prefix": "model.", "steps": [inner]}}])])  # config form, nested
+    with pytest.raises(ConfigError, match=r"steps\[0\]: a step in config form .* needs the installed transforms"):
+        sb.Scope(prefix="model.", steps=[inner])  # a bare composite has no catalog to build config-form steps with
 
 
 def test_parallel_steps_must_be_disjoint(llama_sd):
@@ -262,12 +265,12 @@ def test_config_form_steps_and_unknown_names():
     state = {"a": torch.zeros(1)}
     assert "b" in apply(state, [{"rename": {"mapping": {"a": "b"}}}])
     with pytest.raises(UnknownTransformError) as e:
-        sb.Pipeline([{"renmae": {"mapping": {"a": "b"}}}])
+        sb.plan(state, [{"renmae": {"mapping": {"a": "b"}}}])
     assert "did you mean 'rename'" in str(e.value)
     with pytest.raises(UnknownTransformError, match=r"pip install 'statebridge\[lora\]'"):
-        sb.Pipeline([{"lora_merge": {}}])
+        sb.plan(state, [{"sequential": {"steps": [{"lora_merge": {}}]}}])
     with pytest.raises(ConfigError, match=r"steps\[0\]: rename.pattern|'pattern' needs 'to'"):
-        sb.Pipeline([{"rename": {"pattern": "a"}}])
+        sb.plan(state, [{"rename": {"pattern": "a"}}])
 
 
 def test_params_reject_unknown_fields():

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 import statebridge as sb
 from statebridge import CollisionError, ConfigError, PlanError
 from statebridge.cli import main
-from statebridge.coverage import Requirements
-from statebridge.fingerprint import FINGERPRINT_KEY, LINEAGE_KEY
+from statebridge.trust.coverage import Requirements
+from statebridge.planning.fingerprint import FINGERPRINT_KEY, LINEAGE_KEY
 from statebridge.testing import LlamaShape, llama_state_dict
 
 QKV = dict(
@@ -105,12 +105,13 @@ def test_fingerprint_is_stable_and_order_sensitive_where_order_matters():
     c = sb.Pipeline([sb.Cast(dtype="bf16"), sb.Rename(mapping={"x": "y", "p": "q"})])
     d = sb.Pipeline([sb.Concat(inputs=["k", "q"], output="kq")])
     e = sb.Pipeline([sb.Concat(inputs=["q", "k"], output="kq")])
-    from statebridge.fingerprint import fingerprint
+    from statebridge.planning.fingerprint import fingerprint
 
-    assert fingerprint(a) == fingerprint(b)  # mapping order and dtype spelling do not matter
-    assert fingerprint(a) != fingerprint(c)  # step order does
-    assert fingerprint(d) != fingerprint(e)  # input order does
-    assert len(fingerprint(a)) == 64
+    assert fingerprint(a, {}) == fingerprint(b, {})  # mapping order and dtype spelling do not matter
+    assert fingerprint(a, {}) != fingerprint(c, {})  # step order does
+    assert fingerprint(d, {}) != fingerprint(e, {})  # input order does
+    assert fingerprint(a, {}) != fingerprint(a, {"rename": "other-plugin 1.0"})  # so does the plugin providing a step
+    assert len(fingerprint(a, {})) == 64
 
 
 def test_fingerprint_is_the_same_from_any_config_location(tmp_path, llama_file):

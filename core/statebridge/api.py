@@ -1,88 +1,100 @@
-"""The Python entry points: plan a pipeline, run it to a file, or load it into a module."""
+"""The Python entry points: plan a pipeline, run it to a file, load it into a module, analyse states.
+
+These functions, with :mod:`statebridge.config` and :mod:`statebridge.cli`,
+are the only callers of the plugin hooks: they take the installed plugins
+(:func:`statebridge.plugins.installed`) and hand lower layers what they need
+(the transform catalog, the validate hook caller, the gates, the writer).
+Their options are :class:`statebridge.options.RunOptions`, shared with config
+files and the command line.
+"""
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checks import validate
-from .coverage import Requirements, target_spec
-from .distributed import rank_target, session
 from .errors import ConfigError
-from .estimate import PeakMemory, estimate
-from .execute import ExecutionStats, execute
-from .fingerprint import provenance
-from .io import SourceLike, open_source
-from .meta import human_bytes
-from .patterns import describe_keys
-from .plan import Plan
-from .plugins import load_plugins
+from .execute.distributed import rank_target, session
+from .execute.estimate import PeakMemory, estimate
+from .execute.executor import ExecutionStats, execute
+from .options import PlanOptions, RunOptions, validated
+from .planning.fingerprint import provenance
+from .planning.plan import Plan
+from .plugins import Plugins, installed
+from .readers import SourceLike, open_source
+from .tensors.meta import human_bytes
+from .tensors.patterns import describe_keys
 from .transforms.base import Transform
-from .transforms.composite import Pipeline
+from .transforms.composite import Pipeline, build_steps
+from .trust.coverage import target_spec
+from .trust.findings import validate
+from .trust.gates import Gates
+from .trust.summary import Report
 from .writers.base import Writer
 from .writers.module import ModuleWriter
 
 if TYPE_CHECKING:
+    import os
+
     from torch import nn
 
 PipelineLike = Transform | Sequence[Transform | Mapping[str, Any]] | None
 
 
-def as_pipeline(pipeline: PipelineLike) -> Pipeline:
-    """Accept a transform, a list of transforms or config-form steps, or None (identity)."""
+def as_pipeline(pipeline: PipelineLike, plugins: Plugins | None = None) -> Pipeline:
+    """One pipeline from a transform, a list of transforms or config-form steps (``{name: params}``), or None.
+
+    Config-form steps, nested ones included, are built with the installed
+    transforms; this is how Python code composes plugin steps by name.
+    """
     if pipeline is None:
         return Pipeline([])
     if isinstance(pipeline, Pipeline):
         return pipeline
     if isinstance(pipeline, Transform):
         return Pipeline([pipeline])
-    return Pipeline(list(pipeline))
+    steps = list(pipeline)
+    if any(not isinstance(step, Transform) for step in steps):
+        steps = build_steps(steps, (plugins or installed()).transforms)
+    return Pipeline(steps)
 
 
-def plan(
-    source: SourceLike,
-    pipeline: PipelineLike = None,
-    *,
-    require: Requirements | Mapping[str, Any] | None = None,
-    expect: Any = None,
-    on_collision: str = "error",
-    **options: Any,
-) -> Plan:
-    """Plan ``pipeline`` against ``source`` from headers alone, and run every validate hook.
+def plan(source: SourceLike | Plan, pipeline: PipelineLike = None, **options: Any) -> Plan:
+    """Plan ``pipeline`` against ``source`` from headers alone, and run every validate hook once.
 
-    ``require`` (see :class:`~statebridge.coverage.Requirements`) and ``expect``
-    (a target spec: module, key list or checkpoint) turn coverage and spec
-    violations into errors here, before anything is read or written.
-    ``on_collision="warn"`` lets the last writer of a key win, with a warning.
+    ``options`` are :class:`~statebridge.options.PlanOptions`: ``require`` (see
+    :class:`~statebridge.trust.coverage.Requirements`) and ``expect`` (a target
+    spec: module, key list or checkpoint) turn coverage and spec violations into
+    errors here, before anything is read or written; ``on_collision="warn"``
+    lets the last writer of a key win, with a warning; ``gates`` must name
+    installed gates.  A :class:`Plan` passed as ``source`` is returned as it is.
     """
-    if on_collision not in ("error", "warn"):
-        raise ConfigError(f"on_collision must be 'error' or 'warn', not {on_collision!r}")
-    options.update(
-        require=require if isinstance(require, Requirements) else Requirements.model_validate(dict(require or {})),
-        expect=None if expect is None else target_spec(expect),
-        on_collision=on_collision,
-    )
-    built = Plan.build(open_source(source), as_pipeline(pipeline), options)
-    validate(built)
+    if isinstance(source, Plan):
+        return source
+    checked: PlanOptions = validated(PlanOptions, options)
+    plugins = installed()
+    Gates(plugins.gates, checked.gates)  # an unknown gate name is an error now, not a silent no-op later
+    settings = checked.model_dump()
+    settings.update(require=checked.require, expect=None if checked.expect is None else target_spec(checked.expect))
+    built = Plan.build(open_source(source), as_pipeline(pipeline, plugins), settings, plugins.providers())
+    validate(built, plugins.hook.validate_plan)
     return built
 
 
 def writer_for(target: Path, format: str | None = None) -> type[Writer]:
     """The writer class for ``format``, or for the target's suffix when no format is named."""
-    writers = load_plugins().writers
+    writers = installed().writers
     if format is not None:
-        try:
-            return writers[format]
-        except KeyError:
-            raise ConfigError(f"no writer for format {format!r}; installed formats: {', '.join(sorted(writers))}") from None
-    for cls in writers.values():
+        if format not in writers:
+            raise ConfigError(f"no writer for format {format!r}; installed formats: {', '.join(writers.names())}")
+        return writers.get(format)
+    for _, cls in writers.items():
         if cls.for_target(target):
             return cls
-    raise ConfigError(f"cannot tell the output format of {str(target)!r}; set format: one of {', '.join(sorted(writers))}")
+    raise ConfigError(f"cannot tell the output format of {str(target)!r}; set format: one of {', '.join(writers.names())}")
 
 
 def target_writer(
@@ -95,7 +107,7 @@ def target_writer(
 ) -> Writer:
     """The writer that will write ``plan`` to ``target``, with the provenance it stores (fingerprint, lineage)."""
     target = Path(target)
-    stored = {**provenance(plan.pipeline, plan.lineage), **(metadata or {})}
+    stored = {**provenance(plan.fingerprint, plan.lineage), **(metadata or {})}
     writer = writer_for(target, format)(target, metadata=stored, shard_size=shard_size)
     writer.source_offsets = plan.raw_offsets()
     return writer
@@ -134,56 +146,44 @@ class RunReport:
         return "\n".join(lines)
 
 
-def run(
-    source: SourceLike,
-    pipeline: PipelineLike,
-    target: str | os.PathLike[str],
-    *,
-    format: str | None = None,
-    shard_size: int | None = None,
-    metadata: Mapping[str, str] | None = None,
-    progress: bool | None = None,
-    gates: Mapping[str, Any] | None = None,
-    max_memory: int | None = None,
-    workers: int = 1,
-    require: Requirements | Mapping[str, Any] | None = None,
-    expect: Any = None,
-    on_collision: str = "error",
-    distributed: bool | None = None,
-    durable: bool = True,
-) -> RunReport:
+def run(source: SourceLike | Plan, pipeline: PipelineLike, target: str | os.PathLike[str], **options: Any) -> RunReport:
     """Stream ``source`` through ``pipeline`` into ``target``, atomically.
 
-    The target (file or shard folder) appears only when everything was written
-    and fsynced; on any error it is left as it was.  ``require``, ``expect``
-    and ``on_collision`` are checked on the plan first, as in :func:`plan`.
-    ``durable=False`` skips the fsyncs: the commit is still atomic for every
-    process (an interrupted or failed run leaves nothing), but, as after a
-    ``cp``, a power cut soon after may lose data the kernel had not written yet.
+    ``options`` are :class:`~statebridge.options.RunOptions` (the keys of a
+    config file).  The target (file or shard folder) appears only when
+    everything was written and fsynced; on any error it is left as it was.
+    ``require``, ``expect``, ``on_collision`` and ``gates`` are checked on the
+    plan first, as in :func:`plan`; ``source`` may be that plan (the CLI plans
+    once, shows the plan, then runs it).  ``durable=False`` skips the fsyncs:
+    the commit is still atomic for every process (an interrupted or failed run
+    leaves nothing), but, as after a ``cp``, a power cut soon after may lose
+    data the kernel had not written yet.
 
     Under ``torchrun`` the run is collective: every rank calls it with the same
-    arguments and does a share of the work (see :mod:`statebridge.distributed`);
+    arguments and does a share of the work (see :mod:`statebridge.execute.distributed`);
     ``distributed=False`` converts in this process alone, ``True`` also shares
     the work over a process group the caller initialised.
     """
+    settings: RunOptions = validated(RunOptions, options)
     target = Path(target)
-    with open_source(source) as src, session(distributed) as ranks:
-        built = plan(
-            src, pipeline, require=require, expect=expect, on_collision=on_collision,
-            format=format, shard_size=shard_size, gates=dict(gates or {}),
-        )
-        writer = target_writer(built, target, format=format, shard_size=shard_size, metadata=metadata)
-        writer.durable = durable
-        built.estimate = estimate(built, target, writer)
+    plan_options = {name: getattr(settings, name) for name in PlanOptions.model_fields}
+    built = plan(source, pipeline, **plan_options)
+    gates = Gates(installed().gates, settings.gates)
+    with built.source, session(settings.distributed) as ranks:
+        writer = target_writer(built, target, format=settings.format, shard_size=settings.shard_size, metadata=settings.metadata)
+        writer.durable = settings.durable
+        if built.estimate is None:
+            built.estimate = estimate(built, target, writer)
         if built.estimate.bytes_read or built.new:
             # Computing needs torch: import it before measuring, so the memory rise the report
             # shows is the run's tensors, not torch's own import (about 220 MB).
             import torch  # noqa: F401
-        with rank_target(target, writer.writes_folder, ranks, durable) as staging, PeakMemory() as memory:
+        with rank_target(target, writer.writes_folder, ranks, settings.durable) as staging, PeakMemory() as memory:
             writer.path = staging
             try:
                 stats = execute(
-                    built, writer, progress=progress, gates=gates, max_memory=max_memory, workers=workers, ranks=ranks
+                    built, writer, progress=settings.progress, gates=gates, max_memory=settings.max_memory,
+                    workers=settings.workers, ranks=ranks,
                 )
                 files = writer.finish()
             except BaseException:
@@ -222,3 +222,10 @@ def load_into(
             stacklevel=2,
         )
     return built
+
+
+def analyze(analysis: str, *sources: SourceLike, model: nn.Module | None = None, **options: Any) -> Report:
+    """Run the analysis named ``analysis`` (``summary``, or one a plugin registered) on ``sources``."""
+    analyses = installed().analyses
+    function = analyses.get(analysis)
+    return function([open_source(s) for s in sources], model, dict(options))

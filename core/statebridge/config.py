@@ -29,64 +29,31 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .coverage import Requirements
 from .errors import ConfigError, StatebridgeError
-from .versions import Rule, Version, VersionGraph
+from .options import RunOptions
+from .plugins import installed
+from .trust.versions import Rule, Version, VersionGraph
 from .transforms.base import PATH_FIELD, format_validation_error
 from .transforms.composite import Pipeline, build_steps
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(value: int | str) -> int:
-    """``"2GB"`` -> 2_000_000_000, ``"512MiB"`` -> 536_870_912, ``1000`` -> 1000."""
-    if isinstance(value, int):
-        return value
-    match = _SIZE.match(str(value))
-    if not match:
-        raise ConfigError(f"cannot read size {value!r}; write it like 2GB, 500MB or 512MiB")
-    number, unit = match.groups()
-    return int(float(number) * _UNITS[(unit or "B").upper()])
-
-
-class RunConfig(BaseModel):
-    """A pipeline run: where from, where to, and the steps."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class RunConfig(RunOptions):
+    """A pipeline run: where from, where to, the steps, and the run options (:class:`RunOptions`)."""
 
     source: str = Field(description="checkpoint to read: file, shard folder, torch pickle or GGUF")
     target: str | None = Field(None, description="where to write; a folder for sharded safetensors")
-    format: str | None = Field(None, description="writer format (safetensors, torch, gguf, or a plugin's)")
-    shard_size: int | None = Field(None, description="largest shard for folder targets, e.g. 2GB")
-    metadata: dict[str, str] = Field(default_factory=dict, description="string metadata stored in the output")
-    gates: dict[str, Any] = Field(default_factory=dict, description="options passed to gate hooks")
-    max_memory: int | None = Field(None, description="memory budget for tensors in flight, e.g. 4GB (default: a safe share of available RAM)")
-    workers: int = Field(1, ge=1, description="threads for reading, computing and writing groups")
-    durable: bool = Field(
-        True,
-        description="fsync the target before committing it (false: atomic but not power-cut safe, like cp; faster)",
-    )
     steps: list[dict[str, Any]] = Field(default_factory=list, description="transforms, each {name: params}")
-    require: Requirements = Field(default_factory=Requirements, description="coverage and target-spec invariants")
     expect: str | list[str] | None = Field(None, description="target spec: a checkpoint path or a list of keys")
-    on_collision: Literal["error", "warn"] = Field("error", description="two writers of one key: fail, or keep the last")
     versions: dict[str, Version] = Field(default_factory=dict, description="named layouts, recognised by key signature")
     rules: list[Rule] = Field(default_factory=list, description="steps between versions: {from, to, steps}")
     from_version: str | None = Field(None, alias="from", description="the source's version (detected when omitted)")
     to_version: str | None = Field(None, alias="to", description="the version to produce")
-
-    @field_validator("shard_size", "max_memory", mode="before")
-    @classmethod
-    def _size(cls, value: Any) -> Any:
-        return None if value is None else parse_size(value)
 
     def pipeline(self) -> Pipeline:
         """The steps, or the shortest chain of rules from ``from`` to ``to`` as one pipeline."""
         if not self.rules:
             if self.to_version or self.from_version:
                 raise ConfigError("from/to name versions, but the config has no rules: between versions")
-            return Pipeline(build_steps(self.steps))
+            return Pipeline(build_steps(self.steps, installed().transforms))
         if self.steps:
             raise ConfigError("give either steps: or rules: with from/to, not both")
         if not self.to_version:
@@ -94,18 +61,18 @@ class RunConfig(BaseModel):
         graph = self.graph()
         start = self.from_version
         if start is None:
-            from .io import open_source
+            from .readers import open_source
 
             with open_source(self.source) as source:
                 start = graph.detect(source.metas())
-        return graph.pipeline(start, self.to_version)
+        return graph.pipeline(start, self.to_version, installed().transforms)
 
     def graph(self) -> VersionGraph:
         return VersionGraph(self.versions, self.rules)
 
-    def checks(self) -> dict[str, Any]:
-        """The plan checks this config asks for, as keyword arguments of :func:`statebridge.plan`."""
-        return {"require": self.require, "expect": self.expect, "on_collision": self.on_collision}
+    def options(self, model: type[RunOptions] = RunOptions) -> dict[str, Any]:
+        """The options this config sets, as keyword arguments of :func:`statebridge.run` (or ``plan``)."""
+        return {name: getattr(self, name) for name in model.model_fields}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -168,15 +135,14 @@ def _resolve(value: str, base: Path) -> str:
 
 def _resolve_step_paths(step: Any, base: Path) -> Any:
     """Rewrite the path-typed params of a config-form step (and nested steps) against ``base``."""
-    from .plugins import registry
-
+    transforms = installed().transforms
     if not isinstance(step, Mapping) or len(step) != 1:
         return step
     ((name, params),) = step.items()
-    if name not in registry() or not isinstance(params, Mapping):
+    if name not in transforms or not isinstance(params, Mapping):
         return step
     params = dict(params)
-    fields = registry().get(name).Params.model_fields
+    fields = transforms.get(name).Params.model_fields
     for field_name, info in fields.items():
         if PATH_FIELD in info.metadata and isinstance(params.get(field_name), str):
             params[field_name] = _resolve(params[field_name], base)
@@ -187,11 +153,9 @@ def _resolve_step_paths(step: Any, base: Path) -> Any:
 
 def config_schema() -> dict[str, Any]:
     """JSON schema of config files, with one alternative per installed transform."""
-    from .plugins import registry
-
     schema = RunConfig.model_json_schema()
     alternatives = []
-    for name, cls in registry().items():
+    for name, cls in installed().transforms.items():
         params = cls.Params.model_json_schema()
         alternatives.append(
             {

@@ -1,29 +1,38 @@
-"""The plugin manager: default plugins, entry-point plugins, and the registries built from them.
+"""The plugin manager: the default plugins, entry-point plugins, and what each registered.
+
+The core's own transforms, writers, gates, checks, analyses and commands are
+plugins named in :data:`DEFAULT_PLUGINS` and registered exactly as third-party
+ones are.  Each kind of registration is collected the first time it is needed,
+so ``statebridge --help`` imports no transform and no torch.
 
 Environment variables:
 
 ``STATEBRIDGE_LOAD_PLUGINS``
     comma-separated entry-point or distribution names: load only these plugins
-    (empty string: load none). The core's default plugins always load.
+    (empty string: load none). The default plugins always load.
 ``STATEBRIDGE_DISABLE_PLUGINS``
     comma-separated names to skip.
 ``STATEBRIDGE_STRICT_PLUGINS=1``
-    a plugin that fails to import is an error instead of a warning.
+    a plugin that fails to load or register is an error instead of a warning.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
+from typing import Any
 
 import pluggy
 
 from . import hookspecs
-from .errors import ConfigError, PluginError
-from .registry import TransformRegistry, decorated_transforms
+from ._version import __version__
+from .errors import PluginError
+from .registry import COMMAND_NAME, Catalog, TransformCatalog
 
 if sys.version_info >= (3, 12):
     from importlib.metadata import EntryPoint, entry_points
@@ -31,36 +40,114 @@ else:  # importlib-metadata backports the 3.12 API (dist on entry points)
     from importlib_metadata import EntryPoint, entry_points
 
 ENTRY_POINT_GROUP = "statebridge"
-CORE = "statebridge (core)"
+
+#: the core's own plugins, as module names (imported by :func:`load_plugins`, never by other modules)
+DEFAULT_PLUGINS = (
+    "statebridge.transforms.builtin",
+    "statebridge.writers.builtin",
+    "statebridge.trust.builtin",
+    "statebridge.commands",
+)
+
+#: the registration hooks, the catalog attribute each fills, and how ``register`` maps arguments to (name, entry)
+KINDS: dict[str, tuple[str, Callable[..., tuple[str, Any]]]] = {
+    "transforms": ("register_transforms", lambda cls: (getattr(cls, "name", ""), cls)),
+    "writers": ("register_writers", lambda cls: (getattr(cls, "format", ""), cls)),
+    "gates": ("register_gates", lambda name, gate: (name, gate)),
+    "analyses": ("register_analyses", lambda name, analysis: (name, analysis)),
+    "commands": ("register_commands", lambda command: (getattr(command, "name", ""), command)),
+}
 
 
 @dataclass
 class PluginInfo:
-    """An installed plugin: where it comes from and what it registered."""
+    """An installed plugin: where it comes from, what it registered, or why it failed."""
 
     name: str
     distribution: str
     version: str
     module: str
-    transforms: list[str] = field(default_factory=list)
-    writers: list[str] = field(default_factory=list)
-    analyses: list[str] = field(default_factory=list)
+    provides: dict[str, list[str]] = field(default_factory=dict)
     hooks: list[str] = field(default_factory=list)
     error: str | None = None
 
+    @property
+    def label(self) -> str:
+        """``"distribution version"``: how catalogs and fingerprints name the plugin."""
+        return f"{self.distribution} {self.version}"
 
-@dataclass
+
 class Plugins:
-    """Everything loaded: the pluggy manager, the transform registry, the writers."""
+    """The loaded plugins: the pluggy manager and one catalog per kind of registration."""
 
-    manager: pluggy.PluginManager
-    transforms: TransformRegistry
-    writers: dict[str, type]
-    info: list[PluginInfo]
+    def __init__(self, manager: pluggy.PluginManager, info: list[PluginInfo], strict: bool) -> None:
+        self.manager, self.info, self.strict = manager, info, strict
+        self._by_name = {p.name: p for p in info}
 
     @property
     def hook(self) -> pluggy.HookRelay:
         return self.manager.hook
+
+    @cached_property
+    def transforms(self) -> TransformCatalog:
+        return self._collect("transforms", TransformCatalog())
+
+    @cached_property
+    def writers(self) -> Catalog[type]:
+        return self._collect("writers", Catalog("writer format"))
+
+    @cached_property
+    def gates(self) -> Catalog[Callable[..., Any]]:
+        return self._collect("gates", Catalog("gate"))
+
+    @cached_property
+    def analyses(self) -> Catalog[Callable[..., Any]]:
+        return self._collect("analyses", Catalog("analysis"))
+
+    @cached_property
+    def commands(self) -> Catalog[Any]:
+        return self._collect("commands", Catalog("command", COMMAND_NAME))
+
+    def providers(self) -> dict[str, str]:
+        """Transform name -> the plugin that provides it (for fingerprints)."""
+        catalog = self.transforms
+        return {name: catalog.owner(name) for name in catalog}
+
+    def collect_all(self) -> None:
+        """Fill every catalog (for ``statebridge plugins``, which lists everything)."""
+        for kind in KINDS:
+            getattr(self, kind)
+
+    def _collect(self, kind: str, catalog: Catalog[Any]) -> Catalog[Any]:
+        hook_name, unpack = KINDS[kind]
+        for impl in getattr(self.hook, hook_name).get_hookimpls():
+            plugin = self._by_name[impl.plugin_name]
+            names = plugin.provides.setdefault(kind, [])
+
+            def register(*args: Any, _plugin: PluginInfo = plugin, _names: list[str] = names) -> None:
+                name, entry = unpack(*args)
+                try:
+                    catalog.add(name, entry, _plugin.label)
+                except PluginError as e:  # a bad name or a clash: this entry is refused, the rest still register
+                    self._failed(_plugin, str(e), e)
+                    return
+                _names.append(name)
+
+            try:
+                impl.function(register=register)
+            except PluginError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a third party's failure is reported, the others still work
+                self._failed(plugin, f"{hook_name} raised {type(e).__name__}: {e}", e)
+            names.sort()
+        return catalog
+
+    def _failed(self, plugin: PluginInfo, error: str, cause: BaseException) -> None:
+        plugin.error = error
+        message = f"statebridge plugin {plugin.name!r} from {plugin.label} failed: {error}"
+        if self.strict:
+            raise PluginError(message + " (STATEBRIDGE_STRICT_PLUGINS=1)") from cause
+        warnings.warn(message + "; the other plugins still work", RuntimeWarning, stacklevel=3)
 
 
 def _names(variable: str) -> set[str] | None:
@@ -78,90 +165,44 @@ def _selected(ep: EntryPoint, dist: str) -> bool:
     return only is None or bool(names & only)
 
 
-@cache
 def load_plugins() -> Plugins:
-    """Load the default plugins and every selected entry-point plugin (once per process)."""
-    from . import default_plugins
-
-    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    """Load the default plugins and every selected entry-point plugin into a new manager."""
+    manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
     manager.add_hookspecs(hookspecs)
     strict = os.environ.get("STATEBRIDGE_STRICT_PLUGINS", "") not in ("", "0")
-    info: list[PluginInfo] = []
-    from . import __version__
+    core = PluginInfo("statebridge", "statebridge", __version__, ", ".join(DEFAULT_PLUGINS))
+    info: list[PluginInfo] = [core]
+    for module_name in DEFAULT_PLUGINS:
+        manager.register(importlib.import_module(module_name), name=module_name)
 
-    for module in default_plugins.MODULES:
-        manager.register(module, name=f"statebridge.{module.__name__.rsplit('.', 1)[-1]}")
-    core = PluginInfo("statebridge", "statebridge", __version__, "statebridge.default_plugins")
-    info.append(core)
-    origins: dict[str, PluginInfo] = {m.__name__: core for m in default_plugins.MODULES}
-
+    plugins = Plugins(manager, info, strict)
+    plugins._by_name.update(dict.fromkeys(DEFAULT_PLUGINS, core))
     seen: set[str] = set()
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         dist = ep.dist.name if ep.dist else "?"
-        version = ep.dist.version if ep.dist else "?"
         if ep.name in seen or not _selected(ep, dist):
             continue
         seen.add(ep.name)
-        plugin = PluginInfo(ep.name, dist, version, ep.value)
-        try:
-            obj = ep.load()
-            manager.register(obj, name=ep.name)
-        except Exception as e:  # noqa: BLE001 - any import failure of third-party code
-            plugin.error = f"{type(e).__name__}: {e}"
-            message = f"statebridge plugin {ep.name!r} from {dist} {version} failed to load: {plugin.error}"
-            if strict:
-                raise PluginError(message + " (STATEBRIDGE_STRICT_PLUGINS=1)") from e
-            warnings.warn(message + "; the other plugins are loaded", RuntimeWarning, stacklevel=2)
-            info.append(plugin)
-            continue
+        plugin = PluginInfo(ep.name, dist, ep.dist.version if ep.dist else "?", ep.value)
         info.append(plugin)
-        origins[getattr(obj, "__name__", ep.value.split(":")[0])] = plugin
-
-    by_package = {m.split(".")[0]: p for m, p in origins.items()}
-
-    def owner_of(obj: object) -> PluginInfo | None:
-        """The plugin whose top-level package defines ``obj`` (None: defined by the user's own code)."""
-        return by_package.get((getattr(obj, "__module__", "") or "").split(".")[0])
-
-    registry = TransformRegistry()
-    classes = list(decorated_transforms())
-    for batch in manager.hook.statebridge_transform():
-        classes.extend(batch or [])
-    for cls in dict.fromkeys(classes):
-        plugin = owner_of(cls)
+        plugins._by_name[ep.name] = plugin
         try:
-            registry.add(cls, f"{plugin.distribution} {plugin.version}" if plugin else cls.__module__)
-        except ConfigError as e:
-            raise PluginError(str(e)) from None
-        if plugin:
-            plugin.transforms.append(cls.name)
-
-    writers: dict[str, type] = {}
-    for batch in manager.hook.statebridge_export():
-        for cls in batch or []:
-            writers.setdefault(cls.format, cls)
-            if plugin := owner_of(cls):
-                plugin.writers.append(cls.format)
-    for impl in manager.hook.statebridge_analyses.get_hookimpls():
-        if plugin := by_package.get(impl.plugin.__name__.split(".")[0]):
-            plugin.analyses.extend(impl.function() or [])
-    for obj in manager.get_plugins():
-        if plugin := by_package.get(getattr(obj, "__name__", "").split(".")[0]):
-            plugin.hooks.extend(c.name for c in manager.get_hookcallers(obj) or [] if c.name not in plugin.hooks)
-    for plugin in info:
-        plugin.hooks.sort()
-        plugin.transforms.sort()
-    return Plugins(manager, registry, writers, info)
+            manager.register(ep.load(), name=ep.name)
+        except Exception as e:  # noqa: BLE001 - any import failure of third-party code
+            plugins._failed(plugin, f"{type(e).__name__}: {e}", e)
+    for name, plugin in plugins._by_name.items():
+        if manager.has_plugin(name):
+            callers = manager.get_hookcallers(manager.get_plugin(name)) or []
+            plugin.hooks = sorted({*plugin.hooks, *(c.name for c in callers)})
+    return plugins
 
 
-def get_plugin_manager() -> Plugins:
+@cache
+def installed() -> Plugins:
+    """The plugins of this process, loaded on first use (the API, config and CLI layers share them)."""
     return load_plugins()
 
 
-def registry() -> TransformRegistry:
-    return load_plugins().transforms
-
-
 def reset_plugins() -> None:
-    """Forget loaded plugins so the next use reloads them (for tests and long-lived processes)."""
-    load_plugins.cache_clear()
+    """Forget the loaded plugins so the next use reloads them (for tests and long-lived processes)."""
+    installed.cache_clear()

@@ -1,21 +1,31 @@
-"""Deterministic llama-style checkpoints for tests, examples and benchmarks.
+"""Helpers for testing statebridge and its plugins: deterministic checkpoints, plugin and CLI checks.
 
-The names and shapes follow Hugging Face Llama (``model.layers.N.self_attn.q_proj.weight``,
-...), with grouped-query attention so q, k and v differ in size.  Values come
+:class:`GeneratedLlama` / :func:`write_llama` make llama-style checkpoints whose
+names and shapes follow Hugging Face Llama (``model.layers.N.self_attn.q_proj.weight``,
+...), with grouped-query attention so q, k and v differ in size; values come
 from a seeded generator, so every build is bit-identical.
+:func:`assert_plugin_loads` checks an installed plugin the way statebridge loads
+it; :func:`run_cli` runs the real command line in a fresh process.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+import re
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .io.base import Source
-from .meta import TensorMeta
+from .readers.base import Source
+from .tensors.meta import TensorMeta
+
+if TYPE_CHECKING:
+    from .plugins import PluginInfo
 
 
 @dataclass(frozen=True)
@@ -101,3 +111,36 @@ def write_llama(
 
     run(GeneratedLlama(shape, dtype, seed), None, path, shard_size=shard_size, progress=False)
     return Path(path)
+
+
+def assert_plugin_loads(entry_point: str, distribution: str) -> PluginInfo:
+    """Check that the installed plugin ``entry_point`` (from ``distribution``) loads as statebridge loads it.
+
+    It must be found through the ``statebridge`` entry-point group, import and
+    register everything without error, and be at the core's version (first-party
+    plugins are released together with the core).  Returns what it provides.
+    """
+    from ._version import __version__
+    from .plugins import load_plugins
+
+    plugins = load_plugins()
+    plugins.collect_all()
+    found = {p.name: p for p in plugins.info}
+    assert entry_point in found, f"no statebridge entry point named {entry_point!r}; found {sorted(found)}"
+    plugin = found[entry_point]
+    assert plugin.error is None, f"{entry_point} failed to load: {plugin.error}"
+    assert re.sub(r"[-_.]+", "-", plugin.distribution).lower() == distribution, plugin.distribution
+    assert plugin.version == __version__, f"{distribution} {plugin.version} beside statebridge {__version__}"
+    return plugin
+
+
+def run_cli(args: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``statebridge ARGS`` in a fresh Python process (plugins load as for a user); never raises on exit status."""
+    return subprocess.run(
+        [sys.executable, "-m", "statebridge", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )

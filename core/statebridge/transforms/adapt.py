@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import model_validator
 
 from ..errors import PlanError
-from ..meta import TensorMeta
-from ..registry import register_transform
+from ..tensors.meta import TensorMeta
 from .base import Group, Params, PathParam, Transform
 from .matching import select
 
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-@register_transform("adapt_shapes")
 class AdaptShapes(Transform):
     """Fit tensors to target shapes: ``slice``, ``pad`` or ``copy_and_init_rest``.
 
@@ -35,6 +33,7 @@ class AdaptShapes(Transform):
     ``normal(0, init_std)`` seeded per key by ``seed`` (or zeros when
     ``init_std`` is 0), so runs are reproducible.
     """
+    name = "adapt_shapes"
 
     class Params(Params):
         strategy: Literal["slice", "pad", "copy_and_init_rest"]
@@ -60,7 +59,7 @@ class AdaptShapes(Transform):
     def target_shapes(self) -> dict[str, tuple[int, ...]]:
         if self.params.shapes is not None:
             return {k: tuple(v) for k, v in self.params.shapes.items()}
-        from ..io import open_source
+        from ..readers import open_source
 
         with open_source(self.params.like) as target:
             return {k: m.shape for k, m in target.metas().items()}

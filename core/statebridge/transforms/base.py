@@ -10,14 +10,14 @@ reads pass through the step unchanged; nothing is ever dropped implicitly.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import ConfigError, NotInvertibleError
-from ..meta import TensorMeta
+from ..tensors.meta import TensorMeta
 
 if TYPE_CHECKING:
     import torch
@@ -109,6 +109,21 @@ class Group:
         )
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """Alternatives for one output tensor, best first; a group's compute may return this instead of a tensor.
+
+    The executor writes the first alternative that no gate rejects; if every one
+    is rejected the run fails before anything is committed.
+    """
+
+    options: Sequence[torch.Tensor]
+    labels: Sequence[str] = ()
+
+    def label(self, i: int) -> str:
+        return self.labels[i] if i < len(self.labels) else f"candidate {i}"
+
+
 #: marks a params field holding a file path; config files resolve it against their own folder
 PATH_FIELD = "statebridge:path"
 PathParam = Annotated[str, PATH_FIELD]
@@ -127,12 +142,14 @@ class Params(BaseModel):
 class Transform(ABC):
     """Base class of every transform, built in or from a plugin.
 
-    Subclasses set ``Params`` (a pydantic model) and implement :meth:`plan`;
-    ``@register_transform("name")`` gives them their config name.  Build one
-    with keyword arguments (``Rename(pattern="a.*", to="b.*")``) or a params
+    Subclasses set ``name`` (the config name; namespace a plugin's names, e.g.
+    ``myplugin.transpose``) and ``Params`` (a pydantic model), implement
+    :meth:`plan`, and are registered by a ``register_transforms`` hook.  Build
+    one with keyword arguments (``Rename(pattern="a.*", to="b.*")``) or a params
     mapping (``Rename({"pattern": ...})``).
     """
 
+    #: the config name (``steps: [{name: params}]``)
     name: ClassVar[str] = ""
     #: bump when the transform's output for the same params changes (goes into fingerprints)
     version: ClassVar[str] = "1"
@@ -147,6 +164,14 @@ class Transform(ABC):
             self.params = self.Params.model_validate(values)
         except ValidationError as e:
             raise ConfigError(format_validation_error(e, self.name or type(self).__name__)) from None
+
+    @classmethod
+    def from_config(cls, params: Mapping[str, Any], transforms: Any) -> "Transform":
+        """Build from config form; nested config-form steps are built from the catalog ``transforms``."""
+        try:
+            return cls(cls.Params.model_validate(dict(params), context={"transforms": transforms}))
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, cls.name or cls.__name__)) from None
 
     @abstractmethod
     def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
@@ -170,5 +195,5 @@ def format_validation_error(error: ValidationError, where: str) -> str:
     lines = []
     for problem in error.errors():
         loc = ".".join(str(p) for p in problem["loc"])
-        lines.append(f"{where}{'.' + loc if loc else ''}: {problem['msg']}")
+        lines.append(f"{'.'.join(filter(None, (where, loc)))}: {problem['msg']}")
     return "; ".join(lines)

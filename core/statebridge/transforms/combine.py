@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING
 from pydantic import Field, model_validator
 
 from ..errors import NotInvertibleError, PlanError
-from ..meta import TensorMeta
-from ..patterns import KeyPattern
-from ..registry import register_transform
+from ..tensors.meta import TensorMeta
+from ..tensors.patterns import KeyPattern
 from .base import Group, Params, Piece, Pieces, Transform, whole
 from .matching import bind, require
 
@@ -141,9 +140,9 @@ def _consecutive(source: str, parts: Mapping[str, TensorMeta]) -> dict[str, Piec
     return pieces
 
 
-@register_transform("stack")
 class Stack(_Join):
     """Stack equal-shaped tensors along a new dimension ``dim``."""
+    name = "stack"
 
     def joined(self, keys: list[str], parts: list[TensorMeta]) -> tuple[int, tuple[int, ...]]:
         _same(parts, keys, "stack")
@@ -162,9 +161,9 @@ class Stack(_Join):
         return Unstack(input=self.params.output, outputs=self.params.inputs, dim=self.params.dim, strict=self.params.strict)
 
 
-@register_transform("unstack")
 class Unstack(_Part):
     """Split a tensor along ``dim`` into one tensor per output, removing that dimension."""
+    name = "unstack"
 
     def parts(self, source: str, meta: TensorMeta, dim: int, n: int) -> list[tuple[int, ...]]:
         if meta.shape[dim] != n:
@@ -181,9 +180,9 @@ class Unstack(_Part):
         return Stack(inputs=self.params.outputs, output=self.params.input, dim=self.params.dim, strict=self.params.strict)
 
 
-@register_transform("concat")
 class Concat(_Join):
     """Concatenate tensors along an existing dimension ``dim`` (e.g. q, k, v -> fused qkv)."""
+    name = "concat"
 
     def joined(self, keys: list[str], parts: list[TensorMeta]) -> tuple[int, tuple[int, ...]]:
         dim = _dim(self.params.dim, len(parts[0].shape), keys[0])
@@ -206,9 +205,9 @@ class Concat(_Join):
         return Split(input=p.output, outputs=p.inputs, dim=p.dim, sizes=list(size_sets.pop()), strict=p.strict)
 
 
-@register_transform("split")
 class Split(_Part):
     """Cut a tensor along ``dim`` into parts of the given ``sizes`` (equal parts when omitted)."""
+    name = "split"
 
     class Params(_OneToMany):
         sizes: list[int] | None = None
@@ -243,8 +242,8 @@ class Split(_Part):
         return Concat(inputs=self.params.outputs, output=self.params.input, dim=self.params.dim, strict=self.params.strict)
 
 
-@register_transform("chunk")
 class Chunk(Split):
     """Cut a tensor along ``dim`` into equal parts, one per output (``torch.chunk`` without remainders)."""
+    name = "chunk"
 
     Params = _OneToMany

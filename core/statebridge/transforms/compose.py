@@ -15,10 +15,9 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ..errors import CollisionError, ExecutionError, PlanError, StatebridgeError
-from ..gates import Candidates
-from ..meta import TensorMeta
-from ..patterns import describe_keys, did_you_mean
-from .base import Group, Piece, Pieces, Tensors, cut, whole
+from ..tensors.meta import TensorMeta
+from ..tensors.patterns import describe_keys, did_you_mean
+from .base import Candidates, Group, Piece, Pieces, Tensors, cut, whole
 
 if TYPE_CHECKING:
     from .base import Transform

@@ -10,23 +10,33 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from pydantic import ConfigDict, field_validator
+from pydantic import ConfigDict, ValidationInfo, field_validator
 
 from .compose import compose
-from ..errors import CollisionError, PlanError, StatebridgeError
-from ..meta import TensorMeta
-from ..patterns import describe_keys
-from ..registry import register_transform
+from ..errors import CollisionError, ConfigError, PlanError, StatebridgeError
+from ..tensors.meta import TensorMeta
+from ..tensors.patterns import describe_keys
 from .base import Group, Params, Transform
 
 
-def build_steps(steps: Sequence[Any], where: str = "steps") -> list[Transform]:
-    """Turn config-form steps (``{name: params}``) into transforms; transforms pass as they are."""
-    from ..plugins import registry
+def build_steps(steps: Sequence[Any], transforms: Any = None, where: str = "steps") -> list[Transform]:
+    """Turn config-form steps (``{name: params}``) into transforms with the catalog ``transforms``.
 
+    Transform objects pass as they are.  The catalog comes from the caller (the
+    API and config layers hold the installed plugins); without one, only
+    transform objects are accepted.
+    """
     out = []
     for i, step in enumerate(steps):
-        out.append(step if isinstance(step, Transform) else registry().build(step, f"{where}[{i}]"))
+        if isinstance(step, Transform):
+            out.append(step)
+        elif transforms is None:
+            raise ConfigError(
+                f"{where}[{i}]: a step in config form ({step!r}) needs the installed transforms to be built; "
+                "build the steps with statebridge.as_pipeline([...]) or give them to statebridge.plan/run/load_into"
+            )
+        else:
+            out.append(transforms.build(step, f"{where}[{i}]"))
     return out
 
 
@@ -36,15 +46,15 @@ class _StepsParams(Params):
 
     @field_validator("steps")
     @classmethod
-    def _build(cls, steps: list[Any]) -> list[Transform]:
-        return build_steps(steps)
+    def _build(cls, steps: list[Any], info: ValidationInfo) -> list[Transform]:
+        return build_steps(steps, (info.context or {}).get("transforms"))
 
 
 class _Composite(Transform):
     Params = _StepsParams
 
     def __init__(self, steps: Sequence[Any] | None = None, /, **kwargs: Any) -> None:
-        if steps is not None and not isinstance(steps, Mapping):
+        if steps is not None and not isinstance(steps, (Mapping, self.Params)):
             kwargs["steps"] = list(steps)
             steps = None
         super().__init__(steps, **kwargs)
@@ -61,9 +71,9 @@ class _Composite(Transform):
         return f"{type(self).__name__}({self.steps!r})"
 
 
-@register_transform("sequential")
 class Pipeline(_Composite):
     """Steps applied one after another; each sees the state the previous ones left."""
+    name = "sequential"
 
     def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
         return compose(self.steps, metas).groups
@@ -84,9 +94,9 @@ class Pipeline(_Composite):
 Sequential = Pipeline
 
 
-@register_transform("parallel")
 class Parallel(_Composite):
     """Independent steps planned against the same state; they must read and write disjoint keys."""
+    name = "parallel"
 
     def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
         groups: list[Group] = []
@@ -110,9 +120,9 @@ class Parallel(_Composite):
         return Parallel([step.inverse(metas) for step in self.steps])
 
 
-@register_transform("scope")
 class Scope(_Composite):
     """Run steps on the keys under ``prefix`` as if the prefix were not there; other keys pass through."""
+    name = "scope"
 
     class Params(_StepsParams):
         prefix: str

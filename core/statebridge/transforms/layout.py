@@ -8,8 +8,7 @@ from dataclasses import replace
 from pydantic import Field
 
 from ..errors import NotInvertibleError, PlanError
-from ..meta import TensorMeta
-from ..registry import register_transform
+from ..tensors.meta import TensorMeta
 from .base import Group, Params, Transform, whole
 from .matching import select
 
@@ -46,9 +45,9 @@ class _PatternParams(Params):
     strict: bool = True
 
 
-@register_transform("transpose")
 class Transpose(_PerKey):
     """Swap two dimensions (default the first two) of every matching tensor."""
+    name = "transpose"
 
     class Params(_PatternParams):
         dims: tuple[int, int] = (0, 1)
@@ -74,9 +73,9 @@ class Transpose(_PerKey):
         return self
 
 
-@register_transform("permute")
 class Permute(_PerKey):
     """Reorder the dimensions of every matching tensor (``dims`` as in ``torch.permute``)."""
+    name = "permute"
 
     class Params(_PatternParams):
         dims: list[int] = Field(min_length=1)
@@ -101,9 +100,9 @@ class Permute(_PerKey):
         return Permute(pattern=self.params.pattern, dims=inverse, strict=self.params.strict)
 
 
-@register_transform("reshape")
 class Reshape(_PerKey):
     """Give every matching tensor a new shape with the same number of elements (one -1 allowed)."""
+    name = "reshape"
 
     same_bytes = True  # row-major bytes do not move
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ..errors import PlanError
-from ..meta import TensorMeta
-from ..patterns import KeyPattern, did_you_mean
+from ..tensors.meta import TensorMeta
+from ..tensors.patterns import KeyPattern, did_you_mean
 
 
 def select(pattern: str, metas: Mapping[str, TensorMeta], strict: bool = True) -> list[str]:

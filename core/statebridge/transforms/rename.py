@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING
 from pydantic import model_validator
 
 from ..errors import PlanError
-from ..meta import TensorMeta
-from ..patterns import KeyPattern
-from ..registry import register_transform
+from ..tensors.meta import TensorMeta
+from ..tensors.patterns import KeyPattern
 from .base import Group, Params, Transform
 from .matching import require, select
 
@@ -19,7 +18,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-@register_transform("rename")
 class Rename(Transform):
     """Rename keys: an exact ``mapping``, or a ``pattern`` and its target ``to``.
 
@@ -27,6 +25,7 @@ class Rename(Transform):
     ``re:`` patterns substitute every match inside the key, like ``re.sub``
     (``re:^bert\\.`` -> ``""``).  Keys the rename does not match pass through.
     """
+    name = "rename"
 
     class Params(Params):
         mapping: dict[str, str] | None = None
@@ -73,9 +72,9 @@ class Rename(Transform):
         return Rename(mapping={dst: src for src, dst in self.pairs(metas) if src != dst}, strict=True)
 
 
-@register_transform("identity")
 class Identity(Transform):
     """Mark keys as deliberately carried over unchanged (they count as mapped, not unmapped)."""
+    name = "identity"
 
     class Params(Params):
         keys: list[str]
@@ -94,9 +93,9 @@ def identity_from_module(module: nn.Module) -> Identity:
     return Identity(keys=list(module.state_dict(keep_vars=True)))
 
 
-@register_transform("drop")
 class Drop(Transform):
     """Remove keys on purpose. Nothing is ever dropped without a drop step; every dropped key is reported."""
+    name = "drop"
 
     class Params(Params):
         keys: list[str]

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import field_validator, model_validator
 
 from ..errors import NotInvertibleError, PlanError
-from ..meta import DTYPES, DType, TensorMeta, dtype_name, parse_dtype
-from ..registry import register_transform
+from ..tensors.meta import DTYPES, DType, TensorMeta, dtype_name, parse_dtype
 from .base import Transform
 from .layout import _PatternParams, _PerKey
 
@@ -22,9 +21,9 @@ if TYPE_CHECKING:
     import torch
 
 
-@register_transform("cast")
 class Cast(_PerKey):
     """Convert matching tensors to ``dtype``; only floating-point ones unless ``integers: true``."""
+    name = "cast"
 
     class Params(_PatternParams):
         pattern: str = "**"
@@ -104,13 +103,13 @@ VALUE_OPS: dict[str, Callable[..., "torch.Tensor"]] = {
 }
 
 
-@register_transform("value_op")
 class ValueOp(_PerKey):
     """Apply a named arithmetic op (scale, add, clamp, fill, zero) to matching floating-point tensors.
 
     The op runs in float32 (or float64 for float64 tensors) and the result is
     cast back to the tensor's dtype, so shapes and dtypes never change.
     """
+    name = "value_op"
 
     class Params(_PatternParams):
         op: Literal["scale", "add", "clamp", "fill", "zero"]

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import ExecutionError
-from ..io.base import RawSpan
-from ..meta import TensorMeta
+from ..readers.base import RawSpan
+from ..tensors.meta import TensorMeta
 
 if TYPE_CHECKING:
     import torch

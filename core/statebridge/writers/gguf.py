@@ -20,7 +20,7 @@ I16, I32, I64.  Other dtypes (bool, unsigned ints, float8, complex) have no
 GGUF type and are refused at :meth:`GGUFWriter.begin` with a
 :class:`~statebridge.errors.ConfigError` naming the key; cast them first.
 Shapes are written as ggml expects, fastest dimension first (``reversed`` of
-the torch shape), so :class:`~statebridge.io.gguf.GGUFSource`, ``gguf.GGUFReader``
+the torch shape), so :class:`~statebridge.readers.gguf.GGUFSource`, ``gguf.GGUFReader``
 and llama.cpp read back the torch shape.  ggml tensors have at most 4
 dimensions, so larger ranks are refused too.
 
@@ -28,7 +28,7 @@ Metadata: every ``metadata`` entry is written as a GGUF string, except
 ``general.alignment``, which is written as the UINT32 the format requires.
 ``general.architecture`` defaults to ``"statebridge"``.  Typed values (for
 example the fields of a source GGUF file, to be copied through unchanged) can
-be given with ``fields=`` as :class:`~statebridge.io.gguf.GGUFField` values or
+be given with ``fields=`` as :class:`~statebridge.readers.gguf.GGUFField` values or
 plain Python values.  The output holds no timestamps: the same inputs give the
 same bytes.
 """
@@ -47,9 +47,9 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from gguf import GGUFWriter as _LibWriter
 
 from ..errors import ConfigError, ExecutionError
-from ..io.base import RawSpan
-from ..io.gguf import GGUFField
-from ..meta import DTYPES, DType, TensorMeta, dtype_name
+from ..readers.base import RawSpan
+from ..readers.gguf import GGUFField
+from ..tensors.meta import DTYPES, DType, TensorMeta, dtype_name
 from .base import Writer
 from .rawcopy import copy_spans
 

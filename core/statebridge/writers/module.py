@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import PlanError
-from ..meta import TensorMeta
-from ..patterns import describe_keys
+from ..tensors.meta import TensorMeta
+from ..tensors.patterns import describe_keys
 from .base import Writer
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from ..io.base import RawSpan
+    from ..readers.base import RawSpan
 
 
 _CHUNK = 64 * 1024 * 1024

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, ExecutionError
-from ..io.base import RawSpan
-from ..io.safetensors import INDEX_NAME
-from ..meta import TensorMeta, dtype_name
+from ..readers.base import RawSpan
+from ..readers.safetensors import INDEX_NAME
+from ..tensors.meta import TensorMeta, dtype_name
 from .base import PlannedFile, Writer
 from .rawcopy import copy_spans, start_writeback, tensor_bytes, write_at
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from ..errors import ConfigError, ExecutionError
-from ..meta import TensorMeta, dtype_name
+from ..tensors.meta import TensorMeta, dtype_name
 from .base import Writer
 
 if TYPE_CHECKING:

@@ -1,19 +1,14 @@
 """The example third-party plugin: discovered, registered, planned, computed and checked."""
 
-import re
-from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 import torch
 
-from statebridge.checks import validate
-from statebridge.errors import PlanError
-from statebridge.io.memory import DictSource
-from statebridge.meta import TensorMeta
-from statebridge.plan import Plan
-from statebridge.plugins import registry
-from statebridge.transforms import Pipeline
-from statebridge_example_scale.plugin import ScaleByName
+import statebridge as sb
+from statebridge.plugins import installed
+from statebridge.testing import assert_plugin_loads, run_cli
+from statebridge_example_scale.transforms import ScaleByName
 
 STATE = {
     "layers.0.mlp.weight": torch.ones(2, 3, dtype=torch.bfloat16),
@@ -23,20 +18,22 @@ STATE = {
 }
 
 
-def test_discovered_through_its_entry_point() -> None:
-    (ep,) = [e for e in entry_points(group="statebridge") if e.name == "example_scale"]
-    assert re.sub(r"[-_.]+", "-", ep.dist.name).lower() == "statebridge-example-scale"
-    assert ep.value == "statebridge_example_scale.plugin"
+def test_discovered_through_its_entry_point_with_its_transform_and_command() -> None:
+    plugin = assert_plugin_loads("example_scale", "statebridge-example-scale")
+    assert plugin.provides == {"transforms": ["scale_by_name"], "commands": ["scale-factors"]}
+    assert plugin.hooks == ["register_commands", "register_transforms", "validate_plan"]
 
 
 def test_registered_under_its_config_name() -> None:
-    assert registry().get("scale_by_name") is ScaleByName
-    step = registry().build({"scale_by_name": {"pattern": "layers.*.mlp.weight", "factor": 0.5}})
+    transforms = installed().transforms
+    assert transforms.get("scale_by_name") is ScaleByName
+    assert transforms.owner("scale_by_name") == "statebridge-example-scale 0.1.0"
+    step = transforms.build({"scale_by_name": {"pattern": "layers.*.mlp.weight", "factor": 0.5}})
     assert isinstance(step, ScaleByName) and step.params.factor == 0.5
 
 
 def test_plan_declares_groups_then_computes() -> None:
-    metas = {k: TensorMeta.of(v) for k, v in STATE.items()}
+    metas = {k: sb.TensorMeta.of(v) for k, v in STATE.items()}
     groups = ScaleByName(pattern="layers.*.mlp.weight", factor=0.5).plan(metas)
     assert [g.inputs for g in groups] == [("layers.0.mlp.weight",), ("layers.1.mlp.weight",)]
     assert all(dict(g.outputs) == {g.inputs[0]: metas[g.inputs[0]]} for g in groups)  # same name, shape, dtype
@@ -47,21 +44,29 @@ def test_plan_declares_groups_then_computes() -> None:
 
 
 def test_rejects_integer_tensors_and_missing_keys_before_reading_data() -> None:
-    metas = {k: TensorMeta.of(v) for k, v in STATE.items()}
-    with pytest.raises(PlanError, match="not floating point"):
+    metas = {k: sb.TensorMeta.of(v) for k, v in STATE.items()}
+    with pytest.raises(sb.PlanError, match="not floating point"):
         ScaleByName(pattern="position_ids", factor=2).plan(metas)
-    with pytest.raises(PlanError):
+    with pytest.raises(sb.PlanError):
         ScaleByName(pattern="decoder.*.weight", factor=2).plan(metas)
     assert ScaleByName(pattern="decoder.*.weight", factor=2, strict=False).plan(metas) == []
 
 
-def _own_findings(plan: Plan) -> list:
-    return [f for f in validate(plan) if f.check == "example_scale.zero_factor"]
+def _own_findings(steps) -> list:
+    return [f for f in sb.plan(STATE, steps).findings if f.check == "example_scale.zero_factor"]
 
 
 def test_validate_warns_about_a_zero_factor() -> None:
-    source = DictSource(STATE)
     zero = ScaleByName(pattern="layers.*.norm.weight", factor=0)
-    (finding,) = _own_findings(Plan.build(source, Pipeline([Pipeline([zero])])))  # found inside nested steps
+    (finding,) = _own_findings([sb.Sequential([zero])])  # found inside nested steps
     assert finding.level == "warning" and "layers.*.norm.weight" in finding.message
-    assert _own_findings(Plan.build(source, ScaleByName(pattern="layers.*.norm.weight", factor=3))) == []
+    assert _own_findings([ScaleByName(pattern="layers.*.norm.weight", factor=3)]) == []
+
+
+def test_its_command_lists_the_scale_steps_of_a_config(tmp_path: Path) -> None:
+    config = tmp_path / "scale.yaml"
+    config.write_text("source: in.safetensors\nsteps:\n  - scale_by_name: {pattern: 'a.*', factor: 0.5}\n")
+    done = run_cli(["scale-factors", str(config)])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "a.*: x0.5\n"
+    assert "scale-factors" in run_cli(["--help"]).stdout

@@ -1,19 +1,7 @@
-"""Smoke test: the installed statebridge-seeddelta distribution is found through its entry point."""
+"""The installed statebridge-seeddelta distribution is found through its entry point and loads cleanly."""
 
-import re
-from importlib.metadata import entry_points
-
-import pluggy
-
-from statebridge import hookspecs
+from statebridge.testing import assert_plugin_loads
 
 
 def test_seeddelta_plugin_is_discovered() -> None:
-    (ep,) = [e for e in entry_points(group="statebridge") if e.name == "seeddelta"]
-    assert re.sub(r"[-_.]+", "-", ep.dist.name).lower() == "statebridge-seeddelta"
-    assert ep.dist.version == "0.1.0"
-    module = ep.load()
-    manager = pluggy.PluginManager(hookspecs.PROJECT)
-    manager.add_hookspecs(hookspecs)
-    manager.register(module)  # checks the hook implementations against the specs
-    assert "statebridge_transform" in [caller.name for caller in manager.get_hookcallers(module)]
+    assert_plugin_loads("seeddelta", "statebridge-seeddelta")

@@ -4,18 +4,7 @@ This plugin will provide the ``seeddelta`` transform, which stores a fine-tuned 
 compact delta against a base state regenerated from a seed, and the
 reconstruction of full tensors from it.
 
-Nothing is implemented yet: the plugin registers itself through the
-``statebridge`` entry point and implements ``statebridge_transform``, which
-returns an empty list, so ``statebridge plugins`` shows it as installed without
-offering anything it cannot do.
+Nothing is implemented yet: the module is registered through the ``statebridge``
+entry point and implements no hook, so ``statebridge plugins`` lists it as installed,
+providing nothing yet, and offers nothing it cannot do.
 """
-
-from __future__ import annotations
-
-from statebridge import hookimpl
-
-
-@hookimpl
-def statebridge_transform() -> list[type]:
-    """The transform classes of this plugin: none yet (see the module docstring)."""
-    return []

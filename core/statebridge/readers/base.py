@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..meta import TensorMeta
+from ..tensors.meta import TensorMeta
 
 if TYPE_CHECKING:
     import torch

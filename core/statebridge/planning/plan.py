@@ -6,12 +6,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .transforms.compose import Lineage, compose
-from .io.base import RawSpan, Source
-from .meta import TensorMeta, human_bytes
-from .patterns import compress_keys
-from .transforms.base import Group, Transform
-from .transforms.composite import Pipeline
+from ..transforms.compose import Lineage, compose
+from ..readers.base import RawSpan, Source
+from ..tensors.meta import TensorMeta, human_bytes
+from ..tensors.patterns import compress_keys
+from ..transforms.base import Group, Transform
+from ..transforms.composite import Pipeline
 
 
 @dataclass
@@ -31,10 +31,19 @@ class Plan:
     overwritten: list[str] = field(default_factory=list)  # source keys lost to those collisions
     options: dict[str, Any] = field(default_factory=dict)
     findings: list[Any] = field(default_factory=list)
-    estimate: Any = None  # an Estimate, once statebridge.estimate has priced the plan
+    estimate: Any = None  # an Estimate, once statebridge.execute.estimate has priced the plan
+    providers: Mapping[str, str] = field(default_factory=dict)  # transform name -> the plugin that provides it
+
 
     @classmethod
-    def build(cls, source: Source, pipeline: Transform, options: Mapping[str, Any] | None = None) -> "Plan":
+    def build(
+        cls,
+        source: Source,
+        pipeline: Transform,
+        options: Mapping[str, Any] | None = None,
+        providers: Mapping[str, str] | None = None,
+    ) -> "Plan":
+        """Plan ``pipeline`` on ``source``'s headers; ``providers`` names each transform's plugin for the fingerprint."""
         pipeline = pipeline if isinstance(pipeline, Pipeline) else Pipeline([pipeline])
         options = dict(options or {})
         metas = source.metas()
@@ -58,6 +67,7 @@ class Plan:
             collisions=composition.collisions,
             overwritten=[k for k in metas if k in set(composition.overwritten)],
             options=options,
+            providers=dict(providers or {}),
         )
 
     # -- raw copies -------------------------------------------------------------
@@ -107,10 +117,10 @@ class Plan:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the pipeline's canonical form (see :mod:`statebridge.fingerprint`)."""
+        """sha256 of the pipeline's canonical form (see :mod:`statebridge.planning.fingerprint`)."""
         from .fingerprint import fingerprint
 
-        return fingerprint(self.pipeline)
+        return fingerprint(self.pipeline, self.providers)
 
     @property
     def changed(self) -> dict[str, tuple[str, ...]]:

@@ -13,37 +13,40 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .transforms.base import Transform
-from .transforms.compose import Lineage
+from .._version import __version__
+
+if TYPE_CHECKING:
+    from ..transforms.base import Transform
+    from ..transforms.compose import Lineage
 
 FINGERPRINT_KEY = "statebridge.fingerprint"
 LINEAGE_KEY = "statebridge.lineage"
 VERSION_KEY = "statebridge.version"
 
 
-def canonical(transform: Transform) -> dict[str, Any]:
-    """The step as data: name, versions and parameters, nested steps included."""
-    from .plugins import registry
+def canonical(transform: Transform, providers: Mapping[str, str]) -> dict[str, Any]:
+    """The step as data: name, versions and parameters, nested steps included.
 
-    transforms = registry()
+    ``providers`` maps transform names to the plugin (``"dist version"``) that
+    registered them; a transform built in the caller's own code is named by its module.
+    """
     steps = getattr(transform, "steps", None)
     params = transform.params.model_dump(mode="json", exclude={"steps"} if steps is not None else None)
     if steps is not None:
-        params["steps"] = [canonical(step) for step in steps]
+        params["steps"] = [canonical(step, providers) for step in steps]
     return {
         "transform": transform.name,
         "version": type(transform).version,
-        "plugin": transforms.owner(transform.name) if transform.name in transforms else type(transform).__module__,
+        "plugin": providers.get(transform.name, type(transform).__module__),
         "params": params,
     }
 
 
-def fingerprint(pipeline: Transform) -> str:
+def fingerprint(pipeline: Transform, providers: Mapping[str, str]) -> str:
     """sha256 (hex) of the pipeline's canonical form, with the core's version."""
-    document = {"statebridge": __version__, "pipeline": canonical(pipeline)}
+    document = {"statebridge": __version__, "pipeline": canonical(pipeline, providers)}
     text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -54,6 +57,6 @@ def lineage_json(lineage: Mapping[str, Lineage]) -> str:
     return json.dumps(recorded, separators=(",", ":"), ensure_ascii=False)
 
 
-def provenance(pipeline: Transform, lineage: Mapping[str, Lineage]) -> dict[str, str]:
+def provenance(fingerprint: str, lineage: Mapping[str, Lineage]) -> dict[str, str]:
     """The metadata every run stores in its output (where the format has room for it)."""
-    return {VERSION_KEY: __version__, FINGERPRINT_KEY: fingerprint(pipeline), LINEAGE_KEY: lineage_json(lineage)}
+    return {VERSION_KEY: __version__, FINGERPRINT_KEY: fingerprint, LINEAGE_KEY: lineage_json(lineage)}

@@ -1,14 +1,15 @@
-"""Findings: what ``statebridge_validate`` hooks report about a plan, and running them."""
+"""Findings: what ``validate_plan`` hooks report about a plan, and running them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Literal
 
-from .errors import PlanError
+from ..errors import PlanError
 
 if TYPE_CHECKING:
-    from .plan import Plan
+    from ..planning.plan import Plan
 
 Level = Literal["error", "warning", "info"]
 
@@ -28,11 +29,9 @@ class Finding:
         return f"{self.level}{by}{where}: {self.message}"
 
 
-def validate(plan: "Plan") -> list[Finding]:
-    """Run every ``statebridge_validate`` hook; raise :class:`PlanError` if any finding is an error."""
-    from .plugins import get_plugin_manager
-
-    findings = [f for result in get_plugin_manager().hook.statebridge_validate(plan=plan) if result for f in result]
+def validate(plan: "Plan", hook: Callable[..., Iterable[Iterable[Finding] | None]]) -> list[Finding]:
+    """Run the ``validate_plan`` hook caller ``hook`` once; raise :class:`PlanError` if any finding is an error."""
+    findings = [f for result in hook(plan=plan) if result for f in result]
     plan.findings = findings
     errors = [f for f in findings if f.level == "error"]
     if errors:

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Union
 
 from ..errors import SourceError
 from .base import RawSpan, Source
-from .gguf import GGUFSource
 from .memory import DictSource, ModuleSource, is_module
 from .safetensors import INDEX_NAME, SafetensorsFile, ShardedSafetensors
 from .torch_pickle import TORCH_SUFFIXES, TorchPickle
@@ -20,7 +19,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DictSource",
-    "GGUFSource",
     "ModuleSource",
     "RawSpan",
     "SafetensorsFile",
@@ -56,7 +54,7 @@ def open_source(source: SourceLike) -> Source:
         ggufs = sorted(path.glob("*.gguf"))
         torches = sorted(p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES)
         if len(ggufs) == 1 and not torches:
-            return GGUFSource(ggufs[0])
+            return _gguf(ggufs[0])
         if len(torches) == 1 and not ggufs:
             return TorchPickle(torches[0])
         candidates = [p.name for p in ggufs + torches]
@@ -75,7 +73,7 @@ def open_source(source: SourceLike) -> Source:
     if suffix == ".safetensors":
         return SafetensorsFile(path)
     if suffix == ".gguf":
-        return GGUFSource(path)
+        return _gguf(path)
     if suffix in TORCH_SUFFIXES:
         return TorchPickle(path)
     try:
@@ -84,7 +82,14 @@ def open_source(source: SourceLike) -> Source:
     except OSError as e:
         raise SourceError(path, f"cannot read: {e.strerror or e}") from None
     if magic == b"GGUF":
-        return GGUFSource(path)
+        return _gguf(path)
     if magic[:2] == b"PK" or magic[:1] == b"\x80":
         return TorchPickle(path)
     return SafetensorsFile(path)
+
+
+def _gguf(path: Path) -> Source:
+    """The GGUF reader, imported only for GGUF files (the ``gguf`` library brings numpy, a tenth of a second)."""
+    from .gguf import GGUFSource
+
+    return GGUFSource(path)

@@ -24,7 +24,7 @@ groups while the calling thread writes finished ones in plan order; torch's
 intra-op threads are divided among the workers so they do not oversubscribe
 the cores.  Writers and gates are only ever called from the calling thread.
 
-**Ranks.** In a distributed run (:mod:`statebridge.distributed`) rank 0 lays
+**Ranks.** In a distributed run (:mod:`statebridge.execute.distributed`) rank 0 lays
 the target out, the other ranks join it, and each rank executes a contiguous
 share of the groups, balanced by estimated work; the statistics are gathered
 so every rank reports the whole run.
@@ -46,13 +46,13 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from .distributed import Ranks
-from .errors import ConfigError, ExecutionError
-from .gates import GateRecord, run_gates
-from .meta import TensorMeta, human_bytes
-from .patterns import describe_keys
-from .plan import Plan
-from .transforms.base import Group, Tensors
-from .writers.base import Writer
+from ..errors import ConfigError, ExecutionError
+from ..trust.gates import GateRecord, Gates
+from ..tensors.meta import TensorMeta, human_bytes
+from ..tensors.patterns import describe_keys
+from ..planning.plan import Plan
+from ..transforms.base import Group, Tensors
+from ..writers.base import Writer
 
 if TYPE_CHECKING:
     pass
@@ -97,7 +97,7 @@ def execute(
     sink: Writer,
     *,
     progress: bool | None = None,
-    gates: Mapping[str, Any] | None = None,
+    gates: Gates | None = None,
     max_memory: int | None = None,
     workers: int = 1,
     ranks: Ranks | None = None,
@@ -106,7 +106,7 @@ def execute(
 
     ``max_memory`` bounds the bytes of tensors in flight (default: half the
     available memory, shared by this machine's ranks); ``workers`` threads load
-    and compute groups.  With ``ranks`` (inside :func:`statebridge.distributed.rank_target`)
+    and compute groups.  With ``ranks`` (inside :func:`statebridge.execute.distributed.rank_target`)
     this process executes its share of a distributed run.
     """
     if workers < 1:
@@ -124,7 +124,7 @@ def execute(
     show = (sys.stderr.isatty() if progress is None else progress) and (ranks is None or ranks.rank == 0)
     total = sum(m.nbytes for g in groups for m in g.outputs.values())
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="statebridge", disable=not show) as bar:
-        _Run(plan, sink, stats, dict(gates or {}), bar).run(groups, budget, workers)
+        _Run(plan, sink, stats, gates or Gates(), bar).run(groups, budget, workers)
     stats.seconds = time.perf_counter() - started
     if ranks is not None:
         stats = ExecutionStats.combine(ranks.sync(stats))
@@ -207,7 +207,7 @@ class _Flight:
 class _Run:
     """One execution: raw copies and writes on the calling thread, loading and computing on workers."""
 
-    def __init__(self, plan: Plan, sink: Writer, stats: ExecutionStats, gates: dict[str, Any], bar: tqdm) -> None:
+    def __init__(self, plan: Plan, sink: Writer, stats: ExecutionStats, gates: Gates, bar: tqdm) -> None:
         self.plan, self.sink, self.stats, self.gates, self.bar = plan, sink, stats, gates, bar
 
     def run(self, groups: list[Group], budget: int, workers: int) -> None:
@@ -281,7 +281,7 @@ class _Run:
         for key, meta in computed.items():
             if key not in outputs:
                 raise ExecutionError(f"group [{describe_keys(list(group.inputs))}] planned to produce {key!r} but did not")
-            tensor, record = run_gates(key, outputs[key], inputs, group, self.gates)
+            tensor, record = self.gates.choose(key, outputs[key], inputs, group)
             if record is not None:
                 self.stats.gate_records.append(record)
             _check(key, tensor, meta)

@@ -19,7 +19,7 @@ whichever exchange its peers are waiting in; they all raise, naming the rank
 and its error, and rank 0 removes the staging folder.  A rank that dies
 outright breaks its peers' connections, which is reported the same way, and
 SIGTERM from torchrun stopping the job unwinds rank 0 through the same cleanup
-(:func:`~statebridge.transaction.atomic_target` turns it into an exception).
+(:func:`~statebridge.execute.transaction.atomic_target` turns it into an exception).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, ExecutionError
+from ..errors import ConfigError, ExecutionError
 from .transaction import atomic_target
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ def _shut_down() -> None:
 
 @contextmanager
 def rank_target(target: Path, folder: bool, ranks: Ranks | None, durable: bool = True) -> Iterator[Path]:
-    """:func:`~statebridge.transaction.atomic_target` for one process, or for every rank of a run at once.
+    """:func:`~statebridge.execute.transaction.atomic_target` for one process, or for every rank of a run at once.
 
     All ranks get rank 0's staging path; rank 0 commits only after every rank
     has finished (written and fsynced) its part, and every rank returns only

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceError
-from ..meta import TensorMeta
+from ..tensors.meta import TensorMeta
 from .base import Source
 
 if TYPE_CHECKING:

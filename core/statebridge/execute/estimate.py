@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .meta import human_bytes
+from ..tensors.meta import human_bytes
 from .transaction import staging_path
-from .writers.base import PlannedFile, Writer
+from ..writers.base import PlannedFile, Writer
 
 if TYPE_CHECKING:
-    from .plan import Plan
+    from ..planning.plan import Plan
 
 PROBE_BYTES = 64 * 1024 * 1024
 CACHE_SECONDS = 7 * 24 * 3600

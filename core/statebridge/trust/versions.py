@@ -24,10 +24,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import ConfigError, PlanError
-from .meta import TensorMeta
-from .patterns import KeyPattern
-from .transforms.composite import Pipeline, build_steps
+from ..errors import ConfigError, PlanError
+from ..tensors.meta import TensorMeta
+from ..tensors.patterns import KeyPattern
+from ..transforms.composite import Pipeline, build_steps
 
 
 class Version(BaseModel):
@@ -107,8 +107,8 @@ class VersionGraph:
             )
         raise PlanError(f"the source matches the signatures of {', '.join(found)}; name one with --from")
 
-    def pipeline(self, start: str, goal: str) -> Pipeline:
+    def pipeline(self, start: str, goal: str, transforms: Any = None) -> Pipeline:
         """The chain from ``start`` to ``goal`` as one pipeline (one pass over the data)."""
         return Pipeline(
-            [Pipeline(build_steps(rule.steps, where=f"rule {rule.source}->{rule.target}: steps")) for rule in self.chain(start, goal)]
+            [Pipeline(build_steps(rule.steps, transforms, where=f"rule {rule.source}->{rule.target}: steps")) for rule in self.chain(start, goal)]
         )

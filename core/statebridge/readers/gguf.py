@@ -41,7 +41,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf import quants as gguf_quants
 
 from ..errors import SourceError
-from ..meta import DTYPES, DType, TensorMeta
+from ..tensors.meta import DTYPES, DType, TensorMeta
 from .base import RawSpan, Source
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SourceError
-from ..meta import SAFETENSORS_DTYPES, TensorMeta
+from ..tensors.meta import SAFETENSORS_DTYPES, TensorMeta
 from .base import RawSpan, Source
 
 if TYPE_CHECKING:

@@ -19,17 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .checks import Finding
-from .errors import ConfigError
-from .io.memory import is_module
-from .meta import TensorMeta
-from .patterns import describe_keys
+from .findings import Finding
+from ..errors import ConfigError
+from ..readers.memory import is_module
+from ..tensors.meta import TensorMeta
+from ..tensors.patterns import describe_keys
 
 if TYPE_CHECKING:
     pass
 
 if TYPE_CHECKING:
-    from .plan import Plan
+    from ..planning.plan import Plan
 
 Spec = Mapping[str, TensorMeta | None]
 
@@ -64,7 +64,7 @@ def target_spec(expect: Any) -> Spec:
         return {k: TensorMeta.of(v) for k, v in expect.state_dict(keep_vars=True).items()}
     if isinstance(expect, Sequence) and not isinstance(expect, str):
         return {str(k): None for k in expect}
-    from .io import open_source
+    from ..readers import open_source
 
     with open_source(expect) as spec:
         return dict(spec.metas())

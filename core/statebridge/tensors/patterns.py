@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 REGEX_PREFIX = "re:"
 

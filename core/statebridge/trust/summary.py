@@ -1,21 +1,16 @@
-"""Reports about states, produced through the ``statebridge_analyze`` hook."""
+"""Reports about states (what analyses return), and the core's ``summary`` analysis (``statebridge inspect``)."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import ConfigError
-from .fingerprint import FINGERPRINT_KEY, LINEAGE_KEY, VERSION_KEY
-from .io import SourceLike, open_source
-from .io.base import Source
-from .meta import TensorMeta, dtype_name
-from .patterns import NUMBER, compress_keys
-
-if TYPE_CHECKING:
-    from torch import nn
+from ..planning.fingerprint import FINGERPRINT_KEY, LINEAGE_KEY, VERSION_KEY
+from ..readers.base import Source
+from ..tensors.meta import TensorMeta, dtype_name
+from ..tensors.patterns import NUMBER, compress_keys
 
 
 @dataclass
@@ -76,19 +71,3 @@ def summary(source: Source) -> Report:
 
 def _short(value: str, limit: int = 60) -> str:
     return value if len(value) <= limit else value[: limit - 3] + "..."
-
-
-def analyze(analysis: str, *sources: SourceLike, model: nn.Module | None = None, **options: Any) -> Report:
-    """Run the analysis named ``analysis`` (``summary``, or one a plugin provides)."""
-    from .plugins import load_plugins
-
-    plugins = load_plugins()
-    opened = [open_source(s) for s in sources]
-    report = plugins.hook.statebridge_analyze(analysis=analysis, sources=opened, model=model, options=dict(options))
-    if report is None:
-        known = sorted(a for plugin in plugins.info for a in plugin.analyses)
-        raise ConfigError(f"no installed plugin provides the analysis {analysis!r}; available: {', '.join(known)}")
-    return report
-
-
-__all__ = ["Report", "analyze", "summary"]

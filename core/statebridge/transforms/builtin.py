@@ -1,0 +1,18 @@
+"""The built-in transforms, registered as a default plugin through the same hook as any plugin's."""
+
+from ..hookspecs import hookimpl
+
+
+@hookimpl
+def register_transforms(register):
+    # Imported here, not at the top: listing commands never needs pydantic or the transforms.
+    from .adapt import AdaptShapes
+    from .combine import Chunk, Concat, Split, Stack, Unstack
+    from .composite import Parallel, Pipeline, Scope
+    from .layout import Permute, Reshape, Transpose
+    from .rename import Drop, Identity, Rename
+    from .values import Cast, ValueOp
+
+    for cls in (Rename, Identity, Drop, Concat, Split, Chunk, Stack, Unstack, Transpose, Permute, Reshape, Cast, ValueOp,
+                AdaptShapes, Pipeline, Parallel, Scope):
+        register(cls)
