@@ -199,20 +199,35 @@ def load_into(
     pipeline: PipelineLike = None,
     *,
     strict: bool = True,
+    share: bool = False,
     progress: bool | None = None,
     max_memory: int | None = None,
     workers: int = 1,
 ) -> Plan:
-    """Fill ``model``'s parameters and buffers from ``source`` through ``pipeline``, group by group.
+    """Fill ``model``'s parameters and buffers from ``source`` through ``pipeline``; all of them or none.
 
-    Works for meta-device models (tensors are assigned) and casts dtypes on the
-    fly.  With ``strict``, every module key must be produced and no other key
-    may be; shape mismatches are always errors, raised before any data is read.
+    Every tensor is computed, checked and staged first; the model is filled
+    only once all succeeded, so a failure leaves it unchanged.  Works for
+    meta-device models (tensors are assigned) and casts dtypes on the fly, but
+    refuses casts that change integer values.  Tied names get one tensor, and
+    different values for them are refused.  With ``strict``, every module key
+    must be produced (a tie by any of its names) and no other key may be;
+    ``strict=False`` loads the rest and warns with what it skipped.  Shape
+    mismatches are always errors, raised before any data is read.  Assigned
+    tensors never share memory with a dict or module source unless ``share``.
+    See docs/trust.md, "Loading into a module".
     """
     with open_source(source) as src:
         built = plan(src, pipeline)
-        execute(built, ModuleWriter(model, strict=strict), progress=progress, max_memory=max_memory, workers=workers)
-    still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        writer = ModuleWriter(model, strict=strict, share=share, source=src)
+        try:
+            execute(built, writer, progress=progress, max_memory=max_memory, workers=workers)
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+    left = set(writer.missing)
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n not in left]
     if still_meta:
         warnings.warn(
             f"{len(still_meta)} tensors of {type(model).__name__} are still on the meta device because the "

@@ -46,6 +46,15 @@ class DictSource(Source):
             raise SourceError(self.name, f"{key!r} is on the meta device and has no data to read")
         return tensor.detach().cpu()
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The caller's tensors this source reads: what :meth:`load` returns may be their very memory.
+
+        A writer that keeps loaded tensors (``load_into`` assigning a meta
+        model's parameters) copies any that overlap them, so the result never
+        aliases the caller's state unless asked to.
+        """
+        return list(self._tensors.values())
+
 
 class ModuleSource(DictSource):
     """An ``nn.Module``'s parameters and persistent buffers; meta-device modules give metadata only."""
