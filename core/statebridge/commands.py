@@ -183,7 +183,7 @@ def inspect(path: str, as_json: bool, lineage: bool) -> None:
     PATH is a safetensors file or shard folder, a torch pickle or a GGUF file.
     Numbered layers are folded into ranges.
     """
-    from .api import analyze
+    from .analysis import analyze
 
     report = analyze("summary", path)
     _print(as_json, report.to_dict(), report.render())
@@ -204,7 +204,7 @@ def analyze(analysis: str, paths: tuple[str, ...], as_json: bool) -> None:
     ANALYSIS is its name (summary, or one a plugin provides: see `statebridge plugins`);
     PATHS are the checkpoints it reads.
     """
-    from .api import analyze as run_analysis
+    from .analysis import analyze as run_analysis
 
     report = run_analysis(analysis, *paths)
     _print(as_json, report.to_dict(), report.render())
@@ -223,7 +223,7 @@ def plugins(as_json: bool) -> None:
     loaded = installed()
     loaded.collect_all()
     if as_json:
-        click.echo(json.dumps([vars(p) for p in loaded.info], indent=2))
+        click.echo(json.dumps([p.to_dict() for p in loaded.info], indent=2))
         return
     for p in loaded.info:
         status = f"  FAILED: {p.error}" if p.error else ""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,10 +33,7 @@ from ._version import __version__
 from .errors import PluginError
 from .registry import COMMAND_NAME, Catalog, TransformCatalog
 
-if sys.version_info >= (3, 12):
-    from importlib.metadata import EntryPoint, entry_points
-else:  # importlib-metadata backports the 3.12 API (dist on entry points)
-    from importlib_metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 ENTRY_POINT_GROUP = "statebridge"
 
@@ -61,20 +57,42 @@ KINDS: dict[str, tuple[str, Callable[..., tuple[str, Any]]]] = {
 
 @dataclass
 class PluginInfo:
-    """An installed plugin: where it comes from, what it registered, or why it failed."""
+    """An installed plugin: where it comes from, what it registered, or why it failed.
+
+    The distribution's name and version are read from its metadata only when
+    asked for (reading every plugin's METADATA would slow down ``statebridge --help``).
+    """
 
     name: str
-    distribution: str
-    version: str
     module: str
+    entry_point: EntryPoint | None = None
     provides: dict[str, list[str]] = field(default_factory=dict)
     hooks: list[str] = field(default_factory=list)
     error: str | None = None
+
+    @cached_property
+    def distribution(self) -> str:
+        dist = self.entry_point.dist if self.entry_point is not None else None
+        return dist.name if dist is not None else ("statebridge" if self.entry_point is None else "?")
+
+    @cached_property
+    def version(self) -> str:
+        dist = self.entry_point.dist if self.entry_point is not None else None
+        return dist.version if dist is not None else (__version__ if self.entry_point is None else "?")
 
     @property
     def label(self) -> str:
         """``"distribution version"``: how catalogs and fingerprints name the plugin."""
         return f"{self.distribution} {self.version}"
+
+    def __str__(self) -> str:
+        return self.label
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "distribution": self.distribution, "version": self.version, "module": self.module,
+            "provides": self.provides, "hooks": self.hooks, "error": self.error,
+        }
 
 
 class Plugins:
@@ -109,9 +127,9 @@ class Plugins:
         return self._collect("commands", Catalog("command", COMMAND_NAME))
 
     def providers(self) -> dict[str, str]:
-        """Transform name -> the plugin that provides it (for fingerprints)."""
+        """Transform name -> the plugin (``"dist version"``) that provides it (for fingerprints)."""
         catalog = self.transforms
-        return {name: catalog.owner(name) for name in catalog}
+        return {name: str(catalog.owner(name)) for name in catalog}
 
     def collect_all(self) -> None:
         """Fill every catalog (for ``statebridge plugins``, which lists everything)."""
@@ -127,7 +145,7 @@ class Plugins:
             def register(*args: Any, _plugin: PluginInfo = plugin, _names: list[str] = names) -> None:
                 name, entry = unpack(*args)
                 try:
-                    catalog.add(name, entry, _plugin.label)
+                    catalog.add(name, entry, _plugin)
                 except PluginError as e:  # a bad name or a clash: this entry is refused, the rest still register
                     self._failed(_plugin, str(e), e)
                     return
@@ -157,9 +175,12 @@ def _names(variable: str) -> set[str] | None:
     return {n.strip() for n in value.split(",") if n.strip()}
 
 
-def _selected(ep: EntryPoint, dist: str) -> bool:
+def _selected(ep: EntryPoint) -> bool:
+    """Whether the environment selects this entry point, by its name or its distribution's."""
     only, disabled = _names("STATEBRIDGE_LOAD_PLUGINS"), _names("STATEBRIDGE_DISABLE_PLUGINS") or set()
-    names = {ep.name, dist}
+    if only is None and not disabled:
+        return True
+    names = {ep.name, ep.dist.name if ep.dist is not None else ep.name}
     if names & disabled:
         return False
     return only is None or bool(names & only)
@@ -170,7 +191,7 @@ def load_plugins() -> Plugins:
     manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
     manager.add_hookspecs(hookspecs)
     strict = os.environ.get("STATEBRIDGE_STRICT_PLUGINS", "") not in ("", "0")
-    core = PluginInfo("statebridge", "statebridge", __version__, ", ".join(DEFAULT_PLUGINS))
+    core = PluginInfo("statebridge", ", ".join(DEFAULT_PLUGINS))
     info: list[PluginInfo] = [core]
     for module_name in DEFAULT_PLUGINS:
         manager.register(importlib.import_module(module_name), name=module_name)
@@ -179,11 +200,10 @@ def load_plugins() -> Plugins:
     plugins._by_name.update(dict.fromkeys(DEFAULT_PLUGINS, core))
     seen: set[str] = set()
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        dist = ep.dist.name if ep.dist else "?"
-        if ep.name in seen or not _selected(ep, dist):
+        if ep.name in seen or not _selected(ep):
             continue
         seen.add(ep.name)
-        plugin = PluginInfo(ep.name, dist, ep.dist.version if ep.dist else "?", ep.value)
+        plugin = PluginInfo(ep.name, ep.value, ep)
         info.append(plugin)
         plugins._by_name[ep.name] = plugin
         try:

@@ -34,14 +34,14 @@ FIRST_PARTY_TRANSFORMS: Mapping[str, str] = {
 
 
 class Catalog(Generic[T]):
-    """Named entries of one kind, each with the plugin (``"dist version"``) that registered it."""
+    """Named entries of one kind, each with the plugin that registered it (its ``str`` is ``"dist version"``)."""
 
     def __init__(self, kind: str, names: re.Pattern[str] = NAME) -> None:
         self.kind, self._names = kind, names
         self._entries: dict[str, T] = {}
-        self._owners: dict[str, str] = {}
+        self._owners: dict[str, object] = {}
 
-    def add(self, name: str, entry: T, owner: str) -> None:
+    def add(self, name: str, entry: T, owner: object) -> None:
         """Register ``entry`` as ``name``; a name taken by another entry is an error naming both plugins."""
         if not isinstance(name, str) or not self._names.match(name):
             rule = "letters, digits, hyphens and underscores" if self._names is COMMAND_NAME else (
@@ -71,7 +71,7 @@ class Catalog(Generic[T]):
             message += f"; did you mean {' or '.join(map(repr, hints))}?"
         return message + f" (installed: {', '.join(self.names()) or 'none'})"
 
-    def owner(self, name: str) -> str:
+    def owner(self, name: str) -> object:
         return self._owners[name]
 
     def names(self) -> list[str]:
@@ -79,9 +79,6 @@ class Catalog(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return sorted(self._entries.items())
-
-    def by_owner(self, owner: str) -> list[str]:
-        return sorted(n for n, o in self._owners.items() if o == owner)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,18 +73,28 @@ def digests(folder: Path) -> dict[str, str]:
     return out
 
 
-def main() -> None:
-    from accelerate import init_empty_weights
-    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+def build_llama(out: Path) -> torch.nn.Module:
+    """The demo's small Llama model (fixed seed), written to ``out/llama`` as sharded safetensors.
+
+    Only the folders the demo writes are replaced (each by an atomic run);
+    anything else a user keeps in ``out`` is left alone.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    shutil.rmtree(OUT, ignore_errors=True)
-
-    banner("1. a small Llama model, written as sharded safetensors")
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(**MODEL)).eval()
-    sb.run(llama, None, OUT / "llama", shard_size=400_000, progress=False)
+    sb.run(llama, None, out / "llama", shard_size=400_000, progress=False)
+    return llama
+
+
+def main() -> None:
+    from accelerate import init_empty_weights
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    banner("1. a small Llama model, written as sharded safetensors")
+    llama = build_llama(OUT)
     print(f"wrote {OUT / 'llama'}: {', '.join(digests(OUT / 'llama'))}")
 
     banner("2. inspect, plan (headers only), run")

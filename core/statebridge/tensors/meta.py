@@ -155,9 +155,9 @@ class TensorMeta:
 
 
 def human_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KB"`` (binary multiples), for reports."""
+    """``1500`` -> ``"1.5 KB"``, for reports: decimal units, as sizes are written (``2GB`` is 2·10⁹ bytes)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
+        if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        n /= 1000
     return f"{n} B"
