@@ -101,6 +101,7 @@ def test_cli_inverse_round_trip(configs, capsys, llama_sd):
     ],
 )
 def test_config_errors_point_at_the_step_and_field(tmp_path, text, message):
+    (tmp_path / "a").touch()
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(ConfigError) as e:
         load_config(tmp_path / "c.yaml")
@@ -125,6 +126,17 @@ def test_plugins_lists_the_core(capsys):
     core = next(p for p in json.loads(capsys.readouterr().out) if p["name"] == "statebridge")
     assert "rename" in core["provides"]["transforms"] and "safetensors" in core["provides"]["writers"]
     assert "validate_plan" in core["hooks"] and "inspect" in core["provides"]["commands"]
+
+
+def test_a_missing_source_names_the_resolved_path_and_the_rule(tmp_path):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "c.yaml").write_text("source: ../ckpt/llama\ntarget: out\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "conf" / "c.yaml")
+    assert str(e.value) == (
+        f"{tmp_path / 'conf' / 'c.yaml'}: source '../ckpt/llama' is {tmp_path / 'ckpt' / 'llama'}, which does not exist "
+        "(paths in a config are relative to its folder)"
+    )
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path, llama_file):

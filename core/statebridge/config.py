@@ -113,7 +113,11 @@ def parse_config(data: Mapping[str, Any], base: Path | None = None, name: str = 
     except ConfigError as e:
         raise e.within(name) from None
     if base is not None:
+        written = config.source
         config.source = _resolve(config.source, base)
+        if not Path(config.source).exists():
+            relative = "" if Path(written).expanduser().is_absolute() else " (paths in a config are relative to its folder)"
+            raise ConfigError(f"{name}: source {written!r} is {config.source}, which does not exist{relative}")
         if config.target:
             config.target = _resolve(config.target, base)
         if isinstance(config.expect, str):

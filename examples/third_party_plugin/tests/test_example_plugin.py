@@ -27,7 +27,7 @@ def test_discovered_through_its_entry_point_with_its_transform_and_command() -> 
 def test_registered_under_its_config_name() -> None:
     transforms = installed().transforms
     assert transforms.get("scale_by_name") is ScaleByName
-    assert transforms.owner("scale_by_name") == "statebridge-example-scale 0.1.0"
+    assert str(transforms.owner("scale_by_name")) == "statebridge-example-scale 0.1.0"
     step = transforms.build({"scale_by_name": {"pattern": "layers.*.mlp.weight", "factor": 0.5}})
     assert isinstance(step, ScaleByName) and step.params.factor == 0.5
 
@@ -64,6 +64,9 @@ def test_validate_warns_about_a_zero_factor() -> None:
 
 
 def test_its_command_lists_the_scale_steps_of_a_config(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"a.w": torch.ones(2)}, tmp_path / "in.safetensors")
     config = tmp_path / "scale.yaml"
     config.write_text("source: in.safetensors\nsteps:\n  - scale_by_name: {pattern: 'a.*', factor: 0.5}\n")
     done = run_cli(["scale-factors", str(config)])
