@@ -51,7 +51,7 @@ for i in range(LAYERS):
 save_file(state, DST, metadata={'format': 'pt'})
 """
 FSYNC = "\nfd = os.open(DST, os.O_RDONLY); os.fsync(fd); os.close(fd)"
-SB_SETUP = "import statebridge as sb\nfrom statebridge.config import parse_config\nfrom statebridge.plugins import load_plugins\nload_plugins()"
+SB_SETUP = "import statebridge as sb\nfrom statebridge.config import parse_config\nfrom statebridge.plugins import installed\ninstalled().transforms"
 SB_RUN = "config = parse_config(CONFIG)\nsb.run(config.source, config.pipeline(), config.target, progress=False, workers={}, durable={})"
 
 #: name -> (steps, the plain script doing the same)

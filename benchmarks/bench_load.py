@@ -29,9 +29,9 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 from transformers.initialization import no_init_weights
 from transformers.utils import logging
-from statebridge.plugins import load_plugins
+from statebridge.plugins import installed
 logging.set_verbosity_error()
-load_plugins()
+installed().transforms
 torch.set_default_dtype(torch.float16)
 DIR = {folder!r}
 PATH = DIR + "/model.safetensors"

@@ -31,9 +31,10 @@ from statebridge.cli import main
 WRITES_STREAM = ("o_proj.weight", "down_proj.weight")
 
 
-@sb.register_transform("rotate")
 class Rotate(sb.Transform):
     """Rotate the residual stream by a seeded random orthogonal matrix."""
+
+    name = "rotate"
 
     class Params(sb.Params):
         seed: int = 0
@@ -64,7 +65,15 @@ def _orthogonal(size: int, seed: int) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))).float()
 
 
+@sb.hookimpl
+def register_transforms(register):
+    register(Rotate)
+
+
 if __name__ == "__main__":
+    from statebridge.plugins import installed
+
+    installed().add(sys.modules[__name__], "rotate")  # a transform defined in a script, registered in-process
     started = time.perf_counter()
     status = main()
     if os.environ.get("RANK", "0") == "0":

@@ -287,3 +287,39 @@ def test_every_hook_is_documented():
     assert "hookspecs.py" in manual
     for name in specs:
         assert len(inspect.getdoc(getattr(hookspecs, name))) > 40, name
+
+
+COUNTING_PLUGIN = '''
+import os
+import statebridge as sb
+
+
+@sb.hookimpl
+def validate_plan(plan):
+    with open(os.environ["COUNT_FILE"], "a") as f:
+        f.write("validated\\n")
+    return []
+'''
+
+
+def test_validate_hooks_run_once_per_run_and_plan(site, checkpoint):
+    make_dist(site, "counting", "0.1", "counting", COUNTING_PLUGIN)
+    count = site.parent / "count.txt"
+    (site.parent / "c.yaml").write_text("source: ck.safetensors\ntarget: out.safetensors\nsteps:\n  - rename: {mapping: {a: z}}\n")
+    for args, expected in ((["run", "c.yaml", "--no-progress"], 1), (["run", "c.yaml", "--dry-run"], 1), (["plan", "c.yaml"], 1)):
+        count.unlink(missing_ok=True)
+        done = cli(site, *args, STATEBRIDGE_LOAD_PLUGINS="counting", COUNT_FILE=str(count))
+        assert done.returncode == 0, done.stderr
+        assert count.read_text().count("validated") == expected, args
+
+
+def test_analyze_summary_covers_every_path_it_is_given(site, checkpoint):
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"other": torch.zeros(2, 2)}, site.parent / "two.safetensors")
+    result = cli(site, "analyze", "summary", "ck.safetensors", "two.safetensors", "--json", STATEBRIDGE_LOAD_PLUGINS="")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [c["title"] for c in report["checkpoints"]] == ["ck.safetensors", "two.safetensors"]
+    assert [row[:2] for row in report["rows"]] == [["ck.safetensors", "a"], ["ck.safetensors", "b"], ["two.safetensors", "other"]]

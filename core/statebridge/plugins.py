@@ -72,13 +72,15 @@ class PluginInfo:
 
     @cached_property
     def distribution(self) -> str:
-        dist = self.entry_point.dist if self.entry_point is not None else None
-        return dist.name if dist is not None else ("statebridge" if self.entry_point is None else "?")
+        if self.entry_point is None:  # the core, or a plugin added in-process (Plugins.add)
+            return "statebridge" if self.name == "statebridge" else self.module
+        return self.entry_point.dist.name if self.entry_point.dist is not None else "?"
 
     @cached_property
     def version(self) -> str:
-        dist = self.entry_point.dist if self.entry_point is not None else None
-        return dist.version if dist is not None else (__version__ if self.entry_point is None else "?")
+        if self.entry_point is None:
+            return __version__ if self.name == "statebridge" else "local"
+        return self.entry_point.dist.version if self.entry_point.dist is not None else "?"
 
     @property
     def label(self) -> str:
@@ -125,6 +127,21 @@ class Plugins:
     @cached_property
     def commands(self) -> Catalog[Any]:
         return self._collect("commands", Catalog("command", COMMAND_NAME))
+
+    def add(self, plugin: object, name: str) -> PluginInfo:
+        """Register ``plugin`` (a module or object with hook functions) in this process, as ``name``.
+
+        For scripts and notebooks that define transforms or hooks without an
+        installed distribution; the catalogs are collected again on next use.
+        """
+        self.manager.register(plugin, name=name)
+        info = PluginInfo(name, getattr(plugin, "__name__", type(plugin).__name__))
+        info.hooks = sorted(c.name for c in self.manager.get_hookcallers(plugin) or [])
+        self.info.append(info)
+        self._by_name[name] = info
+        for kind in KINDS:
+            self.__dict__.pop(kind, None)
+        return info
 
     def providers(self) -> dict[str, str]:
         """Transform name -> the plugin (``"dist version"``) that provides it (for fingerprints)."""

@@ -49,6 +49,6 @@ def register_gates(register):
 
 @hookimpl
 def register_analyses(register):
-    from .summary import summary
+    from .summary import summaries
 
-    register("summary", lambda sources, model, options: summary(sources[0]))
+    register("summary", lambda sources, model, options: summaries(sources))

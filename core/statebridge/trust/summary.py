@@ -71,3 +71,13 @@ def summary(source: Source) -> Report:
 
 def _short(value: str, limit: int = 60) -> str:
     return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def summaries(sources: list[Source]) -> Report:
+    """:func:`summary` of one state, or of several, one section per state (``statebridge analyze summary A B``)."""
+    if len(sources) == 1:
+        return summary(sources[0])
+    parts = [summary(source) for source in sources]
+    rows = [[part.title, *row] for part in parts for row in part.rows]
+    notes = [f"{part.title}: {note}" for part in parts for note in part.notes]
+    return Report(f"{len(parts)} checkpoints", ["checkpoint", *parts[0].columns], rows, notes, {"checkpoints": [p.to_dict() for p in parts]})
