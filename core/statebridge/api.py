@@ -15,7 +15,7 @@ from .distributed import rank_target, session
 from .errors import ConfigError
 from .estimate import PeakMemory, estimate
 from .execute import ExecutionStats, execute
-from .fingerprint import provenance
+from .fingerprint import provenance, user_metadata
 from .io import SourceLike, open_source
 from .meta import human_bytes
 from .patterns import describe_keys
@@ -93,11 +93,17 @@ def target_writer(
     shard_size: int | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> Writer:
-    """The writer that will write ``plan`` to ``target``, with the provenance it stores (fingerprint, lineage)."""
+    """The writer that will write ``plan`` to ``target``, with what it stores beside the tensors.
+
+    That is the source's own metadata where the writer's format can carry it, then
+    ``metadata`` (text, no ``statebridge.*`` key), then the run's provenance.
+    """
     target = Path(target)
-    stored = {**provenance(plan.pipeline, plan.lineage), **(metadata or {})}
+    stored = {**provenance(plan.pipeline, plan.lineage), **user_metadata(metadata)}
     writer = writer_for(target, format)(target, metadata=stored, shard_size=shard_size)
     writer.source_offsets = plan.raw_offsets()
+    writer.lineage = plan.lineage
+    writer.carry(plan.source)
     return writer
 
 

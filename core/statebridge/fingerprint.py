@@ -6,6 +6,11 @@ that provides it, and its parameters.  Lists keep their order (step order,
 input order matter); mapping keys are sorted (their order does not).  Paths of
 the source and target are not part of it, so the same config gives the same
 fingerprint on any machine.
+
+Every key under ``statebridge.`` in an output's metadata is statebridge's own:
+a run writes its provenance there, a caller's ``metadata`` may not set any of
+them, and the ones a source carries (from an earlier run) are replaced, never
+copied (see :func:`user_metadata` and :func:`is_reserved`).
 """
 
 from __future__ import annotations
@@ -16,9 +21,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import __version__
+from .errors import ConfigError
+from .patterns import key_problem
 from .transforms.base import Transform
 from .transforms.compose import Lineage
 
+#: metadata keys starting with this belong to statebridge (see :func:`is_reserved`)
+RESERVED_PREFIX = "statebridge."
 FINGERPRINT_KEY = "statebridge.fingerprint"
 LINEAGE_KEY = "statebridge.lineage"
 VERSION_KEY = "statebridge.version"
@@ -45,7 +54,8 @@ def fingerprint(pipeline: Transform) -> str:
     """sha256 (hex) of the pipeline's canonical form, with the core's version."""
     document = {"statebridge": __version__, "pipeline": canonical(pipeline)}
     text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    # surrogatepass: a parameter holding a lone surrogate still hashes (the step refuses it with its own message)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def lineage_json(lineage: Mapping[str, Lineage]) -> str:
@@ -57,3 +67,59 @@ def lineage_json(lineage: Mapping[str, Lineage]) -> str:
 def provenance(pipeline: Transform, lineage: Mapping[str, Lineage]) -> dict[str, str]:
     """The metadata every run stores in its output (where the format has room for it)."""
     return {VERSION_KEY: __version__, FINGERPRINT_KEY: fingerprint(pipeline), LINEAGE_KEY: lineage_json(lineage)}
+
+
+def is_reserved(key: str) -> bool:
+    """Whether a metadata key is statebridge's own (``statebridge.*``): only a run's provenance sets it."""
+    return key.startswith(RESERVED_PREFIX)
+
+
+def user_metadata(metadata: Mapping[str, object] | None) -> dict[str, str]:
+    """A caller's ``metadata`` for the output, checked: text keys to text values, none of them statebridge's own.
+
+    Values are refused rather than converted: ``{"a": 1}`` could mean ``"1"`` or ``"1.0"``
+    or JSON, and every format statebridge writes stores metadata as strings.  A reserved
+    key is refused because it would forge the run's provenance.
+    """
+    checked: dict[str, str] = {}
+    for key, value in (metadata or {}).items():
+        problem = key_problem(key)
+        if problem:
+            raise ConfigError(f"metadata key {key!r} {problem}")
+        if is_reserved(key):
+            raise ConfigError(
+                f"metadata key {key!r} is reserved: statebridge writes {RESERVED_PREFIX}* itself "
+                "(version, fingerprint, lineage); choose another name"
+            )
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"metadata {key!r}: the value {value!r} is a {type(value).__name__}, not a string; "
+                "metadata values are strings (write str(value) or json.dumps(value) yourself)"
+            )
+        problem = key_problem(value)
+        if problem:
+            raise ConfigError(f"metadata {key!r}: the value {problem}")
+        checked[key] = value
+    return checked
+
+
+def read_lineage(text: str | None) -> tuple[dict[str, dict[str, list[str]]], str | None]:
+    """The lineage a file's ``statebridge.lineage`` records, and why it was ignored (None when it was not).
+
+    A file from another tool may hold anything under that key: what is not the JSON
+    :func:`lineage_json` writes (key -> ``{"from": [...], "ops": [...]}``) is ignored, with a reason.
+    """
+    if not text:
+        return {}, None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        return {}, f"it is not JSON ({type(e).__name__})"
+    if not isinstance(data, dict):
+        return {}, f"it is a JSON {type(data).__name__}, not an object"
+    for key, entry in data.items():
+        parts = [entry.get(part) if isinstance(entry, dict) else None for part in ("from", "ops")]
+        names = [key, *(name for part in parts if isinstance(part, list) for name in part)]
+        if not all(isinstance(part, list) for part in parts) or any(key_problem(name) for name in names):
+            return {}, f"its entry for {key[:100]!r} is not {{\"from\": [names], \"ops\": [names]}} of text"
+    return data, None
