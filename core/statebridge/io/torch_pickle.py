@@ -183,8 +183,11 @@ def _flatten(root: Any, path: Path, out: dict[str, torch.Tensor], skipped: list[
     def shown(prefix: str) -> str:
         return repr(prefix) if len(prefix) <= 120 else f"{prefix[:100]!r}... ({len(prefix)} characters)"
 
-    def visit(obj: Any, prefix: str, parents: tuple[int, ...]) -> bool:
-        """Walk ``obj``; whether it holds a tensor (a part that holds none is skipped by its caller)."""
+    def visit(obj: Any, prefix: str, parents: tuple[int, ...]) -> tuple[bool, list[str]]:
+        """Walk ``obj``: whether it holds a tensor, and its parts that are skipped (in file order).
+
+        A part holding no tensor is skipped whole by its parent; at the top, each such part is named.
+        """
         nonlocal visits
         visits += 1
         distinct.add(id(obj))
@@ -203,7 +206,7 @@ def _flatten(root: Any, path: Path, out: dict[str, torch.Tensor], skipped: list[
                     path, f"two tensors flatten to the same key {shown(prefix)} (as 'a.b' and 'b' inside 'a' would); which is meant?"
                 )
             out[check_key(path, prefix)] = obj
-            return True
+            return True, []
         if isinstance(obj, Mapping):
             items: list[tuple[Any, Any]] = list(obj.items())
         elif isinstance(obj, (list, tuple)):
@@ -211,24 +214,20 @@ def _flatten(root: Any, path: Path, out: dict[str, torch.Tensor], skipped: list[
         elif isinstance(obj, (set, frozenset)):
             if any(isinstance(item, torch.Tensor) for item in obj):
                 raise SourceError(path, f"the set at {shown(prefix or '<root>')} holds tensors, which have no names in a set")
-            return False
+            return False, []
         else:
-            return False
+            return False, []
         if id(obj) in parents:
             raise SourceError(path, f"the {type(obj).__name__} at {shown(prefix or '<root>')} contains itself; not a state dict")
         if len(parents) >= MAX_NESTING:
             raise SourceError(path, f"containers nested more than {MAX_NESTING} deep (at {shown(prefix)}); not a state dict")
-        empty: list[str] = []  # children holding no tensor: listed if a sibling holds one (or at the top)
-        found = False
+        found, parts = False, []
         for key, value in items:
             child = f"{prefix}.{key}" if prefix else str(key)
-            if visit(value, child, (*parents, id(obj))):
-                found = True
-            else:
-                empty.append(child)
-        if found or not parents:
-            skipped.extend(empty)
-        return found
+            child_found, child_parts = visit(value, child, (*parents, id(obj)))
+            found = found or child_found
+            parts.extend(child_parts if child_found else [child])
+        return found, parts
 
-    if not visit(root, "", ()) and not skipped:
-        skipped.append("<root>")
+    found, parts = visit(root, "", ())
+    skipped.extend(parts if parts or found else ["<root>"])
