@@ -132,7 +132,7 @@ class GGUFWriter(Writer):
                 )
             if len(meta.shape) > MAX_DIMS:
                 raise self.refuse(
-                    key, f"its shape {list(meta.shape)} has more than the {MAX_DIMS} dimensions ggml tensors have; reshape it first"
+                    key, f"its shape is {list(meta.shape)}, but ggml tensors have at most {MAX_DIMS} dimensions; reshape it first"
                 )
 
     # -- begin: validate, then header + key-values + tensor infos --------------------------------
