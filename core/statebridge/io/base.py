@@ -85,7 +85,13 @@ class Source(ABC):
         return f"<{type(self).__name__} {self.name!r}: {len(self)} tensors>"
 
 
-_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
 
 
 def open_regular(path: str | os.PathLike[str], buffering: int = -1) -> BinaryIO:
