@@ -13,7 +13,7 @@ import statebridge as sb
 from statebridge import CollisionError, ConfigError, PlanError
 from statebridge.cli import main
 from statebridge.trust.coverage import Requirements
-from statebridge.planning.fingerprint import FINGERPRINT_KEY, LINEAGE_KEY
+from statebridge.tensors.provenance import FINGERPRINT_KEY, LINEAGE_KEY
 from statebridge.testing import LlamaShape, llama_state_dict
 
 QKV = dict(

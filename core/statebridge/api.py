@@ -27,6 +27,7 @@ from .plugins import Plugins, installed
 from .readers import SourceLike, open_source
 from .tensors.meta import human_bytes
 from .tensors.patterns import describe_keys
+from .tensors.provenance import user_metadata
 from .transforms.base import Transform
 from .transforms.composite import Pipeline, build_steps
 from .trust.coverage import target_spec
@@ -104,11 +105,17 @@ def target_writer(
     shard_size: int | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> Writer:
-    """The writer that will write ``plan`` to ``target``, with the provenance it stores (fingerprint, lineage)."""
+    """The writer that will write ``plan`` to ``target``, with what it stores beside the tensors.
+
+    That is the source's own metadata where the writer's format can carry it, then
+    ``metadata`` (text, no ``statebridge.*`` key), then the run's provenance.
+    """
     target = Path(target)
-    stored = {**provenance(plan.fingerprint, plan.lineage), **(metadata or {})}
+    stored = {**provenance(plan.fingerprint, plan.lineage), **user_metadata(metadata)}
     writer = writer_for(target, format)(target, metadata=stored, shard_size=shard_size)
     writer.source_offsets = plan.raw_offsets()
+    writer.lineage = plan.lineage
+    writer.carry(plan.source)
     return writer
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 from .transforms.base import format_validation_error
+from .tensors.provenance import user_metadata
 from .trust.coverage import Requirements
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -75,12 +76,21 @@ class PlanOptions(BaseModel):
     shard_size: int | None = Field(
         None, description="largest shard of a folder target, e.g. 2GB", json_schema_extra=cli("--shard-size", metavar="SIZE")
     )
-    metadata: dict[str, str] = Field(default_factory=dict, description="string metadata stored in the output")
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description="text metadata stored in the output (no statebridge.* key: those are the run's provenance)"
+    )
 
     @field_validator("require", mode="before")
     @classmethod
     def _require(cls, value: Any) -> Any:
         return Requirements.parse(value) if isinstance(value, str) else value
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, Mapping):
+            raise ConfigError(f"metadata must be a mapping of text to text, not {type(value).__name__}")
+        return user_metadata(value)
 
     @field_validator("shard_size", mode="before")
     @classmethod

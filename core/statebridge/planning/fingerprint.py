@@ -6,6 +6,8 @@ that provides it, and its parameters.  Lists keep their order (step order,
 input order matter); mapping keys are sorted (their order does not).  Paths of
 the source and target are not part of it, so the same config gives the same
 fingerprint on any machine.
+
+The provenance keys a run writes are reserved (:mod:`statebridge.tensors.provenance`).
 """
 
 from __future__ import annotations
@@ -16,14 +18,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
+from ..tensors.provenance import FINGERPRINT_KEY, LINEAGE_KEY, VERSION_KEY
 
 if TYPE_CHECKING:
     from ..transforms.base import Transform
     from ..transforms.compose import Lineage
 
-FINGERPRINT_KEY = "statebridge.fingerprint"
-LINEAGE_KEY = "statebridge.lineage"
-VERSION_KEY = "statebridge.version"
 
 
 def canonical(transform: Transform, providers: Mapping[str, str]) -> dict[str, Any]:
@@ -48,7 +48,8 @@ def fingerprint(pipeline: Transform, providers: Mapping[str, str]) -> str:
     """sha256 (hex) of the pipeline's canonical form, with the core's version."""
     document = {"statebridge": __version__, "pipeline": canonical(pipeline, providers)}
     text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    # surrogatepass: a parameter holding a lone surrogate still hashes (the step refuses it with its own message)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def lineage_json(lineage: Mapping[str, Lineage]) -> str:

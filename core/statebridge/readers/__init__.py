@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from ..errors import SourceError
-from .base import RawSpan, Source
+from .base import RawSpan, Source, open_regular
 from .memory import DictSource, ModuleSource, is_module
 from .safetensors import INDEX_NAME, SafetensorsFile, ShardedSafetensors
 from .torch_pickle import TORCH_SUFFIXES, TorchPickle
@@ -37,7 +37,8 @@ def open_source(source: SourceLike) -> Source:
     Paths may be a ``.safetensors`` file, a sharded folder (with or without
     ``model.safetensors.index.json``), the index file itself, a torch pickle
     (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) or a ``.gguf`` file.  Anything
-    else is recognised by its first bytes.
+    else is recognised by its first bytes.  Only regular files (and links to them) are read:
+    a FIFO, a socket or a device is refused with a :class:`~statebridge.errors.SourceError`.
     """
     if isinstance(source, Source):
         return source
@@ -76,11 +77,11 @@ def open_source(source: SourceLike) -> Source:
         return _gguf(path)
     if suffix in TORCH_SUFFIXES:
         return TorchPickle(path)
-    try:
-        with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO or a device is refused here, before a read could block
+        try:
             magic = f.read(4)
-    except OSError as e:
-        raise SourceError(path, f"cannot read: {e.strerror or e}") from None
+        except OSError as e:
+            raise SourceError(path, f"cannot read: {e.strerror or e}") from None
     if magic == b"GGUF":
         return _gguf(path)
     if magic[:2] == b"PK" or magic[:1] == b"\x80":

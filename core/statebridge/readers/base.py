@@ -7,13 +7,17 @@ storage order, so reading them in that order walks each file front to back.
 
 from __future__ import annotations
 
+import os
+import stat
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
+from ..errors import SourceError
 from ..tensors.meta import TensorMeta
+from ..tensors.patterns import key_problem
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +40,11 @@ class Source(ABC):
 
     #: what to call this source in messages (usually its path)
     name: str
+    #: the file format, as writers name theirs (``"safetensors"``, ``"gguf"``, ...), or None for state
+    #: in memory: a writer of the same format carries the source's :attr:`metadata` into its output
+    format: ClassVar[str | None] = None
+    #: values the file holds that are not tensors (a pickle's ``epoch``), so not part of the state
+    skipped: Sequence[str] = ()
 
     @abstractmethod
     def metas(self) -> Mapping[str, TensorMeta]:
@@ -74,3 +83,59 @@ class Source(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}: {len(self)} tensors>"
+
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def open_regular(path: str | os.PathLike[str], buffering: int = -1) -> BinaryIO:
+    """Open ``path`` for reading; refuse anything but a regular file (or a link to one).
+
+    Opening a FIFO for reading waits for a writer forever, and a device never ends:
+    the file is opened without blocking and checked before a byte is read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise SourceError(path, f"cannot read: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise SourceError(path, f"is {kind}, not a checkpoint file; statebridge reads checkpoints from regular files")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb", buffering=buffering)
+
+
+def check_key(path: str | os.PathLike[str], key: object) -> str:
+    """``key`` if it can name a tensor; else a :class:`SourceError` naming the file and the key."""
+    problem = key_problem(key)
+    if problem:
+        text = repr(key)  # a lying header can hold a name megabytes long
+        raise SourceError(path, f"tensor name {text if len(text) <= 120 else text[:100] + '...'} {problem}")
+    return key  # type: ignore[return-value]  # key_problem found it a str
+
+
+def unreadable(tensor: torch.Tensor) -> str | None:
+    """Why ``tensor`` has no plain dense data statebridge could read, or None when it has.
+
+    Sparse, nested and quantized tensors store something other than their values
+    element by element, and meta tensors store nothing.
+    """
+    import torch
+
+    if tensor.is_nested:
+        return "is a nested tensor; save each of its tensors on its own"
+    if tensor.layout != torch.strided:
+        return f"is sparse ({tensor.layout}); save tensor.to_dense() instead"
+    if tensor.is_quantized:
+        return f"is quantized ({tensor.dtype}); save tensor.dequantize() instead"
+    if tensor.is_meta:
+        return "is on the meta device and holds no data"
+    return None

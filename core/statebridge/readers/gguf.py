@@ -42,7 +42,7 @@ from gguf import quants as gguf_quants
 
 from ..errors import SourceError
 from ..tensors.meta import DTYPES, DType, TensorMeta
-from .base import RawSpan, Source
+from .base import RawSpan, Source, open_regular
 
 if TYPE_CHECKING:
     import torch
@@ -135,6 +135,8 @@ class GGUFSource(Source):
     :attr:`alignment`, :attr:`data_offset` and :attr:`byte_order`.
     """
 
+    format = "gguf"
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
 
         self.path = Path(path)
@@ -226,7 +228,7 @@ class GGUFSource(Source):
     def _map(self) -> mmap.mmap:
         if self._mmap is None:
             try:
-                with open(self.path, "rb") as f:
+                with open_regular(self.path) as f:
                     self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             except (OSError, ValueError) as e:
                 raise SourceError(self.path, f"cannot map the file: {e}") from None
@@ -251,9 +253,9 @@ class _Header:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
+        with open_regular(path) as f:
+            try:
+                size = os.fstat(f.fileno()).st_size
                 magic = f.read(4)
                 if magic != GGUF_MAGIC:
                     if len(magic) < 4:
@@ -268,8 +270,8 @@ class _Header:
                         self._parse(buf, size)
                     finally:
                         self.buf = b""  # drop the reference before the map closes
-        except OSError as e:
-            raise SourceError(path, f"cannot read: {e.strerror or e}") from None
+            except OSError as e:
+                raise SourceError(path, f"cannot read: {e.strerror or e}") from None
 
     # -- low-level reads, all bounds-checked -------------------------------------------------
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceError
 from ..tensors.meta import TensorMeta
-from .base import Source
+from .base import Source, check_key, unreadable
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +32,12 @@ class DictSource(Source):
         bad = [k for k, v in self._tensors.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise SourceError(name, f"value of {bad[0]!r} is a {type(self._tensors[bad[0]]).__name__}, not a tensor")
+        for key, tensor in self._tensors.items():
+            check_key(name, key)
+            # meta tensors are welcome here: a meta-device module describes a target without data
+            problem = None if tensor.is_meta else unreadable(tensor)
+            if problem:
+                raise SourceError(name, f"tensor {key!r} {problem}")
         self._metas = {k: TensorMeta.of(v) for k, v in self._tensors.items()}
 
     def metas(self) -> Mapping[str, TensorMeta]:

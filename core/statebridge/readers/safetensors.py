@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from ..errors import SourceError
 from ..tensors.meta import SAFETENSORS_DTYPES, TensorMeta
-from .base import RawSpan, Source
+from ..tensors.patterns import key_problem
+from .base import RawSpan, Source, check_key, open_regular
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +45,8 @@ class _Repeated:
 
 class SafetensorsFile(Source):
     """One ``.safetensors`` file."""
+
+    format = "safetensors"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -78,7 +81,7 @@ class SafetensorsFile(Source):
         # keeps its map alive through the buffer and unmaps it when it is freed.
         start = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 size = os.fstat(f.fileno()).st_size
                 # A file cut short after its header was checked would crash the process
                 # (SIGBUS) when the missing pages are touched: refuse instead.
@@ -97,9 +100,9 @@ def _read_header(
     path: Path,
 ) -> tuple[dict[str, TensorMeta], dict[str, tuple[int, int]], dict[str, str], int, int]:
     """Parse and check a safetensors header: metas, byte offsets, metadata, data start, file size."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise SourceError(path, f"file is {size} bytes, too short to be safetensors (truncated?)")
@@ -111,8 +114,8 @@ def _read_header(
                     path, f"header claims {header_len} bytes but the file has only {size - 8} after the prefix (truncated?)"
                 )
             raw = f.read(header_len)
-    except OSError as e:
-        raise SourceError(path, f"cannot read: {e.strerror or e}") from None
+        except OSError as e:
+            raise SourceError(path, f"cannot read: {e.strerror or e}") from None
 
     def brief(value: object) -> str:  # a header value for a message: a lying header can hold megabytes
         text = repr(value)
@@ -137,9 +140,14 @@ def _read_header(
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise SourceError(path, "__metadata__ must map strings to strings")
+    for key, value in metadata.items():
+        problem = key_problem(key) or key_problem(value)
+        if problem:
+            raise SourceError(path, f"__metadata__ entry {brief(key)}: its text {problem}")
 
     entries: list[tuple[int, str, TensorMeta, tuple[int, int]]] = []
     for key, info in header.items():
+        check_key(path, key)
         if not isinstance(info, dict):
             raise SourceError(path, f"tensor {brief(key)}: header entry is not an object")
         code = info.get("dtype")
@@ -195,27 +203,50 @@ def _read_header(
 
 
 class ShardedSafetensors(Source):
-    """A folder of safetensors shards: with ``model.safetensors.index.json`` or without one."""
+    """A folder of safetensors shards: with ``model.safetensors.index.json`` or without one.
+
+    Every tensor of every file read is accounted for, or the folder is refused: with an
+    index, each shard must hold exactly the tensors the index puts in it, and a folder
+    opened as such may hold no ``*.safetensors`` file the index does not name (open the
+    index file itself to read only the shards it names).  Without an index, every
+    ``*.safetensors`` file in the folder is a shard and no key may be in two of them.
+    """
+
+    format = "safetensors"
 
     def __init__(self, folder: str | os.PathLike[str], index: str | os.PathLike[str] | None = None) -> None:
         self.folder = Path(folder)
         self.name = str(self.folder)
         self._metadata: dict[str, str] = {}
         index_path = Path(index) if index else self.folder / INDEX_NAME
-        if index_path.is_file():
+        expected: dict[str, Path] | None = None
+        if index is not None or os.path.lexists(index_path):
             files, expected = self._read_index(index_path)
+            if index is None:
+                unnamed = [f for f in sorted(self.folder.glob("*.safetensors")) if f not in files]
+                if unnamed:
+                    raise SourceError(
+                        unnamed[0],
+                        f"is in the checkpoint folder but {INDEX_NAME} does not name it, so its tensors would be "
+                        f"left out; move it away, or open {index_path} itself to read only the shards it names",
+                    )
         else:
             files = sorted(self.folder.glob("*.safetensors"))
             if not files:
                 raise SourceError(self.folder, "no *.safetensors files and no model.safetensors.index.json here")
-            expected = None
         self.shards = [SafetensorsFile(f) for f in files]
         self._owner: dict[str, SafetensorsFile] = {}
         self._metas: dict[str, TensorMeta] = {}
         for shard in self.shards:
             for key, meta in shard.metas().items():
-                if expected is not None and expected.get(key) != shard.path.name:
-                    continue  # the index is authoritative: stray copies are ignored
+                if expected is not None and expected.get(key) != shard.path:
+                    listed = expected.get(key)
+                    where = "does not list it" if listed is None else f"puts it in {_relative(listed, index_path)}"
+                    raise SourceError(
+                        shard.path,
+                        f"holds tensor {key!r}, but {index_path.name} {where}; the index and the shards do not "
+                        "belong together (every tensor a shard holds must be in the index's weight_map)",
+                    )
                 if key in self._owner:
                     raise SourceError(
                         shard.path, f"tensor {key!r} is also in {self._owner[key].path.name}; which one is meant?"
@@ -228,15 +259,17 @@ class ShardedSafetensors(Source):
                 more = f" ({len(missing) - 1} more tensors are missing too)" if len(missing) > 1 else ""
                 raise SourceError(
                     index_path,
-                    f"the index puts tensor {missing[0]!r} in {expected[missing[0]]}, but that shard has no such tensor{more}; "
-                    "the index and the shards do not belong together",
+                    f"the index puts tensor {missing[0]!r} in {_relative(expected[missing[0]], index_path)}, "
+                    f"but that shard has no such tensor{more}; the index and the shards do not belong together",
                 )
 
-    def _read_index(self, index_path: Path) -> tuple[list[Path], dict[str, str]]:
-        """The shard files the index names, and key -> shard file name (as ``Path.name``)."""
+    def _read_index(self, index_path: Path) -> tuple[list[Path], dict[str, Path]]:
+        """The shard files the index names, and key -> the shard file the index puts it in."""
         repeated = _Repeated()
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=repeated.hook)
+            with open_regular(index_path) as f:
+                text = f.read().decode("utf-8")
+            index = json.loads(text, object_pairs_hook=repeated.hook)
         except OSError as e:
             raise SourceError(index_path, f"cannot read the shard index: {e.strerror or e}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -257,10 +290,18 @@ class ShardedSafetensors(Source):
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise SourceError(index_path, "the shard index has no 'weight_map' object of key -> file name")
+        if not weight_map:
+            raise SourceError(index_path, "the shard index's weight_map is empty: it names no tensor and no shard")
+        for key in weight_map:
+            check_key(index_path, key)
         metadata = index.get("metadata") or {}
         self._metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+        for key, value in self._metadata.items():
+            problem = key_problem(key) or key_problem(value)
+            if problem:
+                raise SourceError(index_path, f"the shard index's metadata entry {key[:200]!r}: its text {problem}")
         files: list[Path] = []
-        file_names: dict[str, str] = {}  # as the index spells it ("./a.safetensors") -> the shard's Path.name
+        paths: dict[str, Path] = {}  # as the index spells it ("./a.safetensors") -> the shard's path
         for name in sorted(set(weight_map.values())):
             shown = repr(name) if len(name) <= 200 else f"{name[:150]!r}... ({len(name)} characters)"
             # Checked by name, not by resolving links: shards in a Hugging Face cache
@@ -276,7 +317,7 @@ class ShardedSafetensors(Source):
                 )
             shard = index_path.parent / normal
             try:
-                found = shard.is_file()
+                found = shard.exists()  # a FIFO or folder of that name is refused when it is opened
             except OSError as e:  # a name too long for the file system, ...
                 raise SourceError(
                     index_path, f"shard {shown} named in the index cannot be looked up: {e.strerror or e}"
@@ -286,8 +327,8 @@ class ShardedSafetensors(Source):
                 raise SourceError(index_path, f"shard {shown} named in the index does not exist{where}")
             if shard not in files:
                 files.append(shard)
-            file_names[name] = shard.name
-        return files, {key: file_names[name] for key, name in weight_map.items()}
+            paths[name] = shard
+        return files, {key: paths[name] for key, name in weight_map.items()}
 
     def metas(self) -> Mapping[str, TensorMeta]:
         return self._metas
@@ -313,3 +354,8 @@ class ShardedSafetensors(Source):
     def close(self) -> None:
         for shard in self.shards:
             shard.close()
+
+
+def _relative(shard: Path, index_path: Path) -> str:
+    """A shard's path as an index names it: relative to the index's folder."""
+    return os.path.relpath(shard, index_path.parent)

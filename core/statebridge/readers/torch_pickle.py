@@ -3,9 +3,17 @@
 Only tensors, containers and primitive values can be unpickled, so a file that
 tries to run code fails with :class:`~statebridge.errors.SourceError` before any
 of its code runs.  Zip-format files are memory-mapped: tensors are read from
-disk only when used.  Nested dicts (``{"model": {...}, "epoch": 3}``) are
-flattened to dotted keys; values that are not tensors are skipped and listed
-in :attr:`TorchPickle.skipped`.
+disk only when used.
+
+Every tensor the file holds is a tensor of the state, under a dotted key: nested
+dicts give their keys (``{"model": {"w": t}}`` is ``model.w``), lists and tuples
+their indices, as ``nn.ModuleList`` state dicts do (``{"layers": [t0, t1]}`` is
+``layers.0`` and ``layers.1``).  Values that are not tensors (``epoch: 3``, a
+config dict of numbers) are not part of the state: each largest part of the file
+that holds no tensor is listed once in :attr:`TorchPickle.skipped`.  A tensor
+that cannot be read as plain dense data (sparse, quantized, nested, meta), or
+one in a set (which has no order to name it by), is refused, naming the file
+and the key.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceError
 from ..tensors.meta import TensorMeta
-from .base import Source
+from .base import Source, check_key, open_regular, unreadable
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +41,8 @@ TORCH_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
 
 class TorchPickle(Source):
     """A ``torch.save`` checkpoint."""
+
+    format = "torch"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -45,10 +55,8 @@ class TorchPickle(Source):
     def _load(self) -> Any:
         import torch
 
-        if not self.path.is_file():
-            raise SourceError(self.path, "no such file")
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 head = f.read(4)
                 size = os.fstat(f.fileno()).st_size
             magic = head[:2]
@@ -77,7 +85,7 @@ class TorchPickle(Source):
                 if is_zip:  # only the zip format can be memory-mapped
                     return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
                 # The legacy format is unpickled straight from the file: see _BoundedReader.
-                with open(self.path, "rb", buffering=0) as raw, _BoundedReader(raw, size) as f:
+                with open_regular(self.path, buffering=0) as raw, _BoundedReader(raw, size) as f:
                     return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise SourceError(self.path, _unpickling_message(str(e))) from None
@@ -156,16 +164,16 @@ def _first_sentence(text: str) -> str:
     return line
 
 
-#: dicts nested deeper than this are refused (checkpoints nest a few levels)
+#: containers nested deeper than this are refused (checkpoints nest a few levels)
 MAX_NESTING = 100
 
 
 def _flatten(root: Any, path: Path, out: dict[str, torch.Tensor], skipped: list[str]) -> None:
-    """Flatten nested mappings to dotted keys, refusing what no ``torch.save`` of a state dict writes.
+    """Name every tensor in ``root`` by its dotted path of dict keys and list indices; list the rest.
 
-    A pickle can refer to one object from many places (its memo), so a dict may contain
-    itself, and a few hundred bytes can describe 2**60 paths through a few dozen dicts:
-    walking stops once it has made far more visits than there are distinct objects.
+    A pickle can refer to one object from many places (its memo), so a container may
+    contain itself, and a few hundred bytes can describe 2**60 paths through a few dozen
+    containers: walking stops once it has made far more visits than there are distinct objects.
     """
     import torch
 
@@ -175,30 +183,51 @@ def _flatten(root: Any, path: Path, out: dict[str, torch.Tensor], skipped: list[
     def shown(prefix: str) -> str:
         return repr(prefix) if len(prefix) <= 120 else f"{prefix[:100]!r}... ({len(prefix)} characters)"
 
-    def visit(obj: Any, prefix: str, parents: tuple[int, ...]) -> None:
+    def visit(obj: Any, prefix: str, parents: tuple[int, ...]) -> tuple[bool, list[str]]:
+        """Walk ``obj``: whether it holds a tensor, and its parts that are skipped (in file order).
+
+        A part holding no tensor is skipped whole by its parent; at the top, each such part is named.
+        """
         nonlocal visits
         visits += 1
         distinct.add(id(obj))
         if visits > 10_000 + 16 * len(distinct):
             raise SourceError(
                 path,
-                f"its dicts refer to the same dicts over and over ({visits}+ paths through {len(distinct)} objects); "
-                "corrupt or malicious pickle",
+                f"its containers refer to the same containers over and over ({visits}+ paths through "
+                f"{len(distinct)} objects); corrupt or malicious pickle",
             )
         if isinstance(obj, torch.Tensor):
+            problem = unreadable(obj)
+            if problem:
+                raise SourceError(path, f"tensor {shown(prefix or '<root>')} {problem}")
             if prefix in out:
                 raise SourceError(
                     path, f"two tensors flatten to the same key {shown(prefix)} (as 'a.b' and 'b' inside 'a' would); which is meant?"
                 )
-            out[prefix] = obj
-        elif isinstance(obj, Mapping):
-            if id(obj) in parents:
-                raise SourceError(path, f"the dict at {shown(prefix)} contains itself; not a state dict")
-            if len(parents) >= MAX_NESTING:
-                raise SourceError(path, f"dicts nested more than {MAX_NESTING} deep (at {shown(prefix)}); not a state dict")
-            for key, value in obj.items():
-                visit(value, f"{prefix}.{key}" if prefix else str(key), (*parents, id(obj)))
+            out[check_key(path, prefix)] = obj
+            return True, []
+        if isinstance(obj, Mapping):
+            items: list[tuple[Any, Any]] = list(obj.items())
+        elif isinstance(obj, (list, tuple)):
+            items = list(enumerate(obj))
+        elif isinstance(obj, (set, frozenset)):
+            if any(isinstance(item, torch.Tensor) for item in obj):
+                raise SourceError(path, f"the set at {shown(prefix or '<root>')} holds tensors, which have no names in a set")
+            return False, []
         else:
-            skipped.append(prefix or "<root>")
+            return False, []
+        if id(obj) in parents:
+            raise SourceError(path, f"the {type(obj).__name__} at {shown(prefix or '<root>')} contains itself; not a state dict")
+        if len(parents) >= MAX_NESTING:
+            raise SourceError(path, f"containers nested more than {MAX_NESTING} deep (at {shown(prefix)}); not a state dict")
+        found, parts = False, []
+        for key, value in items:
+            child = f"{prefix}.{key}" if prefix else str(key)
+            child_found, child_parts = visit(value, child, (*parents, id(obj)))
+            found = found or child_found
+            parts.extend(child_parts if child_found else [child])
+        return found, parts
 
-    visit(root, "", ())
+    found, parts = visit(root, "", ())
+    skipped.extend(parts if parts or found else ["<root>"])

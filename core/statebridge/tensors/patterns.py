@@ -63,20 +63,28 @@ class KeyPattern:
         return self.regex.fullmatch(key)
 
     def expand(self, match: re.Match[str], target: str) -> str:
-        """Fill ``target`` with this match's captures (``*`` in order for globs, ``\\1`` for regexes)."""
+        """Fill ``target`` with this match's captures (``*`` in order for globs, ``\\1`` for regexes).
+
+        The result must be a key a file can hold (see :func:`key_problem`).
+        """
         if self.is_regex:
             try:
-                return match.expand(target)
+                key = match.expand(target)
             except (re.error, IndexError) as e:
                 raise ConfigError(f"target {target!r} refers to a group that {self.text!r} does not have: {e}") from None
-        captures = iter(match.groups())
-        pieces = re.split(r"(\*\*|\*)", target)
-        wildcards = sum(1 for p in pieces if p in ("*", "**"))
-        if wildcards != len(match.groups()):
-            raise ConfigError(
-                f"target {target!r} has {wildcards} wildcards but pattern {self.text!r} captures {len(match.groups())}"
-            )
-        return "".join(next(captures) if p in ("*", "**") else p for p in pieces)
+        else:
+            captures = iter(match.groups())
+            pieces = re.split(r"(\*\*|\*)", target)
+            wildcards = sum(1 for p in pieces if p in ("*", "**"))
+            if wildcards != len(match.groups()):
+                raise ConfigError(
+                    f"target {target!r} has {wildcards} wildcards but pattern {self.text!r} captures {len(match.groups())}"
+                )
+            key = "".join(next(captures) if p in ("*", "**") else p for p in pieces)
+        problem = key_problem(key)
+        if problem:
+            raise ConfigError(f"target {target!r} makes the key {key!r}, which {problem}")
+        return key
 
     def select(self, keys: Iterable[str]) -> list[str]:
         return [k for k in keys if self.match(k)]
@@ -98,33 +106,61 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     return f"; did you mean {' or '.join(repr(h) for h in hints)}?" if hints else ""
 
 
-NUMBER = re.compile(r"(?<![^.])\d+(?![^.])")
+def key_problem(key: object) -> str | None:
+    """Why ``key`` cannot name a tensor in a file, or None when it can.
+
+    Every format stores names as UTF-8 text (safetensors' JSON header, GGUF, the
+    pickle of a state dict), but a Python string, and a JSON ``\\ud800`` escape,
+    can hold a lone surrogate, which is no character and has no UTF-8 form: such a
+    name could be neither written nor printed.  Any other character, control
+    characters and NUL included, is stored as it is (and escaped when shown).
+    """
+    if not isinstance(key, str):
+        return f"is a {type(key).__name__}, not a string"
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"holds {key[e.start]!r}, a lone surrogate, which is not a character (no file can store it as UTF-8)"
+    return None
+
+
+def shown(key: str) -> str:
+    """``key`` as it can be printed: characters that are not printable (controls, NUL, surrogates) escaped.
+
+    For display only: a key holding an escape sequence must not repaint the terminal
+    it is listed on, nor one holding a surrogate stop the listing.
+    """
+    if key.isprintable():
+        return key
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in key)
+
+
+#: a dotted component that is a layer number: a plain decimal of at most 18 digits (so it fits an
+#: int64 and converts without Python's limit on long integer strings); "007" is a name, not a number
+NUMBER = re.compile(r"(?<![^.])(?:0|[1-9]\d{0,17})(?![^.])")
+
+
+def family(key: str) -> tuple[str, ...]:
+    """What ``key`` is, its layer numbers left out: keys of one family differ only in those numbers."""
+    return tuple(NUMBER.split(key))
 
 
 def compress_keys(keys: Sequence[str]) -> list[str]:
     """Fold numbered components into ranges: ``layers.{0..31}.mlp.up.weight``.
 
-    Keys that differ only in one dotted numeric component are merged; the result
-    keeps first-seen order.  Used by ``inspect`` and by error messages that list keys.
+    Keys that differ only in dotted numeric components are merged; the result keeps
+    first-seen order and shows unprintable characters escaped (see :func:`shown`).
+    Used by ``inspect`` and by error messages that list keys.
     """
-    families: dict[str, list[tuple[int, ...]]] = {}
+    families: dict[tuple[str, ...], list[tuple[int, ...]]] = {}
     for key in keys:
-        numbers = tuple(int(m) for m in NUMBER.findall(key))
-        shape = NUMBER.sub("#", key)
-        families.setdefault(shape, []).append(numbers)
+        families.setdefault(family(key), []).append(tuple(int(m) for m in NUMBER.findall(key)))
     out = []
-    for shape, numbers in families.items():
-        if len(numbers) == 1:
-            out.append(_fill(shape, [str(n) for n in numbers[0]]))
-            continue
-        columns = list(zip(*numbers))
-        out.append(_fill(shape, [_span(sorted(set(col))) for col in columns]))
+    for pieces, numbers in families.items():
+        columns = [_span(sorted(set(column))) for column in zip(*numbers)]
+        text = pieces[0] + "".join(number + piece for number, piece in zip(columns, pieces[1:]))
+        out.append(shown(text))
     return out
-
-
-def _fill(shape: str, parts: Sequence[str]) -> str:
-    it = iter(parts)
-    return re.sub("#", lambda _: next(it), shape)
 
 
 def _span(values: Sequence[int]) -> str:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..planning.fingerprint import FINGERPRINT_KEY, LINEAGE_KEY, VERSION_KEY
 from ..readers.base import Source
-from ..tensors.meta import TensorMeta, dtype_name
-from ..tensors.patterns import NUMBER, compress_keys
+from ..tensors.meta import TensorMeta, dtype_name, human_bytes
+from ..tensors.patterns import compress_keys, describe_keys, family, shown
+from ..tensors.provenance import FINGERPRINT_KEY, LINEAGE_KEY, VERSION_KEY, read_lineage
 
 
 @dataclass
@@ -41,25 +40,29 @@ class Report:
 def summary(source: Source) -> Report:
     """Keys, shapes and dtypes of a state, with numbered layers folded into ranges."""
     metas = source.metas()
-    buckets: dict[tuple[str, TensorMeta], list[str]] = {}
+    buckets: dict[tuple[tuple[str, ...], TensorMeta], list[str]] = {}
     for key, meta in metas.items():
-        buckets.setdefault((NUMBER.sub("#", key), meta), []).append(key)
+        buckets.setdefault((family(key), meta), []).append(key)
     rows = [[compress_keys(keys)[0], str(meta), len(keys)] for (_, meta), keys in buckets.items()]
     params = sum(m.numel for m in metas.values())
     size = sum(m.nbytes for m in metas.values())
     dtypes = Counter(dtype_name(m.dtype) for m in metas.values())
     notes = [
-        f"{len(metas)} tensors, {params:,} elements, {size / 1024**2:.1f} MB; "
+        f"{len(metas)} tensors, {params:,} elements, {human_bytes(size)}; "
         + ", ".join(f"{n} {d}" for d, n in dtypes.most_common())
     ]
+    if source.skipped:
+        notes.append(f"{len(source.skipped)} values that are not tensors are not part of the state: {describe_keys(source.skipped)}")
     metadata = dict(source.metadata)
-    lineage = json.loads(metadata.pop(LINEAGE_KEY, "{}") or "{}")
+    lineage, unreadable = read_lineage(metadata.pop(LINEAGE_KEY, None))
+    if unreadable:
+        notes.append(f"{LINEAGE_KEY} ignored: {unreadable}")
     if FINGERPRINT_KEY in metadata:
         notes.append(f"written by statebridge {metadata.pop(VERSION_KEY, '?')}, fingerprint {metadata.pop(FINGERPRINT_KEY)}")
     if lineage:
         notes.append(f"lineage recorded for {len(lineage)} tensors (statebridge inspect --lineage)")
     if metadata:
-        notes.append("metadata: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(metadata.items())))
+        notes.append("metadata: " + ", ".join(f"{shown(k)}={shown(_short(v))}" for k, v in sorted(metadata.items())))
     return Report(
         f"{source.name}",
         ["tensors", "dtype[shape]", "count"],

@@ -15,12 +15,16 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import ExecutionError
-from ..readers.base import RawSpan
+from ..errors import ConfigError, ExecutionError
+from ..tensors.provenance import is_reserved
+from ..readers.base import RawSpan, Source
 from ..tensors.meta import TensorMeta
+from ..tensors.patterns import key_problem
 
 if TYPE_CHECKING:
     import torch
+
+    from ..transforms.compose import Lineage
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class Writer(ABC):
         #: ``run`` before :meth:`begin`): a writer that places tensors may align to it, so the
         #: kernel copies whole pages
         self.source_offsets: Mapping[str, int] = {}
+        #: how each output tensor was made (set by ``run``), so that a refusal can name the step
+        self.lineage: Mapping[str, Lineage] = {}
 
     @property
     def writes_folder(self) -> bool:
@@ -61,11 +67,43 @@ class Writer(ABC):
         """Whether this writer is the natural choice for ``target`` (used when no format is named)."""
         return False
 
+    def carry(self, source: Source) -> None:
+        """Keep ``source``'s own metadata in the output, under this run's (``metadata`` wins on a clash).
+
+        Metadata is carried only between files of one format (``source.format ==
+        self.format``): what one format stores means nothing to another.  Keys under
+        ``statebridge.`` are not carried: the run writes its own provenance there.
+        """
+        if source.format == self.format:
+            carried = {k: v for k, v in source.metadata.items() if not is_reserved(k)}
+            self.metadata = {**carried, **self.metadata}
+
+    def check(self, metas: Mapping[str, TensorMeta]) -> None:
+        """Refuse what this format cannot store with a :class:`ConfigError` naming the key (see :meth:`refuse`).
+
+        Called by :meth:`layout` and :meth:`begin`, so a dry run finds what a run would
+        refuse.  The base refuses names that are not text; formats add their own limits.
+        """
+        for key in metas:
+            problem = key_problem(key)
+            if problem:
+                raise self.refuse(key, problem)
+
+    def refuse(self, key: str, reason: str) -> ConfigError:
+        """The error for a tensor this format cannot store: its name, the step that made it, why."""
+        lineage = self.lineage.get(key)
+        made = ""
+        if lineage is not None and lineage.ops:
+            sources = ", ".join(repr(s) for s in lineage.sources[:3]) + (", ..." if len(lineage.sources) > 3 else "")
+            made = f" (made by {' -> '.join(lineage.ops)}" + (f" from {sources})" if sources else ")")
+        return ConfigError(f"cannot write {key!r}{made} to {self.format}: {reason}")
+
     def layout(self, metas: Mapping[str, TensorMeta]) -> list[PlannedFile]:
         """The files :meth:`begin` would write for ``metas``, from metadata alone (shown by dry runs).
 
         The default is one file holding every tensor; writers that shard override it.
         """
+        self.check(metas)
         return [PlannedFile(self.path.name, list(metas), sum(m.nbytes for m in metas.values()))]
 
     @abstractmethod

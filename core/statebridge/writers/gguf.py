@@ -24,13 +24,15 @@ the torch shape), so :class:`~statebridge.readers.gguf.GGUFSource`, ``gguf.GGUFR
 and llama.cpp read back the torch shape.  ggml tensors have at most 4
 dimensions, so larger ranks are refused too.
 
-Metadata: every ``metadata`` entry is written as a GGUF string, except
-``general.alignment``, which is written as the UINT32 the format requires.
-``general.architecture`` defaults to ``"statebridge"``.  Typed values (for
-example the fields of a source GGUF file, to be copied through unchanged) can
-be given with ``fields=`` as :class:`~statebridge.readers.gguf.GGUFField` values or
-plain Python values.  The output holds no timestamps: the same inputs give the
-same bytes.
+Metadata, later entries winning: ``general.architecture = "statebridge"``;
+when the source is a GGUF file, every one of its key-value fields with its
+stored type (:meth:`GGUFWriter.carry`: architecture, name, ``<arch>.*``
+hyperparameters, tokenizer arrays...), except its ``statebridge.*`` fields and
+with ``general.file_type`` recomputed for the tensors written; every
+``metadata`` entry as a GGUF string (``general.alignment`` as the UINT32 the
+format requires); then typed values given with ``fields=`` as
+:class:`~statebridge.readers.gguf.GGUFField` values or plain Python values.  The
+output holds no timestamps: the same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 from gguf import GGUFWriter as _LibWriter
 
 from ..errors import ConfigError, ExecutionError
-from ..readers.base import RawSpan
-from ..readers.gguf import GGUFField
+from ..tensors.provenance import is_reserved
+from ..readers.base import RawSpan, Source
+from ..readers.gguf import GGUFField, GGUFSource
 from ..tensors.meta import DTYPES, DType, TensorMeta, dtype_name
 from .base import Writer
 from .rawcopy import copy_spans
@@ -59,8 +62,15 @@ if TYPE_CHECKING:
 DEFAULT_ARCHITECTURE = "statebridge"
 ARCHITECTURE_KEY = "general.architecture"
 ALIGNMENT_KEY = "general.alignment"
+FILE_TYPE_KEY = "general.file_type"
 #: ggml's GGML_MAX_DIMS: llama.cpp refuses files with tensors of higher rank
 MAX_DIMS = 4
+
+#: the llama.cpp file type of a file whose most common tensor type is this (llama.cpp's own guess)
+FILE_TYPES: dict[GGMLQuantizationType, LlamaFileType] = {
+    GGMLQuantizationType.F16: LlamaFileType.MOSTLY_F16,
+    GGMLQuantizationType.BF16: LlamaFileType.MOSTLY_BF16,
+}
 
 #: torch dtype -> (GGML type, numpy dtype of the same width used to hand the bytes to gguf)
 GGUF_DTYPES: dict[DType, tuple[GGMLQuantizationType, np.dtype]] = {
@@ -91,6 +101,8 @@ class GGUFWriter(Writer):
         super().__init__(path, metadata=metadata, shard_size=shard_size)
         #: typed key-value fields (``GGUFField`` or plain values); these win over ``metadata`` strings
         self.fields: dict[str, Any] = dict(fields or {})
+        #: the source GGUF file's own fields (see :meth:`carry`); ``metadata`` and ``fields`` win over them
+        self.carried: dict[str, GGUFField] = {}
         self._lib: _LibWriter | None = None
         self._file: BinaryIO = None  # type: ignore[assignment]  # the library's open file, once begun
         self._metas: dict[str, TensorMeta] = {}
@@ -102,6 +114,27 @@ class GGUFWriter(Writer):
     def for_target(cls, target: Path) -> bool:
         return Path(target).suffix.lower() == ".gguf"
 
+    def carry(self, source: Source) -> None:
+        """Keep every key-value field of a source GGUF file, with its stored type, but its ``statebridge.*`` ones."""
+        if isinstance(source, GGUFSource):
+            self.carried = {k: f for k, f in source.typed_fields.items() if not is_reserved(k)}
+        else:
+            super().carry(source)
+
+    def check(self, metas: Mapping[str, TensorMeta]) -> None:
+        super().check(metas)
+        for key, meta in metas.items():
+            if meta.dtype not in GGUF_DTYPES:
+                raise self.refuse(
+                    key,
+                    f"GGUF has no {dtype_name(meta.dtype)} type; cast it to one of "
+                    + ", ".join(dtype_name(d) for d in GGUF_DTYPES),
+                )
+            if len(meta.shape) > MAX_DIMS:
+                raise self.refuse(
+                    key, f"its shape is {list(meta.shape)}, but ggml tensors have at most {MAX_DIMS} dimensions; reshape it first"
+                )
+
     # -- begin: validate, then header + key-values + tensor infos --------------------------------
 
     def begin(self, metas: Mapping[str, TensorMeta]) -> None:
@@ -109,20 +142,9 @@ class GGUFWriter(Writer):
             raise ExecutionError(f"{self.path}: begin() was called twice")
         if sys.byteorder != "little":  # pragma: no cover - tensors are written from memory as they are
             raise ConfigError(f"GGUF output {self.path}: writing GGUF on a big-endian machine is not supported")
-        for key, meta in metas.items():
-            if meta.dtype not in GGUF_DTYPES:
-                raise ConfigError(
-                    f"cannot write {key!r} ({dtype_name(meta.dtype)}) to GGUF {self.path}: GGUF has no "
-                    f"{dtype_name(meta.dtype)} type; cast it to one of "
-                    + ", ".join(dtype_name(d) for d in GGUF_DTYPES)
-                )
-            if len(meta.shape) > MAX_DIMS:
-                raise ConfigError(
-                    f"cannot write {key!r} with shape {list(meta.shape)} to GGUF {self.path}: ggml tensors have "
-                    f"at most {MAX_DIMS} dimensions; reshape it first"
-                )
+        self.check(metas)
 
-        kv = self._key_values()
+        kv = self._key_values(metas)
         arch = kv.pop(ARCHITECTURE_KEY)
         alignment = kv.pop(ALIGNMENT_KEY, None)
         # gguf's writer logs its file plan at INFO; that is noise in a statebridge run.
@@ -167,9 +189,13 @@ class GGUFWriter(Writer):
         self._metas = dict(metas)
         self._written = set()
 
-    def _key_values(self) -> dict[str, Any]:
-        """Architecture first (as llama.cpp writes it), then string metadata, then typed fields."""
-        kv: dict[str, Any] = {ARCHITECTURE_KEY: DEFAULT_ARCHITECTURE}
+    def _key_values(self, metas: Mapping[str, TensorMeta]) -> dict[str, Any]:
+        """Architecture first (as llama.cpp writes it), then the source's fields, string metadata, typed fields."""
+        kv: dict[str, Any] = {ARCHITECTURE_KEY: DEFAULT_ARCHITECTURE, **self.carried}
+        carried_type = self.carried.get(FILE_TYPE_KEY)
+        if carried_type is not None:
+            # The source's file type described its tensors (Q4_K_M, ...); these are stored unquantized.
+            kv[FILE_TYPE_KEY] = GGUFField(_file_type(metas), carried_type.type)
         for key, value in self.metadata.items():
             kv[str(key)] = str(value)
         for key, value in self.fields.items():
@@ -258,3 +284,19 @@ class GGUFWriter(Writer):
                 lib.close()
             except OSError:
                 pass
+
+
+def _file_type(metas: Mapping[str, TensorMeta]) -> int:
+    """``general.file_type`` for these tensors, as llama.cpp guesses it: from the type most tensors have.
+
+    Ties go to the type that reached the count first, in write order, as in llama.cpp; types without
+    a file type of their own (F32, integers) give ``ALL_F32``, llama.cpp's fallback.
+    """
+    counts: dict[GGMLQuantizationType, int] = {}
+    best, most = GGMLQuantizationType.F32, 0
+    for meta in metas.values():
+        ggml_type = GGUF_DTYPES[meta.dtype][0]
+        counts[ggml_type] = counts.get(ggml_type, 0) + 1
+        if counts[ggml_type] > most:
+            best, most = ggml_type, counts[ggml_type]
+    return int(FILE_TYPES.get(best, LlamaFileType.ALL_F32))

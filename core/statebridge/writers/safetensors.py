@@ -9,6 +9,11 @@ file at once.  Unchanged tensors are copied from the source file by the kernel
 (``copy_file_range``) without being decoded.  Every 64 MB written to a file,
 the kernel is asked to start writing it back, so the disk works during the
 copy instead of all at the final fsync.
+
+``__metadata__`` holds ``format: pt``, then the source's own ``__metadata__``
+when the source is safetensors (less the index's ``total_size``, which this
+writer computes), then the run's ``metadata`` and provenance.  A tensor may not
+be named ``__metadata__``: the format keeps that name for the metadata.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError, ExecutionError
-from ..readers.base import RawSpan
+from ..errors import ExecutionError
+from ..readers.base import RawSpan, Source
 from ..readers.safetensors import INDEX_NAME
 from ..tensors.meta import TensorMeta, dtype_name
 from .base import PlannedFile, Writer
@@ -60,6 +65,20 @@ class SafetensorsWriter(Writer):
     @classmethod
     def for_target(cls, target: Path) -> bool:
         return target.suffix == ".safetensors" or target.suffix == ""
+
+    def carry(self, source: Source) -> None:
+        given = self.metadata
+        super().carry(source)
+        if "total_size" not in given:  # the source index's bookkeeping, not the model's: _index writes ours
+            self.metadata.pop("total_size", None)
+
+    def check(self, metas: Mapping[str, TensorMeta]) -> None:
+        super().check(metas)
+        for key, meta in metas.items():
+            if key == "__metadata__":
+                raise self.refuse(key, "safetensors keeps that name for the file's metadata; rename the tensor")
+            if meta.dtype.code is None:
+                raise self.refuse(key, f"safetensors cannot store dtype {dtype_name(meta.dtype)}")
 
     def begin(self, metas: Mapping[str, TensorMeta]) -> None:
         for path, header, size in self._lay_out(metas):
@@ -106,9 +125,7 @@ class SafetensorsWriter(Writer):
 
     def _headers(self, metas: Mapping[str, TensorMeta]) -> list[tuple[str, bytes, dict[str, tuple[int, int]], int]]:
         """Each file's name, encoded header, tensor spans (within the data section) and data size."""
-        for key, meta in metas.items():
-            if meta.dtype.code is None:
-                raise ConfigError(f"{key!r}: safetensors cannot store dtype {dtype_name(meta.dtype)}")
+        self.check(metas)
         shards = self._shards(metas)
         metadata = {"format": "pt", **self.metadata}
         files = []

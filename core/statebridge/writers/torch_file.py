@@ -122,11 +122,12 @@ class TorchWriter(Writer):
 
         if self._zip is not None:
             raise ExecutionError(f"{self.path}: begin() was called twice")
-        for key, meta in metas.items():
+        self.check(metas)
+        for key, meta in metas.items():  # asks torch, so here rather than in check(): dry runs stay torch-free
             try:
                 _tensor_ref(meta, "0")
             except (RuntimeError, TypeError, KeyError) as e:
-                raise ConfigError(f"{key!r}: torch cannot save a {dtype_name(meta.dtype)} tensor: {e}") from None
+                raise self.refuse(key, f"torch cannot save a {dtype_name(meta.dtype)} tensor: {e}") from None
         self._metas = dict(metas)
         # Storage numbers follow the announced order, so the archive does not depend on arrival order.
         self._storage_keys = {key: str(i) for i, key in enumerate(metas)}

@@ -1,0 +1,78 @@
+"""statebridge's own metadata keys in outputs: provenance, reserved, and how a caller's metadata is checked.
+
+Every key under ``statebridge.`` in an output's metadata is statebridge's own:
+a run writes its provenance there (:mod:`statebridge.planning.fingerprint`), a
+caller's ``metadata`` may not set any of them, and the ones a source carries
+(from an earlier run) are replaced, never copied.  Writers, readers and reports
+all need these names, so they live here, below all of them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from ..errors import ConfigError
+from .patterns import key_problem
+
+#: metadata keys starting with this belong to statebridge (see :func:`is_reserved`)
+RESERVED_PREFIX = "statebridge."
+FINGERPRINT_KEY = "statebridge.fingerprint"
+LINEAGE_KEY = "statebridge.lineage"
+VERSION_KEY = "statebridge.version"
+
+
+def is_reserved(key: str) -> bool:
+    """Whether a metadata key is statebridge's own (``statebridge.*``): only a run's provenance sets it."""
+    return key.startswith(RESERVED_PREFIX)
+
+
+def user_metadata(metadata: Mapping[str, object] | None) -> dict[str, str]:
+    """A caller's ``metadata`` for the output, checked: text keys to text values, none of them statebridge's own.
+
+    Values are refused rather than converted: ``{"a": 1}`` could mean ``"1"`` or ``"1.0"``
+    or JSON, and every format statebridge writes stores metadata as strings.  A reserved
+    key is refused because it would forge the run's provenance.
+    """
+    checked: dict[str, str] = {}
+    for key, value in (metadata or {}).items():
+        problem = key_problem(key)
+        if problem:
+            raise ConfigError(f"metadata key {key!r} {problem}")
+        if is_reserved(key):
+            raise ConfigError(
+                f"metadata key {key!r} is reserved: statebridge writes {RESERVED_PREFIX}* itself "
+                "(version, fingerprint, lineage); choose another name"
+            )
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"metadata {key!r}: the value {value!r} is a {type(value).__name__}, not a string; "
+                "metadata values are strings (write str(value) or json.dumps(value) yourself)"
+            )
+        problem = key_problem(value)
+        if problem:
+            raise ConfigError(f"metadata {key!r}: the value {problem}")
+        checked[key] = value
+    return checked
+
+
+def read_lineage(text: str | None) -> tuple[dict[str, dict[str, list[str]]], str | None]:
+    """The lineage a file's ``statebridge.lineage`` records, and why it was ignored (None when it was not).
+
+    A file from another tool may hold anything under that key: what is not the JSON
+    :func:`~statebridge.planning.fingerprint.lineage_json` writes (key -> ``{"from": [...], "ops": [...]}``) is ignored, with a reason.
+    """
+    if not text:
+        return {}, None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        return {}, f"it is not JSON ({type(e).__name__})"
+    if not isinstance(data, dict):
+        return {}, f"it is a JSON {type(data).__name__}, not an object"
+    for key, entry in data.items():
+        parts = [entry.get(part) if isinstance(entry, dict) else None for part in ("from", "ops")]
+        names = [key, *(name for part in parts if isinstance(part, list) for name in part)]
+        if not all(isinstance(part, list) for part in parts) or any(key_problem(name) for name in names):
+            return {}, f"its entry for {key[:100]!r} is not {{\"from\": [names], \"ops\": [names]}} of text"
+    return data, None
