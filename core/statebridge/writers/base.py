@@ -50,6 +50,9 @@ class Writer(ABC):
         #: ``run`` before :meth:`begin`): a writer that places tensors may align to it, so the
         #: kernel copies whole pages
         self.source_offsets: Mapping[str, int] = {}
+        #: the name stem of a folder target's files (``model`` gives ``model.safetensors``); a PEFT
+        #: adapter folder's is ``adapter_model``, which ``run`` sets so that PEFT finds the weights
+        self.stem = "model"
 
     @property
     def writes_folder(self) -> bool:
