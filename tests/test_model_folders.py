@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -290,3 +291,17 @@ def test_planning_a_model_folder_never_imports_torch(hf_folder, tmp_path):
         assert "statebridge.planning.folder" in modules and "torch" not in modules, args
         assert 'dtype: "float32" -> "bfloat16"' in done.stdout
     assert not (tmp_path / "never").exists()
+
+
+def test_two_torchrun_processes_write_the_companions_once_and_as_one_process_does(hf_folder, tmp_path):
+    config = config_file(tmp_path, hf_folder, tmp_path / "one", "  - cast: {dtype: bf16}\n")
+    one = subprocess.run([sys.executable, "-m", "statebridge", "run", str(config), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "statebridge", "run", str(config), "--target", str(tmp_path / "two"), "--no-progress"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    assert tree(tmp_path / "two") == tree(tmp_path / "one")
+    assert sorted(tree(tmp_path / "one")) == sorted([*COMPANIONS, "model.safetensors"])
