@@ -22,6 +22,7 @@ from .execute.estimate import PeakMemory, estimate
 from .execute.executor import ExecutionStats, execute
 from .options import PlanOptions, RunOptions, validated
 from .planning.fingerprint import provenance
+from .planning.folder import read_folder, source_folder
 from .planning.plan import Plan
 from .plugins import Plugins, installed
 from .readers import SourceLike, open_source
@@ -30,6 +31,7 @@ from .tensors.patterns import describe_keys
 from .tensors.provenance import user_metadata
 from .transforms.base import Transform
 from .transforms.composite import Pipeline, build_steps
+from .trust.companions import fit_target
 from .trust.coverage import target_spec
 from .trust.findings import validate
 from .trust.gates import Gates
@@ -79,7 +81,10 @@ def plan(source: SourceLike | Plan, pipeline: PipelineLike = None, **options: An
     Gates(plugins.gates, checked.gates)  # an unknown gate name is an error now, not a silent no-op later
     settings = checked.model_dump()
     settings.update(require=checked.require, expect=None if checked.expect is None else target_spec(checked.expect))
-    built = Plan.build(open_source(source), as_pipeline(pipeline, plugins), settings, plugins.providers())
+    opened = open_source(source)
+    built = Plan.build(opened, as_pipeline(pipeline, plugins), settings, plugins.providers())
+    folder = source_folder(source, opened)
+    built.folder = read_folder(folder, built.pipeline, opened) if folder is not None else None
     validate(built, plugins.hook.validate_plan)
     return built
 
@@ -116,6 +121,7 @@ def target_writer(
     writer.source_offsets = plan.raw_offsets()
     writer.lineage = plan.lineage
     writer.carry(plan.source)
+    fit_target(plan, writer)
     return writer
 
 
@@ -158,6 +164,9 @@ def run(source: SourceLike | Plan, pipeline: PipelineLike, target: str | os.Path
     ``options`` are :class:`~statebridge.options.RunOptions` (the keys of a
     config file).  The target (file or shard folder) appears only when
     everything was written and fsynced; on any error it is left as it was.
+    From a model folder into a folder target, the companion files (config.json
+    with the steps' edits, tokenizer, generation config, ...) are written with
+    the tensors and committed with them (see :mod:`statebridge.planning.folder`).
     ``require``, ``expect``, ``on_collision`` and ``gates`` are checked on the
     plan first, as in :func:`plan`; ``source`` may be that plan (the CLI plans
     once, shows the plan, then runs it).  ``durable=False`` skips the fsyncs:
@@ -192,6 +201,8 @@ def run(source: SourceLike | Plan, pipeline: PipelineLike, target: str | os.Path
                     workers=settings.workers, ranks=ranks,
                 )
                 files = writer.finish()
+                if built.folder is not None and built.folder.carried and (ranks is None or ranks.rank == 0):
+                    files += built.folder.write(staging)  # staged with the tensors: committed with them
             except BaseException:
                 writer.abort()
                 raise

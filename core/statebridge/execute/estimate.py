@@ -109,6 +109,8 @@ def estimate(plan: "Plan", target: str | os.PathLike[str] | None = None, writer:
     written = plan.bytes_written
     seconds = (decoded + copied) / bandwidth.read + written / bandwidth.write
     files = writer.layout(plan.outputs) if writer is not None else []
+    if writer is not None and plan.folder is not None and writer.writes_folder:
+        files += plan.folder.planned_files()  # the model folder's companions, written beside the tensors
     return Estimate(decoded, copied, written, peak, seconds, bandwidth, files)
 
 

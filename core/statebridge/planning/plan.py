@@ -12,6 +12,7 @@ from ..tensors.meta import TensorMeta, human_bytes
 from ..tensors.patterns import compress_keys
 from ..transforms.base import Group, Transform
 from ..transforms.composite import Pipeline
+from .folder import ModelFolder
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Plan:
     findings: list[Any] = field(default_factory=list)
     estimate: Any = None  # an Estimate, once statebridge.execute.estimate has priced the plan
     providers: Mapping[str, str] = field(default_factory=dict)  # transform name -> the plugin that provides it
+    folder: ModelFolder | None = None  # the source's model folder: companion files and config.json edits
 
 
     @classmethod
@@ -120,7 +122,7 @@ class Plan:
         """sha256 of the pipeline's canonical form (see :mod:`statebridge.planning.fingerprint`)."""
         from .fingerprint import fingerprint
 
-        return fingerprint(self.pipeline, self.providers)
+        return fingerprint(self.pipeline, self.providers, self.folder.edits if self.folder else None)
 
     @property
     def changed(self) -> dict[str, tuple[str, ...]]:
@@ -160,6 +162,8 @@ class Plan:
                 lines.extend(f"      {k}" for k in (keys if verbose else compress_keys(keys)))
         if self.unmapped:
             lines.extend(_section("unchanged (no step touched them)", self.unmapped, verbose))
+        if self.folder is not None:
+            lines.extend(self.folder.render())
         for finding in self.findings:
             lines.append(f"  {finding}")
         return "\n".join(lines)
@@ -182,6 +186,7 @@ class Plan:
             "unmapped": self.unmapped,
             "findings": [str(f) for f in self.findings],
             "estimate": self.estimate.to_dict() if self.estimate is not None else None,
+            "model_folder": self.folder.to_dict() if self.folder is not None else None,
         }
 
 

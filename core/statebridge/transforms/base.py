@@ -177,6 +177,20 @@ class Transform(ABC):
     def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
         """Groups this step performs on a state with these tensors. Reads no data."""
 
+    def config_edits(self, metas: Mapping[str, TensorMeta], config: Mapping[str, Any]) -> dict[str, Any]:
+        """The edits this step makes to a model folder's ``config.json``: top-level key -> new value.
+
+        Part of the transform contract, like :meth:`plan`: ``metas`` is the state this
+        step sees (headers only) and ``config`` is config.json as the earlier steps
+        left it.  A step that changes what the config describes (the dtype, the
+        number of layers and every per-layer list, the widths, the vocabulary)
+        returns the new values, a nested object given whole.  The plan shows the
+        edits, they go into the fingerprint and a run into a folder target writes
+        config.json with them, in the same atomic commit as the tensors.  The
+        default is no edits.  Must not read tensor data.
+        """
+        return {}
+
     def inverse(self, metas: Mapping[str, TensorMeta]) -> "Transform":
         """A transform undoing this one on a state with these (pre-step) tensors."""
         raise NotInvertibleError(f"{self.name!r} has no exact inverse")

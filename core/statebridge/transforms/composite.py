@@ -78,6 +78,22 @@ class Pipeline(_Composite):
     def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
         return compose(self.steps, metas).groups
 
+    def config_edits(self, metas: Mapping[str, TensorMeta], config: Mapping[str, Any]) -> dict[str, Any]:
+        """Each step's edits, made against the state and the config the steps before it leave; later ones win."""
+        edits: dict[str, Any] = {}
+        state, current = dict(metas), dict(config)
+        for i, step in enumerate(self.steps):
+            try:
+                made = step.config_edits(state, current)
+            except StatebridgeError as e:
+                raise e.within(f"steps[{i}] ({step.name})") from None
+            edits.update(made)
+            current.update(made)
+            if i + 1 < len(self.steps):
+                # collisions were decided when the plan was built; here only the resulting state matters
+                state = compose([step], state, on_collision="warn").metas
+        return edits
+
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
         states = [dict(metas)]
         for step in self.steps[:-1]:
@@ -116,6 +132,21 @@ class Parallel(_Composite):
             groups.extend(planned)
         return groups
 
+    def config_edits(self, metas: Mapping[str, TensorMeta], config: Mapping[str, Any]) -> dict[str, Any]:
+        """Every step's edits, each made against the same state and config; two steps may not set one key differently."""
+        edits: dict[str, Any] = {}
+        by: dict[str, int] = {}
+        for i, step in enumerate(self.steps):
+            try:
+                made = step.config_edits(metas, config)
+            except StatebridgeError as e:
+                raise e.within(f"parallel[{i}] ({step.name})") from None
+            for key, value in made.items():
+                if key in edits and edits[key] != value:
+                    raise PlanError(f"parallel steps [{by[key]}] and [{i}] both edit config.json's {key!r}, differently")
+                edits[key], by[key] = value, i
+        return edits
+
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
         return Parallel([step.inverse(metas) for step in self.steps])
 
@@ -137,6 +168,10 @@ class Scope(_Composite):
     def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
         prefix = self.params.prefix
         return [_prefixed(g, prefix) for g in compose(self.steps, self._inner(metas), where="scope.steps").groups]
+
+    def config_edits(self, metas: Mapping[str, TensorMeta], config: Mapping[str, Any]) -> dict[str, Any]:
+        """The steps' edits, made against the scope's tensors alone (the prefix removed), as in :meth:`plan`."""
+        return Pipeline(self.steps).config_edits(self._inner(metas), config)
 
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
         return Scope(prefix=self.params.prefix, steps=[Pipeline(self.steps).inverse(self._inner(metas))])

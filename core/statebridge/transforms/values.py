@@ -54,6 +54,20 @@ class Cast(_PerKey):
         dtype = self.dtype
         return lambda x: x.to(dtype.torch)
 
+    def config_edits(self, metas: Mapping[str, TensorMeta], config: Mapping[str, Any]) -> dict[str, Any]:
+        """``dtype`` / ``torch_dtype`` become the new dtype when, after this step, every floating tensor has it.
+
+        A cast that leaves some floating tensors in another dtype edits nothing (the
+        config cannot say "mostly"). In a ``scope``, "every" means the scope's tensors.
+        """
+        if not self.dtype.is_floating_point:
+            return {}
+        cast = set(self.keys(metas))
+        floating = [k for k, m in metas.items() if m.dtype.is_floating_point]
+        if not floating or any(k not in cast and metas[k].dtype != self.dtype for k in floating):
+            return {}
+        return _dtype_edits(config, self.params.dtype, top=True)
+
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
         sources = {metas[k].dtype for k in self.keys(metas)}
         if len(sources) > 1:
@@ -64,6 +78,29 @@ class Cast(_PerKey):
         if not _widens(source, self.dtype):
             raise NotInvertibleError(f"cast {dtype_name(source)} -> {self.params.dtype} loses information")
         return Cast(pattern=self.params.pattern, dtype=dtype_name(source), integers=self.params.integers, strict=False)
+
+
+#: the keys under which transformers records a model's dtype (``torch_dtype`` before 4.56, ``dtype`` since)
+DTYPE_KEYS = ("dtype", "torch_dtype")
+
+
+def _dtype_edits(config: Mapping[str, Any], name: str, top: bool) -> dict[str, Any]:
+    """Edits setting every dtype key of ``config`` and of its nested configs (``text_config``, ...) to ``name``.
+
+    A config that records no dtype gets ``torch_dtype``, which every transformers version reads.
+    """
+    edits: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in DTYPE_KEYS:
+            if value != name:
+                edits[key] = name
+        elif isinstance(value, Mapping):
+            nested = _dtype_edits(value, name, top=False)
+            if nested:
+                edits[key] = {**value, **nested}
+    if top and not any(key in config for key in DTYPE_KEYS):
+        edits["torch_dtype"] = name
+    return edits
 
 
 #: exponent and mantissa bits of the floating-point formats a cast can invert

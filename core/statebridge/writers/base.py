@@ -56,6 +56,9 @@ class Writer(ABC):
         self.source_offsets: Mapping[str, int] = {}
         #: how each output tensor was made (set by ``run``), so that a refusal can name the step
         self.lineage: Mapping[str, Lineage] = {}
+        #: the name stem of a folder target's files (``model`` gives ``model.safetensors``); a PEFT
+        #: adapter folder's is ``adapter_model``, which ``run`` sets so that PEFT finds the weights
+        self.stem = "model"
 
     @property
     def writes_folder(self) -> bool:

@@ -25,9 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ExecutionError
+from ..errors import ConfigError, ExecutionError
 from ..readers.base import RawSpan, Source
-from ..readers.safetensors import INDEX_NAME
 from ..tensors.meta import TensorMeta, dtype_name
 from .base import PlannedFile, Writer
 from .rawcopy import copy_spans, start_writeback, tensor_bytes, write_at
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 #: start writing back a file's dirty pages after this many bytes (see :func:`start_writeback`)
 WRITEBACK_EVERY = 64 * 1024**2
-SINGLE_FILE = "model.safetensors"
 _CLEAN = (2**63, 0, 0)  # nothing written since the last writeback
 PAGE = mmap.PAGESIZE
 
@@ -108,7 +106,7 @@ class SafetensorsWriter(Writer):
         files = [PlannedFile(name, list(spans), 8 + len(header) + size) for name, header, spans, size in headers]
         if not self.single_file and len(files) > 1:
             index = self._index([(name, spans) for name, _, spans, _ in headers])
-            files.append(PlannedFile(INDEX_NAME, [], len(index.encode())))
+            files.append(PlannedFile(self._index_name, [], len(index.encode())))
         return files
 
     def _lay_out(self, metas: Mapping[str, TensorMeta]) -> list[tuple[Path, bytes, int]]:
@@ -184,8 +182,12 @@ class SafetensorsWriter(Writer):
         if self.single_file:
             return [self.path.name]
         if count == 1:
-            return [SINGLE_FILE]
-        return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+            return [f"{self.stem}.safetensors"]
+        return [f"{self.stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+    @property
+    def _index_name(self) -> str:
+        return f"{self.stem}.safetensors.index.json"  # model.safetensors.index.json, as transformers names it
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         index, offset = self._where[key]
@@ -224,7 +226,7 @@ class SafetensorsWriter(Writer):
             os.close(fd)
         files = [path for path, _ in self._files]
         if not self.single_file and len(files) > 1:
-            index_path = self.path / INDEX_NAME
+            index_path = self.path / self._index_name
             if not self._joined:
                 index_path.write_text(self._index([(path.name, spans) for path, spans in self._files]))
             files.append(index_path)
