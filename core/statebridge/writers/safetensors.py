@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError, ExecutionError
+from ..errors import ExecutionError
 from ..readers.base import RawSpan, Source
 from ..tensors.meta import TensorMeta, dtype_name
 from .base import PlannedFile, Writer
