@@ -323,3 +323,25 @@ def test_analyze_summary_covers_every_path_it_is_given(site, checkpoint):
     report = json.loads(result.stdout)
     assert [c["title"] for c in report["checkpoints"]] == ["ck.safetensors", "two.safetensors"]
     assert [row[:2] for row in report["rows"]] == [["ck.safetensors", "a"], ["ck.safetensors", "b"], ["two.safetensors", "other"]]
+
+
+def test_discovery_finds_what_importlib_metadata_finds(site):
+    """statebridge reads entry points itself (for start-up speed); it must agree with the standard library."""
+    import importlib.metadata
+
+    from statebridge import discovery
+
+    for path in ([], [str(site)]):
+        import sys
+
+        saved = list(sys.path)
+        sys.path[:0] = path
+        try:
+            ours = {(e.name, e.value, re.sub(r"[-_.]+", "-", e.distribution).lower(), e.version) for e in discovery.entry_points("statebridge")}
+            theirs = {
+                (e.name, e.value, re.sub(r"[-_.]+", "-", e.dist.name).lower(), e.dist.version)
+                for e in importlib.metadata.entry_points(group="statebridge")
+            }
+        finally:
+            sys.path[:] = saved
+        assert ours == theirs and ours

@@ -31,9 +31,9 @@ import pluggy
 from . import hookspecs
 from ._version import __version__
 from .errors import PluginError
+from .discovery import EntryPoint, entry_points
 from .registry import COMMAND_NAME, Catalog, TransformCatalog
 
-from importlib.metadata import EntryPoint, entry_points
 
 ENTRY_POINT_GROUP = "statebridge"
 
@@ -74,13 +74,13 @@ class PluginInfo:
     def distribution(self) -> str:
         if self.entry_point is None:  # the core, or a plugin added in-process (Plugins.add)
             return "statebridge" if self.name == "statebridge" else self.module
-        return self.entry_point.dist.name if self.entry_point.dist is not None else "?"
+        return self.entry_point.distribution
 
     @cached_property
     def version(self) -> str:
         if self.entry_point is None:
             return __version__ if self.name == "statebridge" else "local"
-        return self.entry_point.dist.version if self.entry_point.dist is not None else "?"
+        return self.entry_point.version
 
     @property
     def label(self) -> str:
@@ -197,7 +197,7 @@ def _selected(ep: EntryPoint) -> bool:
     only, disabled = _names("STATEBRIDGE_LOAD_PLUGINS"), _names("STATEBRIDGE_DISABLE_PLUGINS") or set()
     if only is None and not disabled:
         return True
-    names = {ep.name, ep.dist.name if ep.dist is not None else ep.name}
+    names = {ep.name, ep.distribution}
     if names & disabled:
         return False
     return only is None or bool(names & only)
