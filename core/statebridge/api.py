@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -14,13 +15,14 @@ from .coverage import Requirements, target_spec
 from .distributed import rank_target, session
 from .errors import ConfigError
 from .estimate import PeakMemory, estimate
-from .execute import ExecutionStats, execute
+from .execute import ExecutionStats, execute, plan_signature
 from .fingerprint import provenance
 from .io import SourceLike, open_source
 from .meta import human_bytes
 from .patterns import describe_keys
 from .plan import Plan
 from .plugins import load_plugins
+from .targets import TargetPolicy
 from .transforms.base import Transform
 from .transforms.composite import Pipeline
 from .writers.base import Writer
@@ -110,6 +112,7 @@ class RunReport:
     files: list[Path]
     stats: ExecutionStats
     peak_memory: int | None = None  # how far resident memory rose during the run (Linux)
+    replaced: str | None = None  # what was at the target before, when the run replaced something
 
     def render(self) -> str:
         s = self.stats
@@ -117,6 +120,8 @@ class RunReport:
             f"wrote {self.target}: {s.tensors_written + s.tensors_copied_raw} tensors "
             f"({s.tensors_copied_raw} copied as raw bytes) in {len(self.files)} files"
         ]
+        if self.replaced is not None:
+            lines.append(f"  replaced what was there: {self.replaced}")
         guess = self.plan.estimate
         if guess is not None:
             memory = human_bytes(self.peak_memory) if self.peak_memory is not None else "unknown"
@@ -151,6 +156,7 @@ def run(
     on_collision: str = "error",
     distributed: bool | None = None,
     durable: bool = True,
+    overwrite: bool = False,
 ) -> RunReport:
     """Stream ``source`` through ``pipeline`` into ``target``, atomically.
 
@@ -161,6 +167,12 @@ def run(
     process (an interrupted or failed run leaves nothing), but, as after a
     ``cp``, a power cut soon after may lose data the kernel had not written yet.
 
+    Before anything is written the target policy (:mod:`statebridge.targets`) is
+    checked: a target that contains or lies inside the source is refused, and an
+    existing target that statebridge did not write (or the source itself) is
+    replaced only with ``overwrite=True``.  A source file replaced or modified
+    during the run fails it before the commit.
+
     Under ``torchrun`` the run is collective: every rank calls it with the same
     arguments and does a share of the work (see :mod:`statebridge.distributed`);
     ``distributed=False`` converts in this process alone, ``True`` also shares
@@ -168,29 +180,41 @@ def run(
     """
     target = Path(target)
     with open_source(source) as src, session(distributed) as ranks:
+        identity = src.identity()  # what is read from here on must be these files
         built = plan(
             src, pipeline, require=require, expect=expect, on_collision=on_collision,
             format=format, shard_size=shard_size, gates=dict(gates or {}),
         )
         writer = target_writer(built, target, format=format, shard_size=shard_size, metadata=metadata)
         writer.durable = durable
-        built.estimate = estimate(built, target, writer)
-        if built.estimate.bytes_read or built.new:
-            # Computing needs torch: import it before measuring, so the memory rise the report
-            # shows is the run's tensors, not torch's own import (about 220 MB).
-            import torch  # noqa: F401
-        with rank_target(target, writer.writes_folder, ranks, durable) as staging, PeakMemory() as memory:
-            writer.path = staging
-            try:
-                stats = execute(
-                    built, writer, progress=progress, gates=gates, max_memory=max_memory, workers=workers, ranks=ranks
-                )
-                files = writer.finish()
-            except BaseException:
-                writer.abort()
-                raise
+        policy = TargetPolicy(target, writer.writes_folder, src, named=source, overwrite=overwrite)
+        agree = {
+            "sources": identity.portable(),
+            "steps": built.fingerprint,
+            "output settings": (writer.format, shard_size, sorted(writer.metadata.items()), overwrite),
+            "gate options": json.dumps(gates or {}, sort_keys=True, default=repr),
+            "plans": plan_signature(built),
+        }
+        with rank_target(target, writer.writes_folder, ranks, durable, policy=policy, agree=agree) as staging:
+            built.estimate = estimate(built, target, writer)
+            if built.estimate.bytes_read or built.new:
+                # Computing needs torch: import it before measuring, so the memory rise the report
+                # shows is the run's tensors, not torch's own import (about 220 MB).
+                import torch  # noqa: F401
+            with PeakMemory() as memory:
+                writer.path = staging
+                try:
+                    stats = execute(
+                        built, writer, progress=progress, gates=gates, max_memory=max_memory, workers=workers, ranks=ranks
+                    )
+                    files = writer.finish()
+                    identity.check()
+                except BaseException:
+                    writer.abort()
+                    raise
     final = [target / f.relative_to(staging) if writer.writes_folder else target for f in files]
-    return RunReport(built, target, final, stats, memory.rise)
+    verdict = policy.verdict
+    return RunReport(built, target, final, stats, memory.rise, replaced=verdict.existing if verdict else None)
 
 
 def load_into(

@@ -24,6 +24,7 @@ from .estimate import estimate
 from .io import open_source
 from .plan import Plan
 from .plugins import load_plugins
+from .targets import TargetPolicy
 from .writers.base import Writer
 
 
@@ -72,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--verbose", "-v", action="store_true", help="list every key instead of folded patterns")
         if name == "run":
             p.add_argument("--dry-run", action="store_true", help="plan and check only; write nothing")
+            p.add_argument(
+                "--overwrite",
+                action="store_true",
+                default=None,
+                help="replace an existing target that statebridge did not write, or the source itself (atomically)",
+            )
             p.add_argument("--max-memory", help="memory budget for tensors in flight, e.g. 4GB")
             p.add_argument("--workers", type=int, help="threads for reading, computing and writing")
             p.add_argument(
@@ -136,6 +143,7 @@ def _load(args: argparse.Namespace, override_source: bool = True):
         "max_memory": getattr(args, "max_memory", None),
         "workers": getattr(args, "workers", None),
         "durable": getattr(args, "durable", None),
+        "overwrite": getattr(args, "overwrite", None),
         "require": Requirements.parse(args.require) if args.require else None,
         "expect": str(Path(args.expect).absolute()) if args.expect else None,
         "on_collision": args.on_collision,
@@ -170,12 +178,16 @@ def _run(args: argparse.Namespace) -> None:
     if not config.target:
         raise StatebridgeError(f"{args.config}: no target; set target: in the config or pass --target")
     built = plan(source, pipeline, format=config.format, shard_size=config.shard_size, **config.checks())
+    writer = _writer(built, config, inverse=args.inverse)
+    # Before anything is written, the bandwidth probe included; a dry run reports the verdict.
+    verdict = TargetPolicy(Path(config.target), writer.writes_folder, built.source, source, config.overwrite).check()
     # Under torchrun every rank plans (they must agree), but only rank 0 probes the disk and speaks.
     speaks = int(os.environ.get("RANK", "0")) == 0
     if speaks:
-        built.estimate = estimate(built, config.target, _writer(built, config, inverse=args.inverse))
+        built.estimate = estimate(built, config.target, writer)
     if speaks and (args.dry_run or not args.json):
-        print(json.dumps(built.to_dict(), indent=2) if args.json else built.render(args.verbose))
+        shown = {**built.to_dict(), "target": str(verdict)}
+        print(json.dumps(shown, indent=2) if args.json else f"{built.render(args.verbose)}\n  target: {verdict}")
     if args.dry_run:
         return
     report = run(
@@ -190,10 +202,12 @@ def _run(args: argparse.Namespace) -> None:
         max_memory=config.max_memory,
         workers=config.workers,
         durable=config.durable,
+        overwrite=config.overwrite,
         **config.checks(),
     )
     if speaks:
-        print(json.dumps({"target": str(report.target), "files": [str(f) for f in report.files]}) if args.json else report.render())
+        done = {"target": str(report.target), "files": [str(f) for f in report.files], "replaced": report.replaced}
+        print(json.dumps(done) if args.json else report.render())
 
 
 def _plugins(args: argparse.Namespace) -> None:

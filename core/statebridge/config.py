@@ -67,6 +67,10 @@ class RunConfig(BaseModel):
         True,
         description="fsync the target before committing it (false: atomic but not power-cut safe, like cp; faster)",
     )
+    overwrite: bool = Field(
+        False,
+        description="replace an existing target statebridge did not write, or the source itself (atomically)",
+    )
     steps: list[dict[str, Any]] = Field(default_factory=list, description="transforms, each {name: params}")
     require: Requirements = Field(default_factory=Requirements, description="coverage and target-spec invariants")
     expect: str | list[str] | None = Field(None, description="target spec: a checkpoint path or a list of keys")
