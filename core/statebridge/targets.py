@@ -143,11 +143,13 @@ def _describe_folder(folder: Path) -> _Existing:
         raise ConfigError(f"target {folder}: cannot list it: {e.strerror or e}") from None
     if not entries:
         return _Existing("a folder with no files", True)
-    for name in entries:
-        path = folder / name
-        if path.is_symlink() or not path.is_file() or not _has_provenance(path):
-            others = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
-            return _Existing(f"a folder holding {name!r}{others}, which statebridge did not write", False)
+    foreign = [
+        name for name in entries
+        if (folder / name).is_symlink() or not (folder / name).is_file() or not _has_provenance(folder / name)
+    ]
+    if foreign:
+        others = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        return _Existing(f"a folder holding {foreign[0]!r}{others}, which statebridge did not write", False)
     return _Existing(f"a folder statebridge wrote, {len(entries)} file{'s' if len(entries) != 1 else ''}", True)
 
 

@@ -144,7 +144,7 @@ def atomic_target(
             else:
                 os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         except OSError as e:
-            raise _write_error(target, e) from None
+            raise _write_error(target, e, staging_path(target)) from None
         try:
             refuse_if_busy(target, own=staging)
             yield staging
@@ -159,7 +159,7 @@ def atomic_target(
             with _shielded():
                 _remove(staging)
             if isinstance(e, OSError):
-                raise _write_error(target, e) from None
+                raise _write_error(target, e, staging) from None
             if isinstance(e, StatebridgeError) and str(staging) in str(e):
                 named = copy.copy(e)  # a writer's message names the hidden staging path: name the target
                 named.args = (str(e).replace(str(staging), str(target)),)
@@ -167,8 +167,12 @@ def atomic_target(
             raise
 
 
-def _write_error(target: Path, error: OSError) -> ExecutionError:
-    where = f" ({error.filename})" if error.filename and Path(error.filename).name != target.name else ""
+def _write_error(target: Path, error: OSError, staging: Path) -> ExecutionError:
+    """One line for a failed write, naming the target (not its hidden staging sibling) and the file at fault."""
+    filename = os.fsdecode(error.filename) if isinstance(error.filename, (str, bytes, os.PathLike)) else None
+    if filename is not None and filename.startswith(str(staging.parent / staging.name.split("~statebridge-")[0])):
+        filename = None  # the staging sibling, or a file in it: the target says it
+    where = f" ({filename})" if filename and filename != str(target) else ""
     return ExecutionError(
         f"cannot write {target}: {error.strerror or error}{where}; nothing was committed and the target is as it was"
     )
