@@ -171,7 +171,7 @@ def user_folder(tmp_path) -> Path:
 def test_a_folder_of_user_files_is_not_replaced_by_a_file(user_folder, llama_file):
     """An existing folder of user files was rmtree'd and replaced by a ``.pt`` file."""
     before = snapshot(user_folder)
-    with pytest.raises(ConfigError, match=r"userdir\.pt is a folder holding 'precious\.txt' \(and 1 more\), which statebridge did not write"):
+    with pytest.raises(ConfigError, match=r"userdir\.pt is a folder holding 'precious\.txt' and other files, which statebridge did not write"):
         sb.run(llama_file, None, user_folder)
     assert snapshot(user_folder) == before and user_folder.is_dir()
 
@@ -185,7 +185,7 @@ def test_overwrite_replaces_a_folder_of_user_files_only_through_the_atomic_swap(
     assert snapshot(user_folder) == before  # everything is written, nothing is deleted yet
     result = run.resume()
     assert result.returncode == 0, result.stderr
-    assert "replaced what was there: a folder holding 'precious.txt' (and 1 more)" in result.stdout
+    assert "replaced what was there: a folder holding 'precious.txt' and other files" in result.stdout
     assert user_folder.is_file() and sorted(torch.load(user_folder, weights_only=True)) == keys(llama_file)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,29 +138,32 @@ def _describe(target: Path) -> _Existing | None:
 
 
 def _describe_folder(folder: Path) -> _Existing:
+    """Whether every file in ``folder`` carries provenance; stops at the second one that does not (a home folder is big)."""
+    count, foreign = 0, []
     try:
-        entries = _entries(folder)
+        for name in _entries(folder):
+            count += 1
+            path = folder / name
+            if path.is_symlink() or not path.is_file() or not _has_provenance(path):
+                foreign.append(name)
+                if len(foreign) == 2:
+                    break
     except OSError as e:
         raise ConfigError(f"target {folder}: cannot list it: {e.strerror or e}") from None
-    if not entries:
-        return _Existing("a folder with no files", True)
-    foreign = [
-        name for name in entries
-        if (folder / name).is_symlink() or not (folder / name).is_file() or not _has_provenance(folder / name)
-    ]
     if foreign:
-        others = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        others = " and other files" if len(foreign) > 1 else ""
         return _Existing(f"a folder holding {foreign[0]!r}{others}, which statebridge did not write", False)
-    return _Existing(f"a folder statebridge wrote, {len(entries)} file{'s' if len(entries) != 1 else ''}", True)
+    if not count:
+        return _Existing("a folder with no files", True)
+    return _Existing(f"a folder statebridge wrote, {count} file{'s' if count != 1 else ''}", True)
 
 
-def _entries(folder: Path) -> list[str]:
-    """Every non-folder entry under ``folder`` (files, links, ...), as sorted relative paths."""
-    found = []
+def _entries(folder: Path) -> Iterator[str]:
+    """Every non-folder entry under ``folder`` (files, links, ...) as a relative path, in sorted order per folder."""
     for root, dirs, files in os.walk(folder, onerror=_raise):
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
-            found.append(os.path.relpath(os.path.join(root, name), folder))
-    return sorted(found)
+        dirs.sort()
+        for name in sorted(files + [d for d in dirs if os.path.islink(os.path.join(root, d))]):
+            yield os.path.relpath(os.path.join(root, name), folder)
 
 
 def _raise(error: OSError) -> None:
