@@ -2,8 +2,10 @@
 
 ``torchrun --nproc-per-node N -m statebridge run CONFIG`` (or a script under
 torchrun in which every rank calls :func:`statebridge.run`) makes the run
-collective.  Every rank plans the same pipeline from headers; rank 0 stages
-the target and lays its files out at their final size; each rank executes a
+collective.  Every rank plans the same pipeline from headers and checks the
+target policy; the ranks compare their targets, source files, steps (with their
+parameters), writer settings and plans, and refuse to start if any differ;
+rank 0 stages the target and lays its files out at their final size; each rank executes a
 contiguous share of the groups, balanced by estimated work, and writes its
 tensors at their offsets in those files; once every rank has fsynced its part,
 rank 0 writes the shard index and commits.  Each source tensor is read by the
