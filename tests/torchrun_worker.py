@@ -8,8 +8,13 @@ torchrun it is a single-process run, for comparison.
 - ``ok``: q/k/v fusion and a cast into a sharded folder;
 - ``fail``: the same, but rank 1 raises while computing one group;
 - ``targets``: each rank names its own target (the ranks must agree);
+- ``steps``: each rank scales the norms by another factor (same output layout, other values);
+- ``shards``: each rank asks for another shard size;
+- ``sources``: rank 1 reads a copy of the source (``SOURCE-copy``) instead;
 - ``torch``: a torch-format target, which ranks cannot share;
 - ``die``: rank 1's process ends outright while computing (run it alone: the job ends).
+
+A scenario that raises anything, a KeyboardInterrupt from SIGTERM included, is reported.
 """
 
 from __future__ import annotations
@@ -54,8 +59,13 @@ class TroubleOnRank1(sb.Transform):
 
 def convert(source: str, out: str, scenario: str) -> list[str]:
     steps = STEPS + [TroubleOnRank1(scenario)] if scenario in ("fail", "die") else STEPS
+    if scenario == "steps":
+        steps = STEPS + [sb.ValueOp(pattern="model.norm.weight", op="scale", args={"factor": 2.0 + int(RANK)})]
+    if scenario == "sources" and RANK == "1":
+        source += "-copy"
     target = {"targets": f"{out}/targets-{RANK}", "torch": f"{out}/model.pt"}.get(scenario, f"{out}/{scenario}")
-    report = sb.run(source, steps, target, shard_size=150_000, progress=False)
+    shard_size = 100_000 + 50_000 * int(RANK) if scenario == "shards" else 150_000
+    report = sb.run(source, steps, target, shard_size=shard_size, progress=False)
     return [str(f) for f in report.files]
 
 
@@ -64,7 +74,7 @@ def main(source: str, out: str, *scenarios: str) -> None:
         files, error = None, None
         try:
             files = convert(source, out, scenario)
-        except Exception as e:  # reported to the test, which checks every rank's outcome
+        except BaseException as e:  # reported to the test, which checks every rank's outcome
             error = f"{type(e).__name__}: {e}"
         # one write per line: both ranks share the pipe, and short writes to a pipe are not interleaved
         sys.stdout.write(json.dumps({"rank": int(RANK), "scenario": scenario, "files": files, "error": error}) + "\n")

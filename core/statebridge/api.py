@@ -10,6 +10,7 @@ files and the command line.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigError
 from .execute.distributed import rank_target, session
 from .execute.estimate import PeakMemory, estimate
-from .execute.executor import ExecutionStats, execute
+from .execute.executor import ExecutionStats, execute, plan_signature
+from .execute.targets import TargetPolicy
 from .options import PlanOptions, RunOptions, validated
 from .planning.fingerprint import provenance
 from .planning.folder import read_folder, source_folder
@@ -28,7 +30,7 @@ from .plugins import Plugins, installed
 from .readers import SourceLike, open_source
 from .tensors.meta import human_bytes
 from .tensors.patterns import describe_keys
-from .tensors.provenance import user_metadata
+from .tensors.provenance import COMPANIONS_KEY, user_metadata
 from .transforms.base import Transform
 from .transforms.composite import Pipeline, build_steps
 from .trust.companions import fit_target
@@ -122,6 +124,8 @@ def target_writer(
     writer.lineage = plan.lineage
     writer.carry(plan.source)
     fit_target(plan, writer)
+    if plan.folder is not None and plan.folder.carried:  # so a later run knows these files as its own to replace
+        writer.metadata[COMPANIONS_KEY] = json.dumps(sorted(c.name for c in plan.folder.companions))
     return writer
 
 
@@ -134,6 +138,7 @@ class RunReport:
     files: list[Path]
     stats: ExecutionStats
     peak_memory: int | None = None  # how far resident memory rose during the run (Linux)
+    replaced: str | None = None  # what was at the target before, when the run replaced something
 
     def render(self) -> str:
         s = self.stats
@@ -141,6 +146,8 @@ class RunReport:
             f"wrote {self.target}: {s.tensors_written + s.tensors_copied_raw} tensors "
             f"({s.tensors_copied_raw} copied as raw bytes) in {len(self.files)} files"
         ]
+        if self.replaced is not None:
+            lines.append(f"  replaced what was there: {self.replaced}")
         guess = self.plan.estimate
         if guess is not None:
             memory = human_bytes(self.peak_memory) if self.peak_memory is not None else "unknown"
@@ -174,6 +181,12 @@ def run(source: SourceLike | Plan, pipeline: PipelineLike, target: str | os.Path
     leaves nothing), but, as after a ``cp``, a power cut soon after may lose
     data the kernel had not written yet.
 
+    Before anything is written the target policy (:mod:`statebridge.execute.targets`) is
+    checked: a target that contains or lies inside the source is refused, and an
+    existing target that statebridge did not write (or the source itself) is
+    replaced only with ``overwrite=True``.  A source file replaced or modified
+    during the run fails it before the commit.
+
     Under ``torchrun`` the run is collective: every rank calls it with the same
     arguments and does a share of the work (see :mod:`statebridge.execute.distributed`);
     ``distributed=False`` converts in this process alone, ``True`` also shares
@@ -185,29 +198,41 @@ def run(source: SourceLike | Plan, pipeline: PipelineLike, target: str | os.Path
     built = plan(source, pipeline, **plan_options)
     gates = Gates(installed().gates, settings.gates)
     with built.source, session(settings.distributed) as ranks:
+        identity = built.source.identity()  # what is read from here on must be these files
         writer = target_writer(built, target, format=settings.format, shard_size=settings.shard_size, metadata=settings.metadata)
         writer.durable = settings.durable
-        if built.estimate is None:
-            built.estimate = estimate(built, target, writer)
-        if built.estimate.bytes_read or built.new:
-            # Computing needs torch: import it before measuring, so the memory rise the report
-            # shows is the run's tensors, not torch's own import (about 220 MB).
-            import torch  # noqa: F401
-        with rank_target(target, writer.writes_folder, ranks, settings.durable) as staging, PeakMemory() as memory:
-            writer.path = staging
-            try:
-                stats = execute(
-                    built, writer, progress=settings.progress, gates=gates, max_memory=settings.max_memory,
-                    workers=settings.workers, ranks=ranks,
-                )
-                files = writer.finish()
-                if built.folder is not None and built.folder.carried and (ranks is None or ranks.rank == 0):
-                    files += built.folder.write(staging)  # staged with the tensors: committed with them
-            except BaseException:
-                writer.abort()
-                raise
+        policy = TargetPolicy(target, writer.writes_folder, built.source, named=source, overwrite=settings.overwrite)
+        agree = {  # what every rank of a distributed run must have in common before any write
+            "sources": identity.portable(),
+            "steps": built.fingerprint,
+            "output settings": (writer.format, settings.shard_size, sorted(writer.metadata.items()), settings.overwrite),
+            "gate options": json.dumps(settings.gates, sort_keys=True, default=repr),
+            "plans": plan_signature(built),
+        }
+        with rank_target(target, writer.writes_folder, ranks, settings.durable, policy=policy, agree=agree) as staging:
+            if built.estimate is None:
+                built.estimate = estimate(built, target, writer)
+            if built.estimate.bytes_read or built.new:
+                # Computing needs torch: import it before measuring, so the memory rise the report
+                # shows is the run's tensors, not torch's own import (about 220 MB).
+                import torch  # noqa: F401
+            with PeakMemory() as memory:
+                writer.path = staging
+                try:
+                    stats = execute(
+                        built, writer, progress=settings.progress, gates=gates, max_memory=settings.max_memory,
+                        workers=settings.workers, ranks=ranks,
+                    )
+                    files = writer.finish()
+                    if built.folder is not None and built.folder.carried and (ranks is None or ranks.rank == 0):
+                        files += built.folder.write(staging)  # staged with the tensors: committed with them
+                    identity.check()
+                except BaseException:
+                    writer.abort()
+                    raise
     final = [target / f.relative_to(staging) if writer.writes_folder else target for f in files]
-    return RunReport(built, target, final, stats, memory.rise)
+    verdict = policy.verdict
+    return RunReport(built, target, final, stats, memory.rise, replaced=verdict.existing if verdict else None)
 
 
 def load_into(

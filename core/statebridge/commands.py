@@ -140,8 +140,9 @@ def run(config: str, verbose: bool, as_json: bool, dry_run: bool, inverse: bool,
     from .api import plan as make_plan
     from .api import target_writer
     from .config import load_config
-    from .errors import ConfigError
+    from .errors import ConfigError, ExecutionError, SourceError
     from .execute.estimate import estimate
+    from .execute.targets import TargetPolicy
     from .options import PlanOptions
     from .readers import open_source
 
@@ -157,20 +158,26 @@ def run(config: str, verbose: bool, as_json: bool, dry_run: bool, inverse: bool,
     if not settings.target:
         raise ConfigError(f"{config}: no target; set target: in the config or pass --target")
     built = make_plan(source, pipeline, **settings.options(PlanOptions))
+    writer = target_writer(built, settings.target, format=settings.format, shard_size=settings.shard_size, metadata=settings.metadata)
+    # Before anything is written, the bandwidth probe included; a dry run reports the verdict.
+    verdict = TargetPolicy(Path(settings.target), writer.writes_folder, built.source, source, settings.overwrite).check()
     # Under torchrun every rank plans (they must agree), but only rank 0 probes the disk and speaks.
     speaks = int(os.environ.get("RANK", "0")) == 0
     if speaks:
-        writer = target_writer(built, settings.target, format=settings.format, shard_size=settings.shard_size, metadata=settings.metadata)
         built.estimate = estimate(built, settings.target, writer)
     if speaks and (dry_run or not as_json):
-        _print(as_json, built.to_dict(), built.render(verbose))
+        _print(as_json, {**built.to_dict(), "target": str(verdict)}, f"{built.render(verbose)}\n  target: {verdict}")
     if dry_run:
         if speaks and not as_json:
             click.echo("dry run: nothing was written")
         return
-    report = run_plan(built, None, settings.target, **settings.options())
+    try:
+        report = run_plan(built, None, settings.target, **settings.options())
+    except SourceError as e:  # a source that failed or changed while streaming: the run failed (exit 1)
+        raise ExecutionError(str(e)) from None
     if speaks:
-        _print(as_json, {"target": str(report.target), "files": [str(f) for f in report.files]}, report.render())
+        done = {"target": str(report.target), "files": [str(f) for f in report.files], "replaced": report.replaced}
+        _print(as_json, done, report.render())
 
 
 @click.command()

@@ -114,6 +114,11 @@ class RunOptions(PlanOptions):
             "--no-fsync", flag_value=False, help="commit without fsync: still atomic, but like cp not safe against a power cut; faster"
         ),
     )
+    overwrite: bool = Field(
+        False,
+        description="replace an existing target statebridge did not write, or the source itself (atomically)",
+        json_schema_extra=cli("--overwrite", flag_value=True),
+    )
     progress: bool | None = Field(
         None, description="progress bar (default: when stderr is a terminal)", json_schema_extra=cli("--no-progress", flag_value=False, help="no progress bar")
     )

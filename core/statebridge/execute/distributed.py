@@ -2,8 +2,10 @@
 
 ``torchrun --nproc-per-node N -m statebridge run CONFIG`` (or a script under
 torchrun in which every rank calls :func:`statebridge.run`) makes the run
-collective.  Every rank plans the same pipeline from headers; rank 0 stages
-the target and lays its files out at their final size; each rank executes a
+collective.  Every rank plans the same pipeline from headers and checks the
+target policy; the ranks compare their targets, source files, steps (with their
+parameters), writer settings and plans, and refuse to start if any differ;
+rank 0 stages the target and lays its files out at their final size; each rank executes a
 contiguous share of the groups, balanced by estimated work, and writes its
 tensors at their offsets in those files; once every rank has fsynced its part,
 rank 0 writes the shard index and commits.  Each source tensor is read by the
@@ -27,7 +29,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -38,7 +40,7 @@ from ..errors import ConfigError, ExecutionError
 from .transaction import atomic_target
 
 if TYPE_CHECKING:
-    pass
+    from .targets import TargetPolicy
 
 #: how long a rank waits for the others at one exchange; it includes waiting for
 #: the slowest rank to finish its share, so it is long (a rank that dies is noticed at once)
@@ -92,11 +94,12 @@ class Ranks:
 
     def require_same(self, values: list[Any], what: str) -> None:
         """Raise on every rank (which all see the same ``values``) unless the ranks agree."""
-        if any(value != values[0] for value in values):
+        differing = [rank for rank, value in enumerate(values) if value != values[0]]
+        if differing:
             self.failed = True  # every rank raises the same error here: nothing left to report
             raise ConfigError(
-                f"the ranks of this distributed run have different {what}; every rank must run the same "
-                "conversion (or pass distributed=False to convert in one process)"
+                f"the ranks of this distributed run have different {what} (rank {differing[0]} differs from rank 0); "
+                "every rank must run the same conversion (or pass distributed=False to convert in one process)"
             )
 
     def share(self, work: Sequence[float]) -> range:
@@ -192,28 +195,42 @@ def _shut_down() -> None:
 
 
 @contextmanager
-def rank_target(target: Path, folder: bool, ranks: Ranks | None, durable: bool = True) -> Iterator[Path]:
-    """:func:`~statebridge.execute.transaction.atomic_target` for one process, or for every rank of a run at once.
+def rank_target(
+    target: Path,
+    folder: bool,
+    ranks: Ranks | None,
+    durable: bool = True,
+    *,
+    policy: TargetPolicy | None = None,
+    agree: Mapping[str, Any] | None = None,
+) -> Iterator[Path]:
+    """:func:`~statebridge.transaction.atomic_target` for one process, or for every rank of a run at once.
 
-    All ranks get rank 0's staging path; rank 0 commits only after every rank
-    has finished (written and fsynced) its part, and every rank returns only
-    after the commit, so the target is complete wherever ``run()`` returns.
+    In a distributed run every rank first checks the target ``policy`` and the ranks compare
+    what each is about to do (``agree``: the target, the pipeline's fingerprint, the writer's
+    settings, the source files' identity, the plan, each under the name an error would give
+    it), so ranks that would write different things into one target are refused before
+    anything is written.  All ranks then get rank 0's staging path; rank 0 commits only after
+    every rank has finished (written and fsynced) its part, and every rank returns only after
+    the commit, so the target is complete wherever ``run()`` returns.
     """
     if ranks is None:
-        with atomic_target(target, folder=folder, durable=durable) as staging:
+        with atomic_target(target, folder=folder, durable=durable, policy=policy) as staging:
             yield staging
         return
     with ranks.guard():
+        if policy is not None:
+            policy.check()
+        offers = ranks.sync({"targets": str(target.absolute()), **(agree or {})})
+        for what in offers[0]:
+            ranks.require_same([offer.get(what) for offer in offers], what)
         if ranks.rank == 0:
-            with atomic_target(target, folder=folder, durable=durable) as staging:
-                offers = ranks.sync((str(target.absolute()), str(staging)))
-                ranks.require_same([t for t, _ in offers], "targets")
+            with atomic_target(target, folder=folder, durable=durable, policy=policy) as staging:
+                ranks.sync(str(staging))
                 yield staging
                 ranks.sync()  # every rank has written and fsynced its part
             ranks.sync()  # committed
         else:
-            offers = ranks.sync((str(target.absolute()), None))
-            ranks.require_same([t for t, _ in offers], "targets")
-            yield Path(offers[0][1])
+            yield Path(ranks.sync()[0])
             ranks.sync()
             ranks.sync()

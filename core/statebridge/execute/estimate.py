@@ -3,12 +3,15 @@
 Time comes from the read and write bandwidth of the target's filesystem,
 measured once with a small scratch file there (never by reading the source's
 data) and cached per device in ``~/.cache/statebridge/bandwidth.json`` (or
-``$STATEBRIDGE_CACHE``) for a week.
+``$STATEBRIDGE_CACHE``) for a week.  The scratch file is named like a staging
+sibling (:func:`~statebridge.transaction.staging_path`), so one that a killed
+probe leaves behind is removed by the next probe or run in that folder.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..tensors.meta import human_bytes
-from .transaction import staging_path
+from .transaction import pause_point, staging_path, sweep
 from ..writers.base import PlannedFile, Writer
 
 if TYPE_CHECKING:
@@ -115,35 +118,57 @@ def estimate(plan: "Plan", target: str | os.PathLike[str] | None = None, writer:
 
 
 def probe(directory: Path) -> Bandwidth:
-    """The bandwidth of ``directory``'s filesystem: cached, else measured with a scratch file."""
+    """The bandwidth of ``directory``'s filesystem: cached, else measured with a scratch file.
+
+    Scratch files that a killed probe (or run) left in ``directory`` are removed first.  A
+    cache file that cannot be read or holds something else is measured over and rewritten.
+    """
     directory = _existing(directory)
+    sweep(directory)
     key = str(os.stat(directory).st_dev)
     cache = _cache_file()
-    try:
-        cached = json.loads(cache.read_text()).get(key)
-    except (OSError, ValueError):
-        cached = None
-    if cached and time.time() - cached["when"] < CACHE_SECONDS:
+    entries = _read_cache(cache)
+    cached = entries.get(key)
+    if cached and 0 <= time.time() - cached["when"] < CACHE_SECONDS:
         return Bandwidth(cached["read"], cached["write"])
     try:
         measured = _measure(directory)
     except OSError:
         return Bandwidth(200e6, 200e6, measured=False)
-    try:
-        entries = json.loads(cache.read_text()) if cache.exists() else {}
-    except (OSError, ValueError):
-        entries = {}
     entries[key] = {"read": measured.read, "write": measured.write, "when": time.time()}
+    scratch = staging_path(cache)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(entries))
+        sweep(cache.parent)
+        scratch.write_text(json.dumps(entries))
+        os.replace(scratch, cache)  # whole or not at all: a probe killed here leaves no torn cache
     except OSError:
-        pass
+        scratch.unlink(missing_ok=True)
     return measured
 
 
+def _read_cache(cache: Path) -> dict[str, dict[str, float]]:
+    """The cache's well-formed entries (device -> read, write, when); anything else is ignored."""
+    try:
+        data = json.loads(cache.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        key: entry
+        for key, entry in data.items()
+        if isinstance(entry, dict)
+        and all(
+            isinstance(entry.get(name), (int, float)) and not isinstance(entry.get(name), bool) and entry[name] > 0
+            for name in ("read", "write", "when")
+        )
+        and all(math.isfinite(entry[name]) for name in ("read", "write", "when"))
+    }
+
+
 def _measure(directory: Path) -> Bandwidth:
-    scratch = staging_path(directory / "bandwidth-probe")
+    scratch = staging_path(directory / "bandwidth-probe", "probe")
     block = os.urandom(1024 * 1024)
     try:
         start = time.perf_counter()
@@ -153,6 +178,7 @@ def _measure(directory: Path) -> Bandwidth:
             f.flush()
             os.fsync(f.fileno())
         write = PROBE_BYTES / (time.perf_counter() - start)
+        pause_point("probe")
         with open(scratch, "rb") as f:
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)

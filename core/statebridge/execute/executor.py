@@ -51,6 +51,7 @@ from ..trust.gates import GateRecord, Gates
 from ..tensors.meta import TensorMeta, human_bytes
 from ..tensors.patterns import describe_keys
 from ..planning.plan import Plan
+from .transaction import pause_point
 from ..transforms.base import Group, Tensors
 from ..writers.base import Writer
 
@@ -181,16 +182,16 @@ def _open_shared(plan: Plan, sink: Writer, ranks: Ranks, groups: list[Group]) ->
         )
     if ranks.rank == 0:
         sink.begin(plan.outputs)
-    # the files now exist at their final size, headers in place
-    ranks.require_same(ranks.sync(_signature(plan, groups)), "plans")
+    ranks.sync()  # the files now exist at their final size, headers in place
     if ranks.rank != 0:
         sink.join(plan.outputs)
     return [groups[i] for i in ranks.share([work(plan, g) for g in groups])]
 
 
-def _signature(plan: Plan, groups: list[Group]) -> str:
-    """A digest of what a plan writes, and in how many groups, to check that all ranks run the same plan."""
-    text = repr([(key, str(meta)) for key, meta in plan.outputs.items()] + [len(groups)])
+def plan_signature(plan: Plan) -> str:
+    """A digest of what a plan writes, and in how many groups: the ranks of a run compare it before writing."""
+    groups = sum(1 for g in plan.groups if g.outputs)
+    text = repr([(key, str(meta)) for key, meta in plan.outputs.items()] + [groups])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -217,6 +218,7 @@ class _Run:
                 if computed:
                     self._admit(group, computed, memory_cost(self.plan, group, computed), budget, 0)
                     self._write(group, computed, *self._compute(group))
+                pause_point("writing")
             return
         # Divide torch's intra-op threads among the workers.  A run that computes has imported
         # torch by now (api.run does, before measuring); one that only copies raw bytes has not,
@@ -232,6 +234,7 @@ class _Run:
             for group in groups:
                 computed = self._copy_raw(group)
                 if not computed:
+                    pause_point("writing")
                     continue
                 cost = memory_cost(self.plan, group, computed)
                 while window and (in_flight + cost > budget or len(window) >= workers):
@@ -275,6 +278,7 @@ class _Run:
 
     def _land(self, flight: _Flight) -> int:
         self._write(flight.group, flight.computed, *flight.result.result())
+        pause_point("writing")
         return flight.cost
 
     def _write(self, group: Group, computed: dict[str, TensorMeta], inputs: Tensors, outputs: Tensors) -> None:

@@ -35,6 +35,59 @@ class RawSpan:
     length: int
 
 
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which file a path named at one moment: device, inode, size and modification time."""
+
+    path: Path
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> "FileIdentity":
+        try:
+            info = os.stat(path)
+        except OSError as e:
+            raise SourceError(path, f"cannot look at it: {e.strerror or e}") from None
+        return cls(Path(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class SourceIdentity:
+    """The identity of every file a source reads, taken when it was opened; :meth:`check` it before committing.
+
+    A file replaced by another of the same size (a new inode), or rewritten in place (a new
+    modification time), would otherwise give a mix of old and new tensors.
+    """
+
+    files: tuple[FileIdentity, ...]
+
+    def check(self) -> None:
+        """Raise :class:`~statebridge.errors.SourceError` naming the first file that changed since."""
+        for then in self.files:
+            try:
+                now = FileIdentity.of(then.path)
+            except SourceError:
+                raise SourceError(then.path, "was removed during the run; nothing was committed") from None
+            if (now.device, now.inode) != (then.device, then.inode):
+                change = "replaced by another file"
+            elif now.size != then.size:
+                change = f"resized from {then.size} to {now.size} bytes"
+            elif now.mtime_ns != then.mtime_ns:
+                change = "modified"
+            else:
+                continue
+            raise SourceError(
+                then.path, f"was {change} during the run, so the tensors read may mix two versions; nothing was committed"
+            )
+
+    def portable(self) -> list[tuple[str, int, int]]:
+        """Path, size and modification time of each file: what processes on several machines can compare."""
+        return [(os.path.realpath(f.path), f.size, f.mtime_ns) for f in self.files]
+
+
 class Source(ABC):
     """A lazily opened checkpoint: metadata now, tensor data on demand."""
 
@@ -62,6 +115,19 @@ class Source(ABC):
     def metadata(self) -> Mapping[str, str]:
         """Free-form string metadata stored with the checkpoint (may be empty)."""
         return {}
+
+    def files(self) -> list[Path]:
+        """The files the tensors are read from: the target policy keeps runs from writing over them.
+
+        By default the one file a reader keeps in a ``path`` attribute (none for in-memory
+        sources); readers of several files override it.
+        """
+        path = getattr(self, "path", None)
+        return [Path(path)] if isinstance(path, (str, os.PathLike)) else []
+
+    def identity(self) -> SourceIdentity:
+        """The identity of :meth:`files` now; a run takes it when it opens the source and checks it before committing."""
+        return SourceIdentity(tuple(FileIdentity.of(path) for path in self.files()))
 
     def close(self) -> None:
         """Release file handles and maps."""

@@ -351,6 +351,9 @@ class ShardedSafetensors(Source):
             raise SourceError(self.folder, f"no tensor named {key!r}")
         return self._owner[key].raw_span(key)
 
+    def files(self) -> list[Path]:
+        return [shard.path for shard in self.shards]
+
     def close(self) -> None:
         for shard in self.shards:
             shard.close()

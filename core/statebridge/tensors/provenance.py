@@ -20,6 +20,8 @@ RESERVED_PREFIX = "statebridge."
 FINGERPRINT_KEY = "statebridge.fingerprint"
 LINEAGE_KEY = "statebridge.lineage"
 VERSION_KEY = "statebridge.version"
+#: the companion files (config.json, tokenizer, ...) a run wrote beside the weights of a folder target
+COMPANIONS_KEY = "statebridge.companions"
 
 
 def is_reserved(key: str) -> bool:
@@ -76,3 +78,12 @@ def read_lineage(text: str | None) -> tuple[dict[str, dict[str, list[str]]], str
         if not all(isinstance(part, list) for part in parts) or any(key_problem(name) for name in names):
             return {}, f"its entry for {key[:100]!r} is not {{\"from\": [names], \"ops\": [names]}} of text"
     return data, None
+
+
+def read_companions(text: object) -> list[str]:
+    """The file names a ``statebridge.companions`` entry lists (none when it is absent or not ours)."""
+    try:
+        names = json.loads(text) if isinstance(text, str) else []
+    except (ValueError, RecursionError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []

@@ -177,8 +177,15 @@ class TorchWriter(Writer):
         return [self.path]
 
     def abort(self) -> None:
-        # Drop the zip writer first: its destructor finalizes the archive through the still-open file.
-        self._zip = None
+        # Finalize the zip writer before dropping it: its destructor would otherwise do that through the
+        # file, and a failure there (a full disk) aborts the process; a failed call still marks it final.
+        zip_writer, self._zip = self._zip, None
+        if zip_writer is not None:
+            try:
+                zip_writer.write_end_of_file()
+            except (RuntimeError, OSError):
+                pass
+        del zip_writer
         handle, self._file = self._file, None
         if handle is not None:
             try:
