@@ -344,3 +344,33 @@ def test_load_into_with_strict_false_allows_missing_keys_and_loads_the_rest():
     assert torch.equal(model.weight.detach(), torch.ones(2, 3)) and torch.equal(model.bias.detach(), torch.full((2,), 7.0))
     with pytest.raises(sb.PlanError, match="1 keys the module does not have: extra"):
         sb.load_into(model, {**source, "extra": torch.zeros(1)}, strict=False)  # unexpected keys stay errors
+
+
+# -- gates and alignment ------------------------------------------------------------------------------
+
+
+def test_the_finite_gate_checks_computed_tensors_and_not_renamed_ones(tmp_path):
+    """config.md, Gates: tensors that are only renamed are copied as bytes and not gated."""
+    save_file({"nan": torch.tensor([float("nan"), 1.0]), "ok": torch.ones(2)}, tmp_path / "s.safetensors")
+    sb.run(tmp_path / "s.safetensors", [sb.Rename(mapping={"nan": "still_nan"})], tmp_path / "renamed.safetensors", gates={"finite": True}, progress=False)
+    assert torch.isnan(load_file(tmp_path / "renamed.safetensors")["still_nan"][0])
+    with pytest.raises(sb.GateRejectedError, match="'nan': every candidate was rejected"):
+        sb.run(tmp_path / "s.safetensors", [sb.Cast(dtype="fp16")], tmp_path / "cast.safetensors", gates={"finite": True}, progress=False)
+    assert not (tmp_path / "cast.safetensors").exists()
+
+
+def test_raw_copied_tensors_keep_their_offset_within_a_page(tmp_path, llama_file):
+    """scale.md, Raw copies: the header is padded so raw-copied tensors sit at their source's offset within a page."""
+    import mmap
+    import struct
+
+    def offsets(path: Path) -> dict[str, int]:
+        data = path.read_bytes()
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + length])
+        header.pop("__metadata__")
+        return {k: 8 + length + v["data_offsets"][0] for k, v in header.items()}
+
+    sb.run(llama_file, [sb.Rename(pattern="model.**", to="**")], tmp_path / "out.safetensors", metadata={"a": "x" * 333}, progress=False)
+    source, out = offsets(llama_file), offsets(tmp_path / "out.safetensors")
+    assert {k.removeprefix("model."): v % mmap.PAGESIZE for k, v in source.items()} == {k: v % mmap.PAGESIZE for k, v in out.items()}
