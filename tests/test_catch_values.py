@@ -140,3 +140,156 @@ def test_copy_and_init_rest_is_seeded_per_key(tmp_path):
     steps = [sb.AdaptShapes(strategy="copy_and_init_rest", shapes={"a": [16, 16], "b": [16, 16]}, seed=0)]
     out = run({"a": x, "b": x}, steps, tmp_path)
     assert torch.equal(out["a"][:8, :8], out["b"][:8, :8]) and not torch.equal(out["a"], out["b"])
+
+
+# -- from a file: layout steps that move elements are computed, never copied as raw bytes ---------------
+
+
+def test_transpose_and_permute_from_a_file_are_computed_and_reshape_is_copied(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"t": values(3, 5), "p": values(2, 3, 4), "r": values(4, 6)}
+    save_file(tensors, tmp_path / "src.safetensors")
+    steps = [sb.Transpose(pattern="t"), sb.Permute(pattern="p", dims=[2, 0, 1]), sb.Reshape(pattern="r", shape=[-1])]
+    report = sb.run(tmp_path / "src.safetensors", steps, tmp_path / "out.safetensors", progress=False)
+    out = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(out["t"], tensors["t"].T) and torch.equal(out["p"], tensors["p"].permute(2, 0, 1))
+    assert torch.equal(out["r"], tensors["r"].reshape(-1))
+    assert report.stats.tensors_written == 2 and report.stats.tensors_copied_raw == 1  # the reshape moved no bytes
+
+
+# -- which dims and shapes are accepted -------------------------------------------------------------------
+
+
+META = {"w": sb.TensorMeta((2, 3, 4), "float32")}
+
+
+def headers(metas: dict[str, sb.TensorMeta]) -> dict[str, torch.Tensor]:
+    """A state with these names, shapes and dtypes and no data (meta tensors): enough to plan."""
+    return {k: torch.empty(m.shape, dtype=m.dtype.torch, device="meta") for k, m in metas.items()}
+
+
+@pytest.mark.parametrize("dims", [(0, 3), (3, 0), (-4, 0), (0, -4)])
+def test_transpose_refuses_dims_out_of_range_naming_the_key(dims):
+    with pytest.raises(sb.PlanError, match=rf"cannot transpose dims \({dims[0]}, {dims[1]}\) of 'w' \(float32\[2, 3, 4\]\)"):
+        sb.plan(headers(META), [sb.Transpose(pattern="w", dims=dims)])
+
+
+def test_transpose_and_permute_accept_every_dim_from_minus_rank():
+    assert sb.plan(headers(META), [sb.Transpose(pattern="w", dims=(-3, 2))]).outputs["w"].shape == (4, 3, 2)
+    assert sb.plan(headers(META), [sb.Transpose(pattern="w", dims=(2, -3))]).outputs["w"].shape == (4, 3, 2)
+    assert sb.plan(headers(META), [sb.Permute(pattern="w", dims=[-3, 2, 1])]).outputs["w"].shape == (2, 4, 3)
+
+
+@pytest.mark.parametrize("dims", [[0, 1, 3], [3, 1, 0], [-4, 1, 2], [0, 1], [0, 1, 2, 3], [0, 3, 2], [0, 1, 5], [1, 2, 3], [-4, 0, 1]])
+def test_permute_refuses_what_is_not_a_permutation_naming_the_key(dims):
+    with pytest.raises(sb.PlanError, match=r"are not a permutation of the 3 dimensions of 'w'"):
+        sb.plan(headers(META), [sb.Permute(pattern="w", dims=dims)])
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ([-1, -1], r"shape \[-1, -1\]: at most one -1 and no other negative sizes"),
+        ([-2, 12], r"shape \[-2, 12\]: at most one -1 and no other negative sizes"),
+        ([5, -1], r"cannot reshape 'w' \(float32\[2, 3, 4\]\) to \[5, -1\]$"),
+        ([0, -1], r"cannot reshape 'w' \(float32\[2, 3, 4\]\) to \[0, -1\]$"),
+        ([5, 5], r"cannot reshape 'w' \(float32\[2, 3, 4\]\) to \[5, 5\]: element counts differ"),
+    ],
+)
+def test_reshape_refuses_shapes_that_do_not_fit(shape, message):
+    with pytest.raises(sb.PlanError, match=message):
+        sb.plan(headers(META), [sb.Reshape(pattern="w", shape=shape)])
+
+
+def test_reshape_fills_in_the_one_minus_one():
+    assert sb.plan(headers(META), [sb.Reshape(pattern="w", shape=[-1, 4])]).outputs["w"].shape == (6, 4)
+    assert sb.plan(headers(META), [sb.Reshape(pattern="w", shape=[2, -1, 2])]).outputs["w"].shape == (2, 6, 2)
+
+
+def test_reshape_of_tensors_of_different_shapes_has_no_inverse():
+    metas = {"a.w": sb.TensorMeta((2, 3), "float32"), "b.w": sb.TensorMeta((3, 2), "float32")}
+    with pytest.raises(sb.NotInvertibleError, match=r"reshape '\*.w' matched tensors of 2 different shapes"):
+        sb.Pipeline([sb.Reshape(pattern="*.w", shape=[-1])]).inverse(metas)
+
+
+@pytest.mark.parametrize(
+    "step",
+    [sb.Transpose(pattern="absent.*", strict=False), sb.Permute(pattern="absent.*", dims=[1, 0], strict=False),
+     pytest.param(sb.Reshape(pattern="absent.*", shape=[-1], strict=False), marks=pytest.mark.xfail(
+         strict=True, reason="bug: a reshape that matched nothing has no inverse ('matched tensors of 0 different shapes')")),
+     sb.ValueOp(pattern="absent.*", op="zero", strict=False)],
+    ids=["transpose", "permute", "reshape", "value_op"],
+)
+def test_strict_false_lets_a_pattern_match_nothing_and_so_does_its_inverse(step):
+    metas = {"w": sb.TensorMeta((2, 3), "float32")}
+    assert sb.plan(headers(metas), [step]).outputs == metas
+    with pytest.raises(sb.PlanError, match="matches no key"):
+        sb.plan(headers(metas), [type(step)(**{**step.params.model_dump(), "strict": True})])
+    if step.name != "value_op":
+        assert sb.plan(headers(metas), sb.Pipeline([step]).inverse(metas)).outputs == metas
+
+
+def test_a_value_op_with_several_arguments_is_listed_with_all_of_them():
+    plan = sb.plan(headers({"w": sb.TensorMeta((2,), "float32")}), [sb.ValueOp(pattern="w", op="clamp", args={"min": -1, "max": 2})])
+    assert plan.changed == {"w": ("clamp(max=2, min=-1)",)}
+
+
+# -- which casts can be undone ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "invertible"),
+    [
+        ("float16", "float32", True), ("bfloat16", "float32", True), ("float32", "float64", True), ("float16", "float64", True),
+        ("float8_e4m3fn", "float16", True), ("float8_e5m2", "float16", True), ("float8_e4m3fn", "bfloat16", True),
+        ("float8_e5m2", "bfloat16", True), ("float8_e4m3fn", "float8_e5m2", False), ("float8_e5m2", "float8_e4m3fn", False),
+        ("float32", "float16", False), ("float16", "bfloat16", False), ("bfloat16", "float16", False), ("float64", "float32", False),
+        ("int8", "int16", True), ("int16", "int64", True), ("int32", "int64", True), ("uint8", "int16", True), ("uint8", "uint16", True),
+        ("int16", "int8", False), ("int64", "int32", False), ("uint8", "int8", False), ("int8", "uint8", False), ("int8", "uint16", False),
+        ("uint16", "int16", False), ("int32", "float64", False), ("float16", "int32", False), ("bool", "int8", False), ("int8", "bool", False),
+    ],
+)
+def test_a_cast_is_invertible_exactly_when_every_value_survives_it(source, target, invertible):
+    metas = {"w": sb.TensorMeta((2,), source)}
+    pipeline = sb.Pipeline([sb.Cast(dtype=target, integers=True)])
+    if invertible:
+        inverse = pipeline.inverse(metas)
+        forward = sb.plan(headers(metas), pipeline).outputs
+        assert sb.plan(headers(forward), inverse).outputs["w"].dtype.name == source
+    else:
+        with pytest.raises(sb.NotInvertibleError, match=rf"cast {source} -> {target} loses information"):
+            pipeline.inverse(metas)
+
+
+def test_a_cast_merging_two_dtypes_has_no_inverse_and_one_that_matched_nothing_undoes_nothing():
+    metas = {"a": sb.TensorMeta((2,), "float16"), "b": sb.TensorMeta((2,), "bfloat16")}
+    with pytest.raises(sb.NotInvertibleError, match="cast to float32 merged 2 dtypes; the inverse is ambiguous"):
+        sb.Pipeline([sb.Cast(dtype="float32")]).inverse(metas)
+    already = {"a": sb.TensorMeta((2,), "float32"), "i": sb.TensorMeta((2,), "int64")}
+    inverse = sb.Pipeline([sb.Cast(dtype="float32")]).inverse(already)
+    assert sb.plan(headers(already), inverse).outputs == already
+
+
+def test_the_inverse_of_a_cast_touches_only_what_its_pattern_names(tmp_path):
+    state = {"a": values(3, dtype=torch.float16), "b": values(3, dtype=torch.bfloat16), "c": values(3, dtype=torch.float32)}
+    steps = [sb.Cast(pattern="a", dtype="float32")]
+    out = run(state, steps, tmp_path)
+    back = run(out, sb.Pipeline(steps).inverse({k: sb.TensorMeta.of(v) for k, v in state.items()}), tmp_path / "back")
+    assert {k: v.dtype for k, v in back.items()} == {k: v.dtype for k, v in state.items()}
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    # a cast whose pattern matched nothing (strict: false by default) is undone by a step that does nothing
+    nothing = [sb.Cast(pattern="absent.*", dtype="float32")]
+    metas = {k: sb.TensorMeta.of(v) for k, v in state.items()}
+    assert sb.plan(headers(metas), sb.Pipeline(nothing).inverse(metas)).outputs == metas
+    already = [sb.Cast(pattern="c", dtype="float32")]  # matched a tensor that was float32 already
+    assert sb.plan(headers(metas), sb.Pipeline(already).inverse(metas)).outputs == metas
+
+
+def test_an_integer_cast_round_trips_with_integers_true(tmp_path):
+    ids = torch.arange(6, dtype=torch.int32) * 1000
+    steps = [sb.Cast(pattern="ids", dtype="int64", integers=True)]
+    out = run({"ids": ids}, steps, tmp_path)
+    assert out["ids"].dtype == torch.int64
+    back = run(out, sb.Pipeline(steps).inverse({"ids": sb.TensorMeta.of(ids)}), tmp_path / "back")
+    assert back["ids"].dtype == torch.int32 and torch.equal(back["ids"], ids)
