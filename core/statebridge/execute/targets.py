@@ -181,6 +181,7 @@ def _has_provenance(path: Path) -> bool:
 
 def _provenance(path: Path) -> Mapping[str, Any] | None:
     """The metadata of a safetensors file, GGUF file or shard index that carries statebridge's fingerprint, else None."""
+    from ..readers import sniff
     from ..readers.gguf import GGUFSource
     from ..readers.safetensors import SafetensorsFile
 
@@ -190,13 +191,10 @@ def _provenance(path: Path) -> Mapping[str, Any] | None:
             metadata = index.get("metadata") if isinstance(index, dict) else None
             return metadata if isinstance(metadata, dict) and FINGERPRINT_KEY in metadata else None
         with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic == b"GGUF":
-            reader: Source = GGUFSource(path)
-        elif _is_torch(path) or magic[:2] == b"PK" or magic[:1] == b"\x80":
+            kind = sniff(f.read(9))
+        if kind == "torch" or _is_torch(path):
             return None  # torch pickles: no room for provenance, and reading them would import torch
-        else:
-            reader = SafetensorsFile(path)
+        reader: Source = GGUFSource(path) if kind == "gguf" else SafetensorsFile(path)
         with reader:
             return dict(reader.metadata) if FINGERPRINT_KEY in reader.metadata else None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError, StatebridgeError):

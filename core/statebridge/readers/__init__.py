@@ -79,14 +79,26 @@ def open_source(source: SourceLike) -> Source:
         return TorchPickle(path)
     with open_regular(path) as f:  # a FIFO or a device is refused here, before a read could block
         try:
-            magic = f.read(4)
+            magic = f.read(9)
         except OSError as e:
             raise SourceError(path, f"cannot read: {e.strerror or e}") from None
-    if magic == b"GGUF":
+    kind = sniff(magic)
+    if kind == "gguf":
         return _gguf(path)
-    if magic[:2] == b"PK" or magic[:1] == b"\x80":
-        return TorchPickle(path)
-    return SafetensorsFile(path)
+    return TorchPickle(path) if kind == "torch" else SafetensorsFile(path)
+
+
+def sniff(head: bytes) -> str:
+    """The format a file's first 9 bytes suggest: ``gguf``, ``torch`` (a zip or a pickle) or ``safetensors``.
+
+    safetensors starts with its header's length (8 bytes, little-endian) and then ``{``, so
+    its first byte may be 0x80, a pickle's first byte, too: the ``{`` decides.
+    """
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):
+        return "torch"
+    return "safetensors"
 
 
 def _gguf(path: Path) -> Source:
