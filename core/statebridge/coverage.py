@@ -17,16 +17,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .checks import Finding
 from .errors import ConfigError
 from .io.memory import is_module
 from .meta import TensorMeta
 from .patterns import describe_keys
-
-if TYPE_CHECKING:
-    pass
+from .transforms.base import format_validation_error
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -54,8 +52,8 @@ class Requirements(BaseModel):
             values[name.strip()] = value.strip() if value else True
         try:
             return cls.model_validate(values)
-        except Exception as e:  # pydantic's ValidationError: one readable line
-            raise ConfigError(f"--require {text!r}: {str(e).splitlines()[-1].strip()}") from None
+        except ValidationError as e:
+            raise ConfigError(f"--require {text!r}: {format_validation_error(e, '')}") from None
 
 
 def target_spec(expect: Any) -> Spec:

@@ -9,12 +9,13 @@ reads pass through the step unchanged; nothing is ever dropped implicitly.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from ..errors import ConfigError, NotInvertibleError
 from ..meta import TensorMeta
@@ -111,7 +112,18 @@ class Group:
 
 #: marks a params field holding a file path; config files resolve it against their own folder
 PATH_FIELD = "statebridge:path"
-PathParam = Annotated[str, PATH_FIELD]
+
+
+def usable_path(value: str) -> str:
+    """A path the operating system can be asked about (no file system accepts a NUL byte)."""
+    if "\0" in value:
+        raise ValueError(f"a path cannot contain a NUL byte: {value!r}")
+    return value
+
+
+#: a file path parameter: relative ones in config files are resolved against the config's folder,
+#: however the field is annotated (``PathParam | None``, ``list[PathParam]``, ...)
+PathParam = Annotated[str, PATH_FIELD, AfterValidator(usable_path)]
 
 
 class NoParams(BaseModel):
@@ -166,9 +178,18 @@ class Transform(ABC):
 
 
 def format_validation_error(error: ValidationError, where: str) -> str:
-    """One line per problem, each naming the field: ``rename.pattern: field required``."""
+    """One line per problem, each naming the field: ``rename.pattern: field required``.
+
+    Only pydantic's message is kept: no "Value error, " prefix, no documentation URL, no line breaks.
+    """
     lines = []
     for problem in error.errors():
         loc = ".".join(str(p) for p in problem["loc"])
-        lines.append(f"{where}{'.' + loc if loc else ''}: {problem['msg']}")
+        message = _URL.sub("", problem["msg"]).removeprefix("Value error, ")
+        field = ".".join(part for part in (where, loc) if part)
+        lines.append(f"{field + ': ' if field else ''}{' '.join(message.split())}")
     return "; ".join(lines)
+
+
+#: pydantic's pointers to its documentation, and the wording that introduces them
+_URL = re.compile(r"\s*(For further information visit\s*)?https?://\S+")
