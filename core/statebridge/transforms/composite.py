@@ -46,10 +46,13 @@ class _StepsParams(Params):
 class _Composite(Composite):
     Params = _StepsParams
 
-    def __init__(self, steps: Sequence[Any] | None = None, /, **kwargs: Any) -> None:
-        if steps is not None and not isinstance(steps, Mapping):
-            kwargs["steps"] = list(steps)
-            steps = None
+    def __init__(self, steps: Sequence[Any] | Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
+        if isinstance(steps, Mapping):
+            kwargs, steps = {**steps, **kwargs}, None
+        elif steps is not None and not isinstance(steps, Params):
+            kwargs["steps"], steps = list(steps), None
+        if isinstance(kwargs.get("steps"), list):  # built here, so an error names this step: sequential.steps[1]
+            kwargs["steps"] = build_steps(kwargs["steps"], where=f"{self.name}.steps")
         super().__init__(steps, **kwargs)
 
     @property
