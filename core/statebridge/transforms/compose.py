@@ -229,7 +229,8 @@ class _Composer:
         units: list[tuple[float, str, Group]] = []
         for comp in _unique(c.root() for c in self.components):
             outputs = {k: self.state[k] for k in comp.live}
-            position = min((self.order[k] for k in comp.inputs), default=float("inf"))
+            comp.inputs.sort(key=self.order.__getitem__)  # read in storage order, however the steps were nested
+            position = self.order[comp.inputs[0]] if comp.inputs else float("inf")
             units.append((position, next(iter(outputs), ""), _merged_group(comp, outputs)))
         units.sort(key=lambda u: (u[0], u[1]))
         final: dict[str, TensorMeta] = {}

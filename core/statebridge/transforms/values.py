@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, FiniteFloat, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, create_model, field_validator, model_validator
 
 from ..errors import NotInvertibleError, PlanError
 from ..meta import DTYPES, DType, TensorMeta, dtype_name, parse_dtype
@@ -119,9 +119,10 @@ def _number(value: Any) -> Any:
     return value
 
 
-#: a finite number; ints, floats and numbers written as strings are accepted, because YAML 1.1
-#: (PyYAML) reads ``1e-3`` as the string "1e-3" and a quoted "2" is still plainly a number
-Number = Annotated[FiniteFloat, BeforeValidator(_number)]
+#: a number: ints, floats and numbers written as strings are accepted, because YAML 1.1 (PyYAML)
+#: reads ``1e-3`` as the string "1e-3" and a quoted "2" is still plainly a number; ``.nan`` and
+#: ``.inf`` are numbers too (the ``finite`` gate is there to refuse what they produce)
+Number = Annotated[float, BeforeValidator(_number)]
 
 
 def _scale(x: torch.Tensor, factor: Number) -> torch.Tensor:
