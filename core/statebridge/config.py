@@ -161,7 +161,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         elif kind == "JSON":
             data = json.loads(text)
         else:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_BoundedLoader)
+    except _TooDeep:
+        raise ConfigError(f"{path}: nested more than {MAX_CONFIG_DEPTH} levels deep") from None
     except yaml.MarkedYAMLError as e:
         where = f" (line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1})" if e.problem_mark else ""
         context = f"{e.context}: " if e.context else ""
@@ -174,6 +176,31 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: the config must be a mapping with source, target and steps")
     _check_bounds(data, path)
     return dict(data)
+
+
+class _TooDeep(Exception):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stopped at MAX_CONFIG_DEPTH levels of nesting.
+
+    Its scanner does work proportional to the nesting depth for every token, so a few thousand
+    ``[`` took seconds before the composer ran out of recursion; stopped early, it stays linear.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > MAX_CONFIG_DEPTH:
+                raise _TooDeep
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def _check_bounds(data: Any, path: Path) -> None:
