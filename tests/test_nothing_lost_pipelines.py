@@ -372,6 +372,26 @@ def test_a_config_that_is_not_utf8_is_refused(tmp_path, data):
     refused(path, "must be UTF-8 text", "byte 0" if data[0] == 0xFF else "byte")
 
 
+@pytest.mark.parametrize(
+    "name, text, fragments",
+    [
+        ("c.yaml", "source: a\nsteps: [\n", ["not valid yaml: while parsing a flow node", "(line 3, column 1)"]),
+        ("c.yaml", "source: a\n  target: b: c\n", ["not valid yaml: mapping values are not allowed here (line 2, column 9)"]),
+        ("c.json", '{"source": "a",}', ["not valid json: "]),
+        ("c.toml", 'source = "a"\nsource = "b"\n', ["not valid toml: "]),
+        ("c.yaml", "source: a\nworkers: " + "9" * 5000 + "\n", ["not valid yaml: ", "digits"]),
+        ("c.json", '{"source": "a", "workers": ' + "9" * 5000 + "}", ["not valid json: ", "digits"]),
+        ("c.toml", 'source = "a"\nworkers = ' + "9" * 5000 + "\n", ["not valid toml: ", "digits"]),
+    ],
+)
+def test_unreadable_config_text_is_one_line(tmp_path, capsys, name, text, fragments):
+    path = tmp_path / name
+    path.write_text(text)
+    refused(path, *fragments)
+    assert main(["plan", str(path)]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
 def test_a_utf8_config_with_a_byte_order_mark_is_read(tmp_path):
     path = config(tmp_path, "")
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
