@@ -522,3 +522,8 @@ def test_relative_paths_resolve_against_the_config_folder_however_annotated(tmp_
     assert steps[2].steps[0].params.one == str(tmp_path / "up.bin") and steps[2].steps[0].params.either == 3
     plan = sb.plan(sb.load_config(path).source, sb.load_config(path).pipeline())
     assert plan.outputs["a"].shape == (6,)  # padded to the shape in sub/like.safetensors
+
+
+def test_a_nested_path_error_names_the_nested_step(tmp_path):
+    path = config(tmp_path, "steps:\n  - sequential: {steps: [{drop: {keys: [a]}}, {adapt_shapes: {strategy: pad, like: ~nosuchuser/l}}]}\n")
+    refused(path, "steps[0]: sequential.steps[1]: adapt_shapes.like: cannot expand '~nosuchuser/l'")

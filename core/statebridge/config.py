@@ -170,8 +170,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {context}{e.problem}{where}") from None
     except (yaml.YAMLError, ValueError) as e:  # TOML and JSON decode errors are ValueErrors, as are 5000-digit ints
         raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or kind}: {' '.join(str(e).split())}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply to read (at most {MAX_CONFIG_DEPTH} levels)") from None
+    except RecursionError:  # JSON and TOML nested thousands deep, before the bound below can look
+        raise ConfigError(f"{path}: nested more than {MAX_CONFIG_DEPTH} levels deep") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the config must be a mapping with source, target and steps")
     _check_bounds(data, path)
@@ -308,7 +308,7 @@ def _resolve_step_paths(step: Any, base: Path, where: str) -> Any:
             label = f"{where}: {name}.{key}"
             params[key] = _resolve_paths(annotation, params[key], lambda value, label=label: _resolve(value, base, label))
     if isinstance(params.get("steps"), list):
-        params["steps"] = [_resolve_step_paths(s, base, f"{where} ({name}).steps[{i}]") for i, s in enumerate(params["steps"])]
+        params["steps"] = [_resolve_step_paths(s, base, f"{where}: {name}.steps[{i}]") for i, s in enumerate(params["steps"])]
     return {name: params}
 
 
