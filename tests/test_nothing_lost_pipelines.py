@@ -336,6 +336,8 @@ def test_value_op_numbers_are_read_as_numbers(tmp_path, args, value):
         ("value_op: {pattern: a, op: fill, args: {}}", ["args.value: Field required"]),
         ("value_op: {pattern: a, op: zero, args: {value: 1}}", ["op 'zero' takes no arguments", "args.value: Extra inputs"]),
         ("value_op: {pattern: a, op: scale, args: 2}", ["value_op.args: Input should be a valid dictionary"]),
+        ("value_op: {pattern: a, op: [scale], args: {factor: 2}}", ["value_op.op: Input should be 'scale', 'add'"]),
+        ("value_op: {pattern: a, op: fill, args: }", ["op 'fill' takes value: args.value: Field required"]),
     ],
 )
 def test_value_op_args_are_checked_by_the_ops_own_schema(tmp_path, step, fragments):

@@ -180,15 +180,17 @@ class ValueOp(_PerKey):
         @classmethod
         def _args_fit(cls, data: Any) -> Any:
             """Validate ``args`` by the op's own schema now, so a bad argument is a config error, not a run-time one."""
-            if not isinstance(data, Mapping) or data.get("op") not in _ARGS or not isinstance(data.get("args") or {}, Mapping):
+            op = data.get("op") if isinstance(data, Mapping) else None
+            args = data.get("args", {}) if isinstance(data, Mapping) else None
+            if not isinstance(op, str) or op not in _ARGS or not isinstance(args, Mapping | None):
                 return data  # the fields' own validation names what is wrong
-            schema = _ARGS[data["op"]]
+            schema = _ARGS[op]
             try:
-                args = schema.model_validate(data.get("args") or {})
+                checked = schema.model_validate(args or {})
             except ValidationError as e:
                 takes = ", ".join(schema.model_fields) or "no arguments"
-                raise ValueError(f"op {data['op']!r} takes {takes}: {format_validation_error(e, 'args')}") from None
-            return {**data, "args": args.model_dump(exclude_unset=True)}
+                raise ValueError(f"op {op!r} takes {takes}: {format_validation_error(e, 'args')}") from None
+            return {**data, "args": checked.model_dump(exclude_unset=True)}
 
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in sorted(self.params.args.items()))
