@@ -137,6 +137,23 @@ def test_collisions_let_through_inside_a_composite_are_counted():
     assert torch.equal(execute(STATE, plan)["b"], STATE["a"])
 
 
+@pytest.mark.parametrize(
+    "steps, expected",
+    [
+        # one step swapping two names that an earlier step made in the same group
+        ([sb.Split(input="a", outputs=["p", "q"]), sb.Rename(mapping={"p": "q", "q": "p"})], {"q": [0.0, 1.0], "p": [2.0, 3.0]}),
+        ([sb.Sequential([sb.Split(input="a", outputs=["p", "q"])]), sb.Sequential([sb.Rename(mapping={"p": "q", "q": "p"})])],
+         {"q": [0.0, 1.0], "p": [2.0, 3.0]}),
+        # a kept tensor overwritten (on_collision: warn) by a tensor of its own group
+        ([sb.Split(input="a", outputs=["p", "q"]), sb.Rename(mapping={"p": "q"})], {"q": [0.0, 1.0]}),
+    ],
+)
+def test_groups_of_one_step_read_before_any_writes(steps, expected):
+    plan = sb.plan(DictSource(STATE), steps, on_collision="warn")
+    out = execute(STATE, plan)
+    assert {k: out[k].tolist() for k in expected} == expected
+
+
 VERSIONS = """
 source: source.safetensors
 target: out.safetensors

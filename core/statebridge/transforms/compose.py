@@ -20,6 +20,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import groupby
 from typing import TypeVar
 
 from ..errors import CollisionError, ExecutionError, PlanError, StatebridgeError
@@ -316,23 +317,27 @@ def _origin(group: Group, key: str, raw: Mapping[str, Pieces | None]) -> Pieces 
 
 
 def _merged_group(comp: _Component, outputs: dict[str, TensorMeta]) -> Group:
-    stages = [stage for _, _, stage in sorted(comp.stages, key=lambda s: (s[0], s[1]))]
+    ordered = sorted(comp.stages, key=lambda s: (s[0], s[1]))
+    stages = [stage for _, _, stage in ordered]
+    by_step = [[stage for _, _, stage in step] for _, step in groupby(ordered, key=lambda s: s[0])]
     pieces = {k: comp.raw[k] for k in outputs if comp.raw.get(k) is not None}
 
     def compute(tensors: Tensors) -> Tensors:
         live = dict(tensors)
-        for stage in stages:
-            produced = stage.group.compute({k: live.pop(k) for k in stage.group.inputs})
-            for key, meta in stage.group.outputs.items():
-                if key not in produced:
-                    raise ExecutionError(f"{stage.label}: planned to produce {key!r} but did not")
-                value = produced[key]
-                for tensor in value.options if isinstance(value, Candidates) else (value,):
-                    if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
-                        raise ExecutionError(
-                            f"{stage.label}: produced {key!r} as {TensorMeta.of(tensor)} but planned {meta}"
-                        )
-                live[key] = value
+        for step in by_step:
+            # every group of a step reads the state before the step (a step may swap names), then all write
+            results = [(stage, stage.group.compute({k: live.pop(k) for k in stage.group.inputs})) for stage in step]
+            for stage, produced in results:
+                for key, meta in stage.group.outputs.items():
+                    if key not in produced:
+                        raise ExecutionError(f"{stage.label}: planned to produce {key!r} but did not")
+                    value = produced[key]
+                    for tensor in value.options if isinstance(value, Candidates) else (value,):
+                        if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
+                            raise ExecutionError(
+                                f"{stage.label}: produced {key!r} as {TensorMeta.of(tensor)} but planned {meta}"
+                            )
+                    live[key] = value
         return {k: live[k] for k in outputs}
 
     return Group(
