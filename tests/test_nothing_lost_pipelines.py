@@ -546,3 +546,8 @@ def test_relative_paths_resolve_against_the_config_folder_however_annotated(tmp_
 def test_a_nested_path_error_names_the_nested_step(tmp_path):
     path = config(tmp_path, "steps:\n  - sequential: {steps: [{drop: {keys: [a]}}, {adapt_shapes: {strategy: pad, like: ~nosuchuser/l}}]}\n")
     refused(path, "steps[0]: sequential.steps[1]: adapt_shapes.like: cannot expand '~nosuchuser/l'")
+
+
+def test_many_problems_in_one_field_are_counted_not_listed(tmp_path):
+    message = refused(config(tmp_path, "metadata: {" + ", ".join(f"k{i}: [{i}]" for i in range(200)) + "}\n"))
+    assert message.count("Input should be a valid string") == 5 and message.endswith("and 195 more problems")

@@ -177,17 +177,21 @@ class Transform(ABC):
         return f"{type(self).__name__}({args})"
 
 
-def format_validation_error(error: ValidationError, where: str) -> str:
-    """One line per problem, each naming the field: ``rename.pattern: field required``.
+def format_validation_error(error: ValidationError, where: str, most: int = 5) -> str:
+    """The problems, each naming the field, on one line: ``rename.pattern: Field required; ...``.
 
-    Only pydantic's message is kept: no "Value error, " prefix, no documentation URL, no line breaks.
+    Only pydantic's message is kept: no "Value error, " prefix, no documentation URL, no line
+    breaks; past ``most`` problems (a list of 200 wrong items) the rest are counted, not listed.
     """
+    problems = error.errors()
     lines = []
-    for problem in error.errors():
+    for problem in problems[:most]:
         loc = ".".join(str(p) for p in problem["loc"])
         message = _URL.sub("", problem["msg"]).removeprefix("Value error, ")
         field = ".".join(part for part in (where, loc) if part)
         lines.append(f"{field + ': ' if field else ''}{' '.join(message.split())}")
+    if len(problems) > most:
+        lines.append(f"and {len(problems) - most} more problems")
     return "; ".join(lines)
 
 
