@@ -130,7 +130,7 @@ def test_version_chain_is_one_pass(tmp_path, llama_file, llama_sd):
     pipeline = config.pipeline()
     built = sb.plan(llama_file, pipeline)
     group = next(g for g in built.groups if "blocks.0.qkv" in g.outputs)
-    assert group.inputs == tuple(f"model.layers.0.self_attn.{x}_proj.weight" for x in "qkv")  # both hops, one group
+    assert group.inputs == tuple(f"model.layers.0.self_attn.{x}_proj.weight" for x in "kqv")  # both hops, one group, in file order
     assert built.lineage["blocks.0.qkv"].ops == ("concat(dim=0)", "rename")
     assert main(["run", str(tmp_path / "c.yaml"), "--to", "v3", "--no-progress"]) == 0  # --from detected: v1
     out = load_file(tmp_path / "out.safetensors")

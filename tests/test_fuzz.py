@@ -1,4 +1,6 @@
-"""Fuzzing the checkpoint readers: every malformed input ends in a SourceError naming the file.
+"""Fuzzing the readers, the pipelines and the configs.
+
+Readers: every malformed input ends in a SourceError naming the file.
 
 Seeds are real files written by the real libraries (``safetensors.torch.save_file``,
 ``huggingface_hub.save_torch_state_dict`` for a sharded folder with its index,
@@ -21,9 +23,13 @@ exception, a signal (segfault, SIGBUS), a hang, a ``MemoryError`` or a load that
 disagrees with ``metas()`` fails the test, and the input is saved under
 :data:`REPRO_ROOT` (its path is in the failure message).
 
+Pipelines: random nested pipelines over random checkpoints are refused with
+one error line, or lose nothing and plan what they write (see that section).
+Configs: hostile edits of a valid config are a plan or one error line.
+
 The run is deterministic (``derandomize=True``, no example database) and takes
-well under a minute; ``STATEBRIDGE_FUZZ_SCALE=10`` runs ten times as many
-examples.
+under a minute on two cores; ``STATEBRIDGE_FUZZ_SCALE=10`` runs ten times as
+many examples.
 """
 
 from __future__ import annotations
@@ -51,12 +57,17 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from huggingface_hub import save_torch_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+import statebridge as sb
+from statebridge.errors import StatebridgeError
+from statebridge.readers import DictSource
 from statebridge.readers.safetensors import INDEX_NAME
+from statebridge.transforms.compose import compose
 
 #: address-space limit of the worker: a reader that tries to allocate what a lying header claims hits it
 MEMORY_LIMIT = 4 * 1024**3
@@ -452,7 +463,7 @@ def _get(obj: Any, path: tuple) -> Any:
 
 
 @st.composite
-def mutated_json(draw, seed: Any) -> Any:
+def mutated_json(draw, seed: Any, values: st.SearchStrategy = JSON_VALUES) -> Any:
     """A deep copy of ``seed`` with 1-3 JSON-level edits (replace, delete, add or duplicate a key)."""
     tree = json.loads(json.dumps(seed))
     for _ in range(draw(st.integers(1, 3))):
@@ -460,7 +471,7 @@ def mutated_json(draw, seed: Any) -> Any:
         kind = draw(st.sampled_from(["replace", "replace", "replace", "delete", "add", "duplicate"]))
         path = draw(st.sampled_from(paths))
         if kind == "replace":
-            value = copy.deepcopy(draw(JSON_VALUES))
+            value = copy.deepcopy(draw(values))
             if not path:
                 tree = value
             else:
@@ -472,14 +483,14 @@ def mutated_json(draw, seed: Any) -> Any:
         elif kind == "add":
             target = _get(tree, path)
             if isinstance(target, dict):
-                target[draw(JSON_KEYS)] = copy.deepcopy(draw(JSON_VALUES))
+                target[draw(JSON_KEYS)] = copy.deepcopy(draw(values))
             elif isinstance(target, list):
-                target.insert(draw(st.integers(0, len(target))), copy.deepcopy(draw(JSON_VALUES)))
+                target.insert(draw(st.integers(0, len(target))), copy.deepcopy(draw(values)))
         elif kind == "duplicate" and path:
             parent = _get(tree, path[:-1])
             if isinstance(parent, dict) and not isinstance(parent, Pairs):
                 pairs = Pairs(parent.items())
-                pairs.insert(draw(st.integers(0, len(pairs))), (path[-1], copy.deepcopy(draw(JSON_VALUES))))
+                pairs.insert(draw(st.integers(0, len(pairs))), (path[-1], copy.deepcopy(draw(values))))
                 if len(path) == 1:
                     tree = pairs
                 else:
@@ -771,14 +782,14 @@ def test_seeds_open_cleanly(worker, seeds, scratch):
 # The fuzzers.
 
 
-@_fuzz(600)
+@_fuzz(480)
 @given(data=st.data())
 def test_fuzz_safetensors_bytes(worker, seeds, scratch, data):
     blob = data.draw(mutated_bytes(seeds.safetensors, [Field(0, 8, "header length", choices=(len(seeds.safetensors) - 8,))]))
     check_file(worker, scratch, "safetensors_bytes", ".safetensors", blob)
 
 
-@_fuzz(800)
+@_fuzz(640)
 @given(data=st.data())
 def test_fuzz_safetensors_header_json(worker, seeds, scratch, data):
     header, body = split_safetensors(seeds.safetensors)
@@ -789,7 +800,7 @@ def test_fuzz_safetensors_header_json(worker, seeds, scratch, data):
     check_file(worker, scratch, "safetensors_json", ".safetensors", blob)
 
 
-@_fuzz(500)
+@_fuzz(400)
 @given(data=st.data())
 def test_fuzz_sharded_index_and_shards(worker, seeds, scratch, data):
     inputs = _inputs(scratch, "sharded")
@@ -817,7 +828,7 @@ def test_fuzz_sharded_index_and_shards(worker, seeds, scratch, data):
     _discard(folder)
 
 
-@_fuzz(1000)
+@_fuzz(800)
 @given(data=st.data())
 def test_fuzz_gguf(worker, seeds, scratch, data):
     seed, fields = data.draw(st.sampled_from(seeds.ggufs))
@@ -825,7 +836,7 @@ def test_fuzz_gguf(worker, seeds, scratch, data):
     check_file(worker, scratch, "gguf", ".gguf", blob)
 
 
-@_fuzz(600)
+@_fuzz(480)
 @given(data=st.data())
 def test_fuzz_torch_zip(worker, seeds, scratch, data):
     if data.draw(st.booleans()):
@@ -844,7 +855,7 @@ def test_fuzz_torch_zip(worker, seeds, scratch, data):
     check_file(worker, scratch, "torch_zip", ".pt", blob)
 
 
-@_fuzz(500)
+@_fuzz(400)
 @given(data=st.data())
 def test_fuzz_torch_legacy(worker, seeds, scratch, data):
     blob = data.draw(mutated_bytes(seeds.torch_legacy, legacy_fields(seeds.torch_legacy)))
@@ -1052,3 +1063,350 @@ def test_torch_pickle_keys_that_flatten_alike(worker, scratch):
     path = _inputs(scratch, "targeted").path(".pt")
     torch.save({"a.b": torch.ones(2), "a": {"b": torch.zeros(3)}}, path)
     _refused(worker, path, "'a.b'")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pipelines: random nested pipelines over random checkpoints lose nothing, and plan what they write.
+#
+# Each example draws a small checkpoint and a pipeline of config-form steps (sequential, parallel
+# and scope nested up to two levels, around renames, drops, casts, joins and parts), drawn against
+# the state the steps before leave so that most of them plan.  A pipeline is either refused with
+# one StatebridgeError line, or its plan must agree with a reference that runs every step eagerly,
+# one at a time, with no merging: the same tensors bit for bit, the same lineage, and exactly the
+# explicitly dropped source keys missing.  Some examples also run the plan into a safetensors file
+# from a safetensors source (raw byte copies included) and read it back.
+
+
+NAMES = ["a", "b", "m.0.a", "m.0.b", "m.1.a", "m.1.b", "m.norm", "x.0", "x.1"]
+FRESH = ["c", "d", "m.0.c", "m.1.c", "n.a", "x.2", "0.c"]
+PATTERNS = ["**", "m.**", "m.*.a", "m.*.b", "*.0", "x.*", "m.0.*", r"re:^m\.1\.", "n.**", "*", "*.a"]
+RENAMES = [("m.**", "n.**"), ("m.*.a", "m.*.w"), ("*.0", "*.zero"), (r"re:^m\.", "mm."), ("x.*", "y.*"), ("**", "r.**"), ("*.a", "*.b")]
+DTYPE_NAMES = ["float32", "float16", "bfloat16", "float64", "int64", "int32"]
+
+
+@st.composite
+def checkpoints(draw) -> dict[str, torch.Tensor]:
+    keys = draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=6, unique=True))
+    state = {}
+    for i, key in enumerate(keys):
+        shape = draw(st.sampled_from([(2,), (4,), (2, 2), (2, 3), (3, 2)]))
+        dtype = draw(st.sampled_from(["float32", "float32", "float16", "bfloat16", "int64"]))
+        state[key] = (torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) * 0.5 + i).to(getattr(torch, dtype))
+    return state
+
+
+def _leaf(draw, metas: dict[str, sb.TensorMeta]) -> dict[str, Any]:
+    keys = list(metas)
+    pick = st.sampled_from(keys or NAMES)
+    fresh = st.sampled_from(FRESH + keys)
+    somewhere = st.one_of(pick, st.sampled_from(PATTERNS))
+    kind = draw(st.sampled_from(["rename", "rename", "pattern", "drop", "drop", "identity", "cast", "transpose", "reshape",
+                                 "concat", "stack", "split", "unstack", "value_op"]))
+    if kind == "rename":
+        return {"rename": {"mapping": draw(st.dictionaries(pick, fresh, min_size=1, max_size=2))}}
+    if kind == "pattern":
+        pattern, to = draw(st.sampled_from(RENAMES))
+        return {"rename": {"pattern": pattern, "to": to, "strict": draw(st.booleans())}}
+    if kind in ("drop", "identity"):
+        return {kind: {"keys": draw(st.lists(somewhere, min_size=1, max_size=2)), "strict": draw(st.booleans())}}
+    if kind == "cast":
+        return {"cast": {"pattern": draw(somewhere), "dtype": draw(st.sampled_from(DTYPE_NAMES)), "integers": draw(st.booleans())}}
+    if kind == "transpose":
+        return {"transpose": {"pattern": draw(somewhere), "strict": draw(st.booleans())}}
+    if kind == "reshape":
+        return {"reshape": {"pattern": draw(somewhere), "shape": draw(st.sampled_from([[-1], [2, -1], [-1, 2]]))}}
+    if kind in ("concat", "stack"):  # names are mostly distinct: a name given twice is refused (tested elsewhere)
+        alike: dict[sb.TensorMeta, list[str]] = {}
+        for key, meta in metas.items():
+            alike.setdefault(meta, []).append(key)
+        joinable = [group for group in alike.values() if len(group) > 1]
+        if joinable and draw(st.integers(0, 3)):  # mostly tensors that can be joined
+            group = draw(st.sampled_from(joinable))
+            inputs = draw(st.lists(st.sampled_from(group), min_size=2, max_size=min(3, len(group)), unique=True))
+        else:
+            inputs = [draw(pick), draw(pick)]
+        return {kind: {"inputs": inputs, "output": draw(fresh)}}
+    if kind in ("split", "unstack"):
+        return {kind: {"input": draw(pick), "outputs": draw(st.lists(fresh, min_size=2, max_size=2, unique=True))}}
+    op = draw(st.sampled_from(["scale", "add", "zero"]))
+    args = {"scale": {"factor": 2}, "add": {"value": "0.25"}, "zero": {}}[op]
+    return {"value_op": {"pattern": draw(somewhere), "op": op, "args": args, "strict": draw(st.booleans())}}
+
+
+def _state_after(step: dict[str, Any], metas: dict[str, sb.TensorMeta]) -> dict[str, sb.TensorMeta]:
+    try:
+        return compose(sb.Pipeline([step]).steps, metas).metas
+    except StatebridgeError:
+        return metas  # the pipeline will be refused; later steps still get drawn against something
+
+
+def _steps(draw, metas: dict[str, sb.TensorMeta], depth: int) -> list[dict[str, Any]]:
+    steps = []
+    for _ in range(draw(st.integers(1, 4 if depth == 0 else 3))):
+        steps.append(_step(draw, metas, depth))
+        metas = _state_after(steps[-1], metas)
+    return steps
+
+
+def _step(draw, metas: dict[str, sb.TensorMeta], depth: int) -> dict[str, Any]:
+    kind = draw(st.sampled_from(["leaf", "leaf", "leaf"] + (["sequential", "parallel", "scope"] if depth < 2 else [])))
+    if kind == "leaf":
+        return _leaf(draw, metas)
+    if kind == "sequential":
+        return {"sequential": {"steps": _steps(draw, metas, depth + 1)}}
+    if kind == "parallel":  # each side drawn from its own share of the keys, so that most read disjoint keys
+        side = {k: draw(st.integers(0, 1)) for k in metas}
+        return {"parallel": {"steps": [_step(draw, {k: m for k, m in metas.items() if side[k] == i}, depth + 1) for i in range(draw(st.integers(1, 2)))]}}
+    present = sorted({k[: i + 1] for k in metas for i, c in enumerate(k) if c == "."})
+    prefix = draw(st.sampled_from(present + ["", "q."] if present else ["", "q."]))
+    inner = {k[len(prefix) :]: m for k, m in metas.items() if k.startswith(prefix)}
+    return {"scope": {"prefix": prefix, "steps": _steps(draw, inner, depth + 1)}}
+
+
+@st.composite
+def pipelines(draw, state: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    return _steps(draw, {k: sb.TensorMeta.of(v) for k, v in state.items()}, 0)
+
+
+class Eager:
+    """The reference: every step run on tensors as soon as it is planned, composites interpreted directly."""
+
+    def __init__(self) -> None:
+        self.dropped: set[str] = set()
+
+    def run(self, step: sb.Transform, state: dict, lineage: dict) -> tuple[dict, dict]:
+        if isinstance(step, sb.Pipeline):
+            for inner in step.steps:
+                state, lineage = self.run(inner, state, lineage)
+            return state, lineage
+        if isinstance(step, sb.Scope):
+            prefix = step.params.prefix
+            inside = [k for k in state if k.startswith(prefix)]
+            assert inside, "the plan accepted a scope with no keys"
+            out, out_lineage = self.run(
+                sb.Pipeline(step.steps), {k[len(prefix) :]: state[k] for k in inside}, {k[len(prefix) :]: lineage[k] for k in inside}
+            )
+            keep = [k for k in state if not k.startswith(prefix)]
+            return (
+                {**{k: state[k] for k in keep}, **{prefix + k: v for k, v in out.items()}},
+                {**{k: lineage[k] for k in keep}, **{prefix + k: v for k, v in out_lineage.items()}},
+            )
+        if isinstance(step, sb.Parallel):
+            parts = [self.run(inner, state, lineage) for inner in step.steps]
+            result, result_lineage = dict(state), dict(lineage)
+            for out, _ in parts:
+                for key in state:
+                    if key not in out:
+                        del result[key], result_lineage[key]
+            for out, out_lineage in parts:
+                for key, value in out.items():
+                    if key not in state or value is not state[key]:
+                        result[key], result_lineage[key] = value, out_lineage[key]
+            return result, result_lineage
+        groups = step.plan({k: sb.TensorMeta.of(v) for k, v in state.items()})
+        made = {}
+        for group in groups:
+            result = group.compute({k: state[k] for k in group.inputs})
+            sources = set().union(*(lineage[k] for k in group.inputs))
+            if not group.outputs:
+                self.dropped |= sources
+            for key in group.outputs:
+                made[key] = (result[key], sources)
+        consumed = {k for group in groups for k in group.inputs}
+        state = {k: v for k, v in state.items() if k not in consumed}
+        lineage = {k: v for k, v in lineage.items() if k not in consumed}
+        for key, (value, sources) in made.items():
+            state[key], lineage[key] = value, sources
+        return state, lineage
+
+
+def _one_line(error: StatebridgeError) -> None:
+    """One readable line; only a plan's failed checks are a list, one finding a line (docs/trust.md)."""
+    message = str(error)
+    assert message and "http" not in message and len(message) < MAX_MESSAGE, message
+    assert "\n" not in message or message.startswith("the plan failed its checks:\n"), message
+
+
+_RUNS = {"count": 0}
+
+
+@_fuzz(120)
+@given(data=st.data())
+def test_fuzz_pipelines_lose_nothing(scratch, monkeypatch, data):
+    monkeypatch.setenv("STATEBRIDGE_CACHE", str(scratch / "cache"))  # runs measure the disk: not in ~/.cache
+    state = data.draw(checkpoints())
+    steps = data.draw(pipelines(state))
+    try:
+        plan = sb.plan(DictSource(state), steps)
+    except StatebridgeError as e:
+        _one_line(e)
+        event(f"refused: {type(e).__name__}")
+        return
+    event("planned" + (", dropping" if plan.dropped else ""))
+    reference = Eager()
+    expected, lineage = reference.run(sb.Pipeline(steps), dict(state), {k: {k} for k in state})
+    # the plan's outputs are the reference's, bit for bit, with the same lineage
+    assert dict(plan.outputs) == {k: sb.TensorMeta.of(v) for k, v in expected.items()}
+    computed = {}
+    for group in plan.groups:
+        computed.update(group.compute({k: state[k] for k in group.inputs}))
+    assert list(computed) == list(plan.outputs)
+    for key, value in expected.items():
+        assert computed[key].dtype == value.dtype and torch.equal(computed[key], value), key
+        assert set(plan.lineage[key].sources) == lineage[key], key
+    # nothing lost: a source key reaches an output or was dropped by a drop step, and the counts add up
+    assert set(plan.dropped) == reference.dropped and not plan.overwritten
+    reached = {s for key in plan.outputs for s in plan.lineage[key].sources}
+    assert set(state) <= reached | set(plan.dropped)
+    counts = plan.counts()
+    assert counts["target tensors"] == len(computed) and counts["dropped"] == len(plan.dropped)
+    assert counts["mapped"] + counts["unmapped"] + counts["dropped"] == counts["source tensors"] == len(state)
+    if data.draw(st.integers(0, 4)) == 0:  # through files: raw copies and the writer
+        _RUNS["count"] += 1
+        folder = scratch / "pipelines" / str(_RUNS["count"])
+        folder.mkdir(parents=True)
+        save_file(state, folder / "source.safetensors")
+        report = sb.run(folder / "source.safetensors", steps, folder / "out.safetensors", progress=False)
+        written = load_file(folder / "out.safetensors")
+        assert written.keys() == expected.keys()
+        assert all(torch.equal(written[k], expected[k]) for k in expected)
+        assert report.stats.tensors_written + report.stats.tensors_copied_raw == counts["target tensors"]
+        _discard(folder)
+
+
+def _nest(draw, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same steps with random runs of them wrapped in sequential, scope('') or a parallel of one."""
+    out, i = [], 0
+    while i < len(steps):
+        n = draw(st.integers(1, len(steps) - i))
+        run = steps[i : i + n]
+        if draw(st.booleans()):
+            run = _nest(draw, run) if n > 1 and draw(st.booleans()) else run
+            wrap = draw(st.sampled_from(["sequential", "scope", "parallel"]))
+            if wrap == "sequential":
+                run = [{"sequential": {"steps": run}}]
+            elif wrap == "scope":
+                run = [{"scope": {"prefix": "", "steps": run}}]
+            else:
+                run = [{"parallel": {"steps": [step]}} for step in run]
+        out += run
+        i += n
+    return out
+
+
+@_fuzz(100)
+@given(data=st.data())
+def test_fuzz_nested_plans_equal_flat_ones(data):
+    state = data.draw(checkpoints())
+    metas = {k: sb.TensorMeta.of(v) for k, v in state.items()}
+    flat = []
+    for _ in range(data.draw(st.integers(1, 5))):
+        flat.append(_leaf(data.draw, metas))
+        metas = _state_after(flat[-1], metas)
+    nested = _nest(data.draw, flat)
+    on_collision = data.draw(st.sampled_from(["error", "warn"]))
+    outcomes: list[Any] = []
+    for steps in (flat, nested):
+        try:
+            outcomes.append(sb.plan(DictSource(state), steps, on_collision=on_collision))
+        except StatebridgeError as e:
+            _one_line(e)
+            outcomes.append(e)
+    a, b = outcomes
+    if isinstance(b, StatebridgeError) and "no key starts with prefix ''" in str(b):
+        event("scope('') over an empty state: refused by design")
+        return
+    if not isinstance(a, sb.Plan) or not isinstance(b, sb.Plan):
+        assert type(a) is type(b), (a, b)
+        event("refused both")
+        return
+    event("planned both")
+    assert list(b.outputs.items()) == list(a.outputs.items())
+    assert b.lineage == a.lineage
+    assert (b.mapped, b.unmapped, b.dropped, b.new, b.overwritten) == (a.mapped, a.unmapped, a.dropped, a.new, a.overwritten)
+    assert [(g.inputs, dict(g.outputs)) for g in b.groups] == [(g.inputs, dict(g.outputs)) for g in a.groups]
+    for group_a, group_b in zip(a.groups, b.groups):
+        inputs = {k: state[k] for k in group_a.inputs}
+        out_a, out_b = group_a.compute(dict(inputs)), group_b.compute(dict(inputs))
+        assert all(torch.equal(out_a[k], out_b[k]) for k in group_a.outputs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs: a valid config (nested steps, path parameters, sizes, requirements, version rules),
+# edited at the JSON level with hostile values, written as JSON or YAML or with its bytes
+# damaged, then loaded and planned in this process.  The only allowed outcomes are a plan and
+# one StatebridgeError line (no traceback, no URL, no line break).
+
+CONFIG = {
+    "source": "source.safetensors",
+    "target": "out/",
+    "shard_size": "1MB",
+    "max_memory": "64MB",
+    "metadata": {"origin": "fuzz"},
+    "require": {"coverage": 0.1},
+    "expect": ["n.a", "x.0"],
+    "steps": [
+        {"rename": {"mapping": {"b": "bias"}}},
+        {"sequential": {"steps": [{"cast": {"pattern": "m.**", "dtype": "float16"}}, {"drop": {"keys": ["bias"]}}]}},
+        {"scope": {"prefix": "m.", "steps": [{"value_op": {"pattern": "0.a", "op": "scale", "args": {"factor": 0.5}}}]}},
+        {"adapt_shapes": {"strategy": "pad", "like": "like.safetensors", "pattern": "a"}},
+        {"parallel": {"steps": [{"transpose": {"pattern": "m.1.a"}}, {"split": {"input": "x.0", "outputs": ["x.p", "x.q"]}}]}},
+    ],
+}
+VERSIONED = {
+    "source": "source.safetensors",
+    "target": "out.safetensors",
+    "versions": {"v1": {"signature": ["m.*.a"], "absent": ["n.**"]}, "v2": {}},
+    "rules": [{"from": "v1", "to": "v2", "steps": [{"sequential": {"steps": [{"drop": {"keys": ["b"]}}]}}]}],
+    "to": "v2",
+}
+CONFIG_VALUES = st.one_of(
+    st.sampled_from(EXTREMES + [-1, -5, 10**30]),
+    st.integers(-1000, 10**6),
+    st.sampled_from([math.nan, math.inf, -math.inf, 0.5, -0.0, 1e308]),
+    st.sampled_from(["", "x" * 300, "../outside.safetensors", "/etc/passwd", ".", "model.bin", "\u2028", "\udcff"]),
+    st.sampled_from([None, False, [], {}, [[]], [None], ["3"], [1.0, 2.0], [1] * 200, {"a": {"b": {"c": {}}}}]),
+    st.just(Raw("1" * 5000)),
+    st.just(Raw("[" * 120 + "]" * 120)),
+    st.text(max_size=12),
+    st.sampled_from(["~nosuchuser/x.safetensors", "~", "source.safetensors", "like.safetensors", "a\x00b", "1e-3", "0", "-5",
+                     "0MB", "2 parsecs", "5GB", "re:(", "**", "*", "m.*.a", "sequential", "drop", "v1", "v9", "error", "warn"]),
+    st.sampled_from([0, -5, 0.0, 1e-3, 2**70, True, {"drop": {"keys": ["a"]}}, [{"drop": {"keys": ["a"]}}],
+                     {"sequential": {"steps": [{"sequential": {"steps": []}}]}}, {"factor": "2"}, {"value": None}]),
+)
+
+
+@pytest.fixture(scope="module")
+def config_folder(scratch: Path) -> Path:
+    folder = scratch / "configs"
+    folder.mkdir()
+    save_file({"a": torch.ones(4), "b": torch.zeros(3), "m.0.a": torch.ones(2, 2), "m.1.a": torch.ones(2, 3),
+               "x.0": torch.arange(4.0)}, folder / "source.safetensors")
+    save_file({"a": torch.ones(6)}, folder / "like.safetensors")
+    return folder
+
+
+@_fuzz(150)
+@given(data=st.data())
+def test_fuzz_configs(config_folder, data):
+    tree = data.draw(mutated_json(data.draw(st.sampled_from([CONFIG, VERSIONED])), CONFIG_VALUES))
+    form = data.draw(st.sampled_from(["json", "yaml", "json as yaml", "damaged yaml"]))
+    text = dumps(tree)
+    if form in ("yaml", "damaged yaml"):
+        try:
+            text = yaml.safe_dump(tree, allow_unicode=True)
+        except yaml.YAMLError:  # a Raw or Pairs node: its JSON text is YAML too
+            pass
+    blob = text.encode("utf-8", "surrogatepass")
+    if form == "damaged yaml":
+        blob = data.draw(mutated_bytes(blob))
+    path = config_folder / ("c.json" if form == "json" else "c.yaml")
+    path.write_bytes(blob)
+    try:
+        config = sb.load_config(path)
+        sb.plan(config.source, config.pipeline(), **config.checks())
+    except StatebridgeError as e:
+        _one_line(e)
+        event(f"refused: {type(e).__name__}")
+    else:
+        event("planned")

@@ -67,9 +67,13 @@ def _option_flags(model_name: str) -> Callable[[], list[click.Option]]:
 
 def _overrides(kwargs: dict[str, Any], override_source: bool) -> dict[str, Any]:
     """The config values the command line sets; its paths are relative to the current directory."""
+    from .trust.coverage import Requirements
+
     paths = {"source", "target", "expect"}
     if not override_source:
         kwargs = {**kwargs, "source": None}
+    if kwargs.get("require"):  # parsed here, so an error names the flag, not the config
+        kwargs = {**kwargs, "require": Requirements.parse(kwargs["require"])}
     return {k: (str(Path(v).absolute()) if k in paths else v) for k, v in kwargs.items() if v is not None}
 
 

@@ -8,15 +8,18 @@ no traceback, and exits non-zero.
 
 from __future__ import annotations
 
-import copy
-
 
 class StatebridgeError(Exception):
     """Base of every error statebridge raises on purpose."""
 
     def within(self, where: str) -> "StatebridgeError":
-        """The same error, its message prefixed by where it happened (a step, a config file)."""
-        error = copy.copy(self)
+        """The same error, its message prefixed by where it happened (a step, a config file).
+
+        Built without calling ``__init__`` again, whose arguments differ between subclasses
+        (``SourceError(path, message)``); the attributes are carried over.
+        """
+        error = type(self).__new__(type(self))
+        error.__dict__.update(self.__dict__)
         error.args = (f"{where}: {self}",)
         return error
 

@@ -34,8 +34,8 @@ def parse_size(value: int | str) -> int:
             raise ConfigError(f"cannot read size {value!r}; write it like 2GB, 500MB or 512MiB")
         number, unit = match.groups()
         size = int(float(number) * _UNITS[(unit or "B").upper()])
-    if size <= 0:
-        raise ConfigError(f"the size must be positive, not {value!r}")
+    if size < 1:  # 0 is not "the default" and a negative number is not "tiny"
+        raise ConfigError(f"size {value!r} is less than one byte; leave the option out for its default")
     return size
 
 

@@ -125,7 +125,7 @@ class TransformCatalog(Catalog[type]):
         if params is not None and not isinstance(params, Mapping):
             raise ConfigError(f"{where} ({name}): parameters must be a mapping, got {params!r}")
         try:
-            return cls.from_config(params or {}, self)
+            return cls.from_config(params or {}, self)  # nested steps are built with this catalog too
         except ConfigError as e:
             raise e.within(where) from None
 

@@ -9,12 +9,13 @@ reads pass through the step unchanged; nothing is ever dropped implicitly.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from ..errors import ConfigError, NotInvertibleError
 from ..tensors.meta import TensorMeta
@@ -126,7 +127,18 @@ class Candidates:
 
 #: marks a params field holding a file path; config files resolve it against their own folder
 PATH_FIELD = "statebridge:path"
-PathParam = Annotated[str, PATH_FIELD]
+
+
+def usable_path(value: str) -> str:
+    """A path the operating system can be asked about (no file system accepts a NUL byte)."""
+    if "\0" in value:
+        raise ValueError(f"a path cannot contain a NUL byte: {value!r}")
+    return value
+
+
+#: a file path parameter: relative ones in config files are resolved against the config's folder,
+#: however the field is annotated (``PathParam | None``, ``list[PathParam]``, ...)
+PathParam = Annotated[str, PATH_FIELD, AfterValidator(usable_path)]
 
 
 class NoParams(BaseModel):
@@ -169,7 +181,7 @@ class Transform(ABC):
     def from_config(cls, params: Mapping[str, Any], transforms: Any) -> "Transform":
         """Build from config form; nested config-form steps are built from the catalog ``transforms``."""
         try:
-            return cls(cls.Params.model_validate(dict(params), context={"transforms": transforms}))
+            return cls(cls.Params.model_validate(dict(params), context={"transforms": transforms, "step": cls.name}))
         except ValidationError as e:
             raise ConfigError(format_validation_error(e, cls.name or cls.__name__)) from None
 
@@ -204,10 +216,23 @@ class Transform(ABC):
         return f"{type(self).__name__}({args})"
 
 
-def format_validation_error(error: ValidationError, where: str) -> str:
-    """One line per problem, each naming the field: ``rename.pattern: field required``."""
+def format_validation_error(error: ValidationError, where: str, most: int = 5) -> str:
+    """The problems, each naming the field, on one line: ``rename.pattern: Field required; ...``.
+
+    Only pydantic's message is kept: no "Value error, " prefix, no documentation URL, no line
+    breaks; past ``most`` problems (a list of 200 wrong items) the rest are counted, not listed.
+    """
+    problems = error.errors()
     lines = []
-    for problem in error.errors():
+    for problem in problems[:most]:
         loc = ".".join(str(p) for p in problem["loc"])
-        lines.append(f"{'.'.join(filter(None, (where, loc)))}: {problem['msg']}")
+        message = _URL.sub("", problem["msg"]).removeprefix("Value error, ")
+        field = ".".join(part for part in (where, loc) if part)
+        lines.append(f"{field + ': ' if field else ''}{' '.join(message.split())}")
+    if len(problems) > most:
+        lines.append(f"and {len(problems) - most} more problems")
     return "; ".join(lines)
+
+
+#: pydantic's pointers to its documentation, and the wording that introduces them
+_URL = re.compile(r"\s*(For further information visit\s*)?https?://\S+")

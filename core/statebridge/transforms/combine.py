@@ -18,7 +18,7 @@ from ..errors import NotInvertibleError, PlanError
 from ..tensors.meta import TensorMeta
 from ..tensors.patterns import KeyPattern
 from .base import Group, Params, Piece, Pieces, Transform, whole
-from .matching import bind, require
+from .matching import bind, distinct, require
 
 if TYPE_CHECKING:
     import torch
@@ -77,6 +77,7 @@ class _Join(Transform):
         groups = []
         for first, (*rest, output) in bind(p.inputs[0], [*p.inputs[1:], p.output], metas, p.strict):
             keys = [first, *rest]
+            distinct(keys, f"the inputs of {output!r}")
             require(keys, metas, f"joined into {output!r} by {self.name}")
             parts = [metas[k] for k in keys]
             dim, shape = self.joined(keys, parts)
@@ -113,6 +114,7 @@ class _Part(Transform):
         p = self.params
         groups = []
         for source, outputs in bind(p.input, p.outputs, metas, p.strict):
+            distinct(outputs, f"the outputs of {source!r}")
             meta = metas[source]
             dim = _dim(p.dim, len(meta.shape), source)
             shapes = self.parts(source, meta, dim, len(outputs))

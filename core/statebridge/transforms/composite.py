@@ -1,7 +1,10 @@
 """Composition: steps in sequence, steps side by side, and steps scoped to a key prefix.
 
 A :class:`Pipeline` is itself a transform, so pipelines nest.  Steps are given
-as transform objects or in config form (``{"rename": {...}}``).
+as transform objects or in config form (``{"rename": {...}}``).  Each of these
+is a :class:`~statebridge.transforms.compose.Composite`: it plans by composing
+its steps against the enclosing state and lineage, so a nested step behaves,
+is counted and is inverted exactly as it would be at the top level.
 """
 
 from __future__ import annotations
@@ -12,10 +15,10 @@ from typing import Any
 
 from pydantic import ConfigDict, ValidationInfo, field_validator
 
-from .compose import compose
-from ..errors import CollisionError, ConfigError, PlanError, StatebridgeError
+from .compose import Composite, Composition, Lineage, compose
+from ..errors import CollisionError, ConfigError, NotInvertibleError, PlanError, StatebridgeError
 from ..tensors.meta import TensorMeta
-from ..tensors.patterns import describe_keys
+from ..tensors.patterns import describe_keys, did_you_mean
 from .base import Group, Params, Transform
 
 
@@ -47,16 +50,20 @@ class _StepsParams(Params):
     @field_validator("steps")
     @classmethod
     def _build(cls, steps: list[Any], info: ValidationInfo) -> list[Transform]:
-        return build_steps(steps, (info.context or {}).get("transforms"))
+        context = info.context or {}
+        return build_steps(steps, context.get("transforms"), where=f"{context.get('step') or 'composite'}.steps")
 
 
-class _Composite(Transform):
+class _Composite(Composite):
     Params = _StepsParams
 
-    def __init__(self, steps: Sequence[Any] | None = None, /, **kwargs: Any) -> None:
-        if steps is not None and not isinstance(steps, (Mapping, self.Params)):
-            kwargs["steps"] = list(steps)
-            steps = None
+    def __init__(self, steps: Sequence[Any] | Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
+        if isinstance(steps, Mapping):
+            kwargs, steps = {**steps, **kwargs}, None
+        elif steps is not None and not isinstance(steps, Params):
+            kwargs["steps"], steps = list(steps), None
+        if isinstance(kwargs.get("steps"), list):  # built here, so an error names this step: sequential.steps[1]
+            kwargs["steps"] = build_steps(kwargs["steps"], where=f"{self.name}.steps")
         super().__init__(steps, **kwargs)
 
     @property
@@ -71,12 +78,37 @@ class _Composite(Transform):
         return f"{type(self).__name__}({self.steps!r})"
 
 
+def checked_inverse(step: Transform, before: Mapping[str, TensorMeta], forward: Composition | None = None) -> Transform:
+    """``step.inverse(before)``, refused unless it undoes exactly what ``step`` changed.
+
+    Planned against the state ``step`` leaves, the inverse must read only
+    tensors the step wrote and give back the state before the step, every name,
+    shape and dtype; a tensor the step left alone must stay alone (a cast's
+    inverse must not cast what was already in the target dtype).  This holds
+    every transform's inverse, built in or from a plugin, to one rule.
+    """
+    forward = forward if forward is not None else compose([step], before)
+    inverse = step.inverse(before)
+    back = compose([inverse], forward.metas, where="inverse")
+    written = {key for group in forward.groups for key in group.outputs}
+    stray = [key for key in back.consumed if key not in written]
+    if stray:
+        raise NotInvertibleError(
+            f"its inverse ({inverse.name}) would also change {describe_keys(stray)}, which this step left alone"
+        )
+    before = dict(before)
+    wrong = [key for key in {**before, **back.metas} if before.get(key) != back.metas.get(key)]
+    if wrong:
+        raise NotInvertibleError(f"its inverse ({inverse.name}) does not give back {describe_keys(wrong)} as it was")
+    return inverse
+
+
 class Pipeline(_Composite):
     """Steps applied one after another; each sees the state the previous ones left."""
     name = "sequential"
 
-    def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
-        return compose(self.steps, metas).groups
+    def composition(self, metas: Mapping[str, TensorMeta], lineage: Mapping[str, Lineage], on_collision: str) -> Composition:
+        return compose(self.steps, metas, on_collision=on_collision, lineage=lineage)
 
     def config_edits(self, metas: Mapping[str, TensorMeta], config: Mapping[str, Any]) -> dict[str, Any]:
         """Each step's edits, made against the state and the config the steps before it leave; later ones win."""
@@ -95,15 +127,17 @@ class Pipeline(_Composite):
         return edits
 
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
-        states = [dict(metas)]
-        for step in self.steps[:-1]:
-            states.append(compose([step], states[-1]).metas)
+        state, steps = dict(metas), []
+        for i, step in enumerate(self.steps):
+            forward = compose([step], state)
+            steps.append((i, step, state, forward))
+            state = forward.metas
         inverses = []
-        for i in reversed(range(len(self.steps))):
+        for i, step, before, forward in reversed(steps):
             try:
-                inverses.append(self.steps[i].inverse(states[i]))
+                inverses.append(checked_inverse(step, before, forward))
             except StatebridgeError as e:
-                raise e.within(f"steps[{i}] ({self.steps[i].name})") from None
+                raise e.within(f"steps[{i}] ({step.name})") from None
         return Pipeline(inverses)
 
 
@@ -114,13 +148,15 @@ class Parallel(_Composite):
     """Independent steps planned against the same state; they must read and write disjoint keys."""
     name = "parallel"
 
-    def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
-        groups: list[Group] = []
+    def composition(self, metas: Mapping[str, TensorMeta], lineage: Mapping[str, Lineage], on_collision: str) -> Composition:
+        parts = [
+            compose([step], metas, where=f"parallel[{i}]", on_collision=on_collision, lineage=lineage)
+            for i, step in enumerate(self.steps)
+        ]
         readers: dict[str, int] = {}
         writers: dict[str, int] = {}
-        for i, step in enumerate(self.steps):
-            planned = compose([step], metas, where=f"parallel[{i}]").groups
-            for group in planned:
+        for i, part in enumerate(parts):
+            for group in part.groups:
                 for key in group.inputs:
                     if key in readers:
                         raise PlanError(f"parallel steps [{readers[key]}] and [{i}] both read {key!r}; run them in sequence")
@@ -129,8 +165,18 @@ class Parallel(_Composite):
                     if key in writers:
                         raise CollisionError(f"parallel steps [{writers[key]}] and [{i}] both write {key!r}")
                     writers[key] = i
-            groups.extend(planned)
-        return groups
+        groups = [group for part in parts for group in part.groups]
+        kept = [key for key in metas if key not in readers]
+        written = {key: (part, meta) for part in parts for group in part.groups for key, meta in group.outputs.items()}
+        return Composition(
+            groups=groups,
+            metas={**{key: metas[key] for key in kept}, **{key: meta for key, (_, meta) in written.items()}},
+            lineage={**{key: lineage[key] for key in kept}, **{key: part.lineage[key] for key, (part, _) in written.items()}},
+            dropped=[key for part in parts for key in part.dropped],
+            consumed=list(readers),
+            collisions=[note for part in parts for note in part.collisions],
+            overwritten=[key for part in parts for key in part.overwritten],
+        )
 
     def config_edits(self, metas: Mapping[str, TensorMeta], config: Mapping[str, Any]) -> dict[str, Any]:
         """Every step's edits, each made against the same state and config; two steps may not set one key differently."""
@@ -148,7 +194,13 @@ class Parallel(_Composite):
         return edits
 
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
-        return Parallel([step.inverse(metas) for step in self.steps])
+        inverses = []
+        for i, step in enumerate(self.steps):
+            try:
+                inverses.append(checked_inverse(step, metas))
+            except StatebridgeError as e:
+                raise e.within(f"parallel[{i}] ({step.name})") from None
+        return Parallel(inverses)
 
 
 class Scope(_Composite):
@@ -159,15 +211,32 @@ class Scope(_Composite):
         prefix: str
 
     def _inner(self, metas: Mapping[str, TensorMeta]) -> dict[str, TensorMeta]:
-        n = len(self.params.prefix)
-        inner = {k[n:]: m for k, m in metas.items() if k.startswith(self.params.prefix)}
+        prefix = self.params.prefix
+        inner = {k[len(prefix) :]: m for k, m in metas.items() if k.startswith(prefix)}
         if not inner:
-            raise PlanError(f"no key starts with prefix {self.params.prefix!r} (keys look like {describe_keys(list(metas)[:3])})")
+            prefixes = {k[: i + 1] for k in metas for i, c in enumerate(k) if c == "."}
+            raise PlanError(
+                f"no key starts with prefix {prefix!r} (keys look like {describe_keys(list(metas)[:3])})"
+                + did_you_mean(prefix, prefixes)
+            )
         return inner
 
-    def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
+    def composition(self, metas: Mapping[str, TensorMeta], lineage: Mapping[str, Lineage], on_collision: str) -> Composition:
         prefix = self.params.prefix
-        return [_prefixed(g, prefix) for g in compose(self.steps, self._inner(metas), where="scope.steps").groups]
+        inner = self._inner(metas)
+        nested = compose(
+            self.steps, inner, where="scope.steps", on_collision=on_collision, lineage={k: lineage[prefix + k] for k in inner}
+        )
+        outside = [k for k in metas if not k.startswith(prefix)]
+        return Composition(
+            groups=[_prefixed(g, prefix) for g in nested.groups],
+            metas={**{k: metas[k] for k in outside}, **{prefix + k: m for k, m in nested.metas.items()}},
+            lineage={**{k: lineage[k] for k in outside}, **{prefix + k: v for k, v in nested.lineage.items()}},
+            dropped=nested.dropped,
+            consumed=[prefix + k for k in nested.consumed],
+            collisions=nested.collisions,
+            overwritten=nested.overwritten,
+        )
 
     def config_edits(self, metas: Mapping[str, TensorMeta], config: Mapping[str, Any]) -> dict[str, Any]:
         """The steps' edits, made against the scope's tensors alone (the prefix removed), as in :meth:`plan`."""

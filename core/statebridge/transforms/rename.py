@@ -12,7 +12,7 @@ from ..errors import PlanError
 from ..tensors.meta import TensorMeta
 from ..tensors.patterns import KeyPattern
 from .base import Group, Params, Transform
-from .matching import require, select
+from .matching import nothing_matches, require, select
 
 if TYPE_CHECKING:
     from torch import nn
@@ -61,7 +61,7 @@ class Rename(Transform):
                     except (re.error, IndexError) as e:
                         raise PlanError(f"target {p.to!r} does not fit pattern {p.pattern!r}: {e}") from None
             if not pairs and p.strict:
-                raise PlanError(f"pattern {p.pattern!r} matches no key (set strict: false to allow that)")
+                raise nothing_matches(p.pattern, metas)
             return pairs
         return [(k, compiled.expand(compiled.match(k), p.to)) for k in select(p.pattern, metas, p.strict)]
 

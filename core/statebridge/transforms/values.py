@@ -6,16 +6,20 @@ every key it touches appears in the plan's lineage (``statebridge plan`` lists t
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, create_model, field_validator, model_validator
 
 from ..errors import NotInvertibleError, PlanError
 from ..tensors.meta import DTYPES, DType, TensorMeta, dtype_name, parse_dtype
-from .base import Transform
+from ..tensors.patterns import describe_keys
+from .base import Transform, format_validation_error
+from .composite import Pipeline
 from .layout import _PatternParams, _PerKey
+from .matching import exact_pattern
 
 if TYPE_CHECKING:
     import torch
@@ -69,15 +73,30 @@ class Cast(_PerKey):
         return _dtype_edits(config, self.params.dtype, top=True)
 
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
-        sources = {metas[k].dtype for k in self.keys(metas)}
-        if len(sources) > 1:
-            raise NotInvertibleError(f"cast to {self.params.dtype} merged {len(sources)} dtypes; the inverse is ambiguous")
-        if not sources:
-            return Cast(pattern=self.params.pattern, dtype=self.params.dtype, strict=False)
-        source = sources.pop()
-        if not _widens(source, self.dtype):
-            raise NotInvertibleError(f"cast {dtype_name(source)} -> {self.params.dtype} loses information")
-        return Cast(pattern=self.params.pattern, dtype=dtype_name(source), integers=self.params.integers, strict=False)
+        """Casts back exactly the tensors this cast changed, each to the dtype it had.
+
+        A tensor already in the target dtype was left alone, so the inverse must
+        leave it alone too: where the pattern would also match such a tensor (or
+        one of another original dtype), the inverse names its keys one by one.
+        """
+        changed = self.keys(metas)
+        by_dtype: dict[DType, list[str]] = {}
+        for key in changed:
+            by_dtype.setdefault(metas[key].dtype, []).append(key)
+        for source, keys in by_dtype.items():
+            if not _widens(source, self.dtype):
+                raise NotInvertibleError(f"cast {dtype_name(source)} -> {self.params.dtype} loses information ({describe_keys(keys)})")
+        touched = set(changed)
+        after = {k: self.out_meta(k, m) if k in touched else m for k, m in metas.items()}
+        integers = not self.dtype.is_floating_point  # the inverse reads tensors of this cast's dtype
+        back: list[Transform] = []
+        for source, keys in by_dtype.items():
+            cast = Cast(pattern=self.params.pattern, dtype=dtype_name(source), integers=integers, strict=False)
+            if cast.keys(after) == keys:
+                back.append(cast)
+            else:
+                back.extend(Cast(pattern=exact_pattern(k), dtype=dtype_name(source), integers=integers) for k in keys)
+        return back[0] if len(back) == 1 else Pipeline(back)
 
 
 #: the keys under which transformers records a model's dtype (``torch_dtype`` before 4.56, ``dtype`` since)
@@ -130,14 +149,55 @@ def _widens(src: DType, dst: DType) -> bool:
     return dst_bits > src_bits if dst_signed and not src_signed else dst_bits >= src_bits
 
 
-# op name -> function(tensor, **args); the config's ``args`` are checked against its signature
-VALUE_OPS: dict[str, Callable[..., "torch.Tensor"]] = {
-    "scale": lambda x, factor: x * factor,
-    "add": lambda x, value: x + value,
-    "clamp": lambda x, min=None, max=None: x.clamp(min=min, max=max),
-    "fill": lambda x, value: x.new_full(x.shape, value),
-    "zero": lambda x: x.new_zeros(x.shape),
-}
+def _number(value: Any) -> Any:
+    if isinstance(value, bool):  # YAML 1.1 reads yes/no/on/off as booleans; never a factor
+        raise ValueError(f"{value!r} is a boolean, not a number")
+    return value
+
+
+#: a number: ints, floats and numbers written as strings are accepted, because YAML 1.1 (PyYAML)
+#: reads ``1e-3`` as the string "1e-3" and a quoted "2" is still plainly a number; ``.nan`` and
+#: ``.inf`` are numbers too (the ``finite`` gate is there to refuse what they produce)
+Number = Annotated[float, BeforeValidator(_number)]
+
+
+def _scale(x: torch.Tensor, factor: Number) -> torch.Tensor:
+    return x * factor
+
+
+def _add(x: torch.Tensor, value: Number) -> torch.Tensor:
+    return x + value
+
+
+def _clamp(x: torch.Tensor, min: Number | None = None, max: Number | None = None) -> torch.Tensor:
+    return x.clamp(min=min, max=max)
+
+
+def _fill(x: torch.Tensor, value: Number) -> torch.Tensor:
+    return x.new_full(x.shape, value)
+
+
+def _zero(x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros(x.shape)
+
+
+#: op name -> function(tensor, **args); each op's ``args`` are validated by a schema built from its signature
+VALUE_OPS: dict[str, Callable[..., "torch.Tensor"]] = {"scale": _scale, "add": _add, "clamp": _clamp, "fill": _fill, "zero": _zero}
+
+
+def _args_schema(name: str, op: Callable[..., Any]) -> type[BaseModel]:
+    """A pydantic model of ``op``'s keyword arguments (all but the tensor), from its annotations and defaults."""
+    params = list(inspect.signature(op).parameters.values())[1:]
+    # the annotations are strings (postponed evaluation); only the arguments' are evaluated, since the
+    # tensor's names torch, which planning never imports
+    fields: dict[str, Any] = {
+        p.name: (eval(p.annotation, globals()) if isinstance(p.annotation, str) else p.annotation, ... if p.default is p.empty else p.default)
+        for p in params
+    }
+    return create_model(f"{name}_args", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
+
+
+_ARGS: dict[str, type[BaseModel]] = {name: _args_schema(name, op) for name, op in VALUE_OPS.items()}
 
 
 class ValueOp(_PerKey):
@@ -152,16 +212,21 @@ class ValueOp(_PerKey):
         op: Literal["scale", "add", "clamp", "fill", "zero"]
         args: dict[str, Any] = {}
 
-        @model_validator(mode="after")
-        def _args_fit(self) -> "ValueOp.Params":
-            import inspect
-
-            signature = inspect.signature(VALUE_OPS[self.op])
+        @model_validator(mode="before")
+        @classmethod
+        def _args_fit(cls, data: Any) -> Any:
+            """Validate ``args`` by the op's own schema now, so a bad argument is a config error, not a run-time one."""
+            op = data.get("op") if isinstance(data, Mapping) else None
+            args = data.get("args", {}) if isinstance(data, Mapping) else None
+            if not isinstance(op, str) or op not in _ARGS or not isinstance(args, Mapping | None):
+                return data  # the fields' own validation names what is wrong
+            schema = _ARGS[op]
             try:
-                signature.bind(None, **self.args)
-            except TypeError as e:
-                raise ValueError(f"op {self.op!r} takes {list(signature.parameters)[1:]}: {e}") from None
-            return self
+                checked = schema.model_validate(args or {})
+            except ValidationError as e:
+                takes = ", ".join(schema.model_fields) or "no arguments"
+                raise ValueError(f"op {op!r} takes {takes}: {format_validation_error(e, 'args')}") from None
+            return {**data, "args": checked.model_dump(exclude_unset=True)}
 
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in sorted(self.params.args.items()))

@@ -17,19 +17,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .findings import Finding
 from ..errors import ConfigError
 from ..readers.memory import is_module
 from ..tensors.meta import TensorMeta
 from ..tensors.patterns import describe_keys
+from ..transforms.base import format_validation_error
 
 if TYPE_CHECKING:
-    pass
-
-if TYPE_CHECKING:
-    from ..planning.plan import Plan
+    from ...planning.plan import Plan
 
 Spec = Mapping[str, TensorMeta | None]
 
@@ -54,8 +52,8 @@ class Requirements(BaseModel):
             values[name.strip()] = value.strip() if value else True
         try:
             return cls.model_validate(values)
-        except Exception as e:  # pydantic's ValidationError: one readable line
-            raise ConfigError(f"--require {text!r}: {str(e).splitlines()[-1].strip()}") from None
+        except ValidationError as e:
+            raise ConfigError(f"--require {text!r}: {format_validation_error(e, '')}") from None
 
 
 def target_spec(expect: Any) -> Spec:
@@ -64,7 +62,7 @@ def target_spec(expect: Any) -> Spec:
         return {k: TensorMeta.of(v) for k, v in expect.state_dict(keep_vars=True).items()}
     if isinstance(expect, Sequence) and not isinstance(expect, str):
         return {str(k): None for k in expect}
-    from ..readers import open_source
+    from ...readers import open_source
 
     with open_source(expect) as spec:
         return dict(spec.metas())
