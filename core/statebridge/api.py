@@ -121,6 +121,7 @@ def target_writer(
     writer.source_offsets = plan.raw_offsets()
     writer.lineage = plan.lineage
     writer.carry(plan.source)
+    plan.fit_types(writer)
     fit_target(plan, writer)
     return writer
 

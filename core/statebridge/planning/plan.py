@@ -35,6 +35,8 @@ class Plan:
     estimate: Any = None  # an Estimate, once statebridge.execute.estimate has priced the plan
     providers: Mapping[str, str] = field(default_factory=dict)  # transform name -> the plugin that provides it
     folder: ModelFolder | None = None  # the source's model folder: companion files and config.json edits
+    #: whether the target keeps quantized tensors in their stored type (a GGUF target); see :meth:`fit_types`
+    keeps_stored: bool = False
 
 
     @classmethod
@@ -52,15 +54,17 @@ class Plan:
         composition = compose(pipeline.steps, metas, on_collision=options.get("on_collision") or "error")
         produced_by = {key: group for group in composition.groups for key in group.outputs}
         groups: dict[int, Group] = {}
+        outputs: dict[str, TensorMeta] = {}
         for key, meta in composition.metas.items():
             group = produced_by.get(key) or Group.rename(key, key, meta)
             groups.setdefault(id(group), group)
+            outputs[key] = _stored_only_if_carried(key, meta, group, metas)
         consumed, dropped = set(composition.consumed), set(composition.dropped) | set(composition.overwritten)
         return cls(
             source=source,
             pipeline=pipeline,
             groups=list(groups.values()),
-            outputs=composition.metas,
+            outputs=outputs,
             lineage=composition.lineage,
             mapped=[k for k in metas if k in consumed and k not in dropped],
             unmapped=[k for k in metas if k not in consumed],
@@ -78,12 +82,20 @@ class Plan:
 
         An output qualifies when the group declares its bytes as byte ranges of source tensors
         (``Group.pieces``: a rename, a concatenation along the first dimension, ...) and the
-        source stores those tensors as plain bytes (safetensors, unquantized GGUF).
+        source stores those tensors as plain bytes (safetensors, unquantized GGUF), or when it
+        is a quantized tensor carried unchanged (its output meta keeps the ``stored`` type) and
+        the target keeps stored types (:attr:`keeps_stored`): then its blocks are copied whole.
         """
         if not group.pieces:
             return {}
         found: dict[str, list[RawSpan]] = {}
         for key, pieces in group.pieces.items():
+            if self.outputs[key].stored:
+                # Plan.build kept ``stored`` only on a whole, unchanged copy of one source tensor
+                span = self.source.stored_span(pieces[0].key) if self.keeps_stored else None
+                if span is not None:
+                    found[key] = [span]
+                continue
             spans = []
             for piece in pieces:
                 whole = self.source.raw_span(piece.key)
@@ -98,6 +110,43 @@ class Plan:
     def raw_offsets(self) -> dict[str, int]:
         """Where each output that can be copied as raw bytes starts in its source file."""
         return {key: spans[0].offset for group in self.groups for key, spans in self.raw_spans(group).items() if spans}
+
+    def fit_types(self, writer: Any) -> None:
+        """Meet the target's writer: whether quantized tensors keep their stored type, said as findings.
+
+        A writer that stores quantized types (``stores_quantized``: GGUF) gets the carried
+        ones as their raw blocks and is told which outputs were computed in float from
+        quantized inputs (``writer.dequantized``: its ``general.file_type`` then no longer
+        describes the file); any other format gets them dequantized to float32, and the
+        plan says so.
+        """
+        from ..trust.findings import Finding
+
+        self.keeps_stored = writer.stores_quantized
+        self.findings = [f for f in self.findings if f.check != _TYPES_CHECK]  # a plan may meet its writer twice
+        metas = self.source.metas()
+        carried = {key: meta.stored for key, meta in self.outputs.items() if meta.stored}
+        computed = [
+            key
+            for key, lineage in self.lineage.items()
+            if not self.outputs[key].stored and any(metas[s].stored for s in lineage.sources if s in metas)
+        ]
+        if carried and not self.keeps_stored:
+            types = ", ".join(sorted(set(carried.values())))
+            self.findings.append(Finding(
+                "info",
+                f"{len(carried)} quantized tensors ({types}) are dequantized to float32: {writer.format} has no such "
+                "types (write a .gguf target to keep them as stored)",
+                _TYPES_CHECK,
+            ))
+        if computed:
+            self.findings.append(Finding(
+                "info",
+                f"{len(computed)} tensors computed from quantized inputs are written in float32, e.g. {computed[0]!r}",
+                _TYPES_CHECK,
+            ))
+        if self.keeps_stored:
+            writer.dequantized = computed
 
     # -- figures -----------------------------------------------------------------
     @property
@@ -188,6 +237,26 @@ class Plan:
             "estimate": self.estimate.to_dict() if self.estimate is not None else None,
             "model_folder": self.folder.to_dict() if self.folder is not None else None,
         }
+
+
+_TYPES_CHECK = "plan.quantized"
+
+
+def _stored_only_if_carried(key: str, meta: TensorMeta, group: Group, metas: Mapping[str, TensorMeta]) -> TensorMeta:
+    """``meta``, without its ``stored`` type unless its group copies one source tensor of that type whole.
+
+    A step that passes its input's meta along but changes the values (a scale, say)
+    computes the output in float: it must not claim the source's blocks.
+    """
+    if not meta.stored:
+        return meta
+    pieces = group.pieces.get(key) if group.pieces else None
+    if pieces and len(pieces) == 1:
+        piece = pieces[0]
+        source = metas.get(piece.key)
+        if source is not None and source.stored == meta.stored and piece.offset == 0 and piece.length == source.nbytes:
+            return meta
+    return TensorMeta(meta.shape, meta.dtype)
 
 
 def _section(title: str, keys: list[str], verbose: bool = True) -> list[str]:

@@ -19,7 +19,9 @@ Unquantized tensors (F32, F16, BF16, F64, I8..I64) load as zero-copy views of a
 private copy-on-write memory map in their own dtype.  Quantized tensors (Q4_K,
 Q5_0, Q6_K, Q8_0, ...) are dequantized to float32 on each load, and
 :meth:`GGUFSource.metas` reports them as float32 so that plans match what
-:meth:`GGUFSource.load` returns.  The stored quantization type of every tensor is
+:meth:`GGUFSource.load` returns, with their stored type in ``TensorMeta.stored``:
+a plan that leaves such a tensor unchanged copies its blocks, bytes and type, into a
+GGUF target (:meth:`GGUFSource.stored_span`).  The stored GGML type of every tensor is
 in :attr:`GGUFSource.gguf_types`.
 """
 
@@ -152,9 +154,7 @@ class GGUFSource(Source):
         self.fields: dict[str, Any] = {k: f.value for k, f in header.fields.items()}
         self._tensors: dict[str, _TensorInfo] = header.tensors
         self.gguf_types: dict[str, str] = {k: t.qtype.name for k, t in self._tensors.items()}
-        self._metas = {
-            k: TensorMeta(t.shape, PLAIN_TYPES.get(t.qtype, DTYPES["float32"])) for k, t in self._tensors.items()
-        }
+        self._metas = {k: _meta(t, self.byte_order) for k, t in self._tensors.items()}
         self._metadata = {k: _field_to_string(f) for k, f in header.fields.items()}
 
     def metas(self) -> Mapping[str, TensorMeta]:
@@ -172,6 +172,17 @@ class GGUFSource(Source):
     def raw_span(self, key: str) -> RawSpan | None:
         info = self._info(key)
         if info.qtype not in PLAIN_TYPES or self.byte_order != "little":
+            return None
+        return RawSpan(self.path, info.offset, info.nbytes)
+
+    def stored_span(self, key: str) -> RawSpan | None:
+        """Where a tensor's stored bytes lie whatever their type (quantized blocks too), for a GGUF target.
+
+        None for big-endian files, whose bytes would need swapping (their quantized tensors
+        carry no ``stored`` type in :meth:`metas` either).
+        """
+        info = self._info(key)
+        if self.byte_order != "little":
             return None
         return RawSpan(self.path, info.offset, info.nbytes)
 
@@ -237,6 +248,14 @@ class GGUFSource(Source):
     def close(self) -> None:
         # Tensors handed out keep the map alive through their buffer.
         self._mmap = None
+
+
+def _meta(info: _TensorInfo, byte_order: str) -> TensorMeta:
+    """A tensor's meta: plain types in their own dtype; quantized ones as float32 (what loading gives), stored as their type."""
+    plain = PLAIN_TYPES.get(info.qtype)
+    if plain is not None:
+        return TensorMeta(info.shape, plain)
+    return TensorMeta(info.shape, DTYPES["float32"], info.qtype.name if byte_order == "little" else None)
 
 
 def _byteswapped(tensor: torch.Tensor) -> torch.Tensor:

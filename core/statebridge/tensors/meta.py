@@ -129,10 +129,18 @@ class TensorMeta:
     """Shape and dtype of one tensor, known before any of its bytes are read.
 
     ``dtype`` may be given as a torch dtype or a name; it is kept as a :class:`DType`.
+
+    ``stored`` names the block-quantized type a source keeps the bytes in (a GGML type
+    such as ``"Q4_K"``) when that is not ``dtype`` itself; loading such a tensor gives
+    its values dequantized to ``dtype``.  It is part of equality and hash, so a tensor
+    carried unchanged (its meta passed along by a rename) keeps it and can be copied as
+    its raw blocks into a format that has the type, while a tensor a step computes gets
+    a fresh meta without it and is written in ``dtype``.
     """
 
     shape: tuple[int, ...]
     dtype: DType
+    stored: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype, DType):
@@ -151,7 +159,8 @@ class TensorMeta:
         return cls(tuple(tensor.shape), DType.of(tensor.dtype))
 
     def __str__(self) -> str:
-        return f"{dtype_name(self.dtype)}{list(self.shape)}"
+        stored = f" (stored {self.stored})" if self.stored else ""
+        return f"{dtype_name(self.dtype)}{list(self.shape)}{stored}"
 
 
 def human_bytes(n: float) -> str:
