@@ -35,8 +35,9 @@ class Plan:
     estimate: Any = None  # an Estimate, once statebridge.execute.estimate has priced the plan
     providers: Mapping[str, str] = field(default_factory=dict)  # transform name -> the plugin that provides it
     folder: ModelFolder | None = None  # the source's model folder: companion files and config.json edits
-    #: whether the target keeps quantized tensors in their stored type (a GGUF target); see :meth:`fit_types`
-    keeps_stored: bool = False
+    #: whether the target keeps quantized tensors in their stored type (a GGUF target); None until
+    #: the plan meets its writer (:meth:`fit_types`), and then raw copies of them are not offered
+    keeps_stored: bool | None = None
 
 
     @classmethod
@@ -152,11 +153,12 @@ class Plan:
     @property
     def bytes_read(self) -> int:
         metas = self.source.metas()
-        return sum(metas[k].nbytes for g in self.groups if g.outputs for k in g.inputs)
+        return sum(metas[k].stored_nbytes for g in self.groups if g.outputs for k in g.inputs)
 
     @property
     def bytes_written(self) -> int:
-        return sum(m.nbytes for m in self.outputs.values())
+        """Tensor bytes the target receives: quantized tensors at their stored size where it keeps them."""
+        return sum(m.stored_nbytes if self.keeps_stored else m.nbytes for m in self.outputs.values())
 
     @property
     def largest_group_bytes(self) -> int:
@@ -211,6 +213,17 @@ class Plan:
                 lines.extend(f"      {k}" for k in (keys if verbose else compress_keys(keys)))
         if self.unmapped:
             lines.extend(_section("unchanged (no step touched them)", self.unmapped, verbose))
+        stored: dict[str, int] = {}
+        for meta in self.outputs.values():
+            if meta.stored:
+                stored[meta.stored] = stored.get(meta.stored, 0) + 1
+        if stored:
+            how = {
+                True: "copied as their stored blocks",
+                False: "dequantized to float32 on writing",
+                None: "kept as stored blocks by a GGUF target, dequantized to float32 by others",
+            }[self.keeps_stored]
+            lines.append(f"  quantized, {how}: " + ", ".join(f"{n} {t}" for t, n in sorted(stored.items())))
         if self.folder is not None:
             lines.extend(self.folder.render())
         for finding in self.findings:

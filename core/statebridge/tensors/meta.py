@@ -154,6 +154,16 @@ class TensorMeta:
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes the tensor takes as stored: whole blocks of its ``stored`` type, else :attr:`nbytes`."""
+        if not self.stored:
+            return self.nbytes
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # numpy only, no torch
+
+        block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[self.stored]]
+        return self.numel // block_size * type_size
+
     @classmethod
     def of(cls, tensor: "torch.Tensor") -> "TensorMeta":
         return cls(tuple(tensor.shape), DType.of(tensor.dtype))

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
+from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 from gguf import GGUFWriter as _LibWriter
 
 from ..errors import ConfigError, ExecutionError
@@ -57,7 +57,7 @@ from ..tensors.provenance import is_reserved
 from ..readers.base import RawSpan, Source
 from ..readers.gguf import GGUFField, GGUFSource
 from ..tensors.meta import DTYPES, DType, TensorMeta, dtype_name
-from .base import Writer
+from .base import PlannedFile, Writer
 from .rawcopy import copy_spans
 
 if TYPE_CHECKING:
@@ -144,6 +144,11 @@ class GGUFWriter(Writer):
                     key, f"its shape is {list(meta.shape)}, but ggml tensors have at most {MAX_DIMS} dimensions; reshape it first"
                 )
 
+    def layout(self, metas: Mapping[str, TensorMeta]) -> list[PlannedFile]:
+        """One file; quantized tensors count at their stored size, as they will be written."""
+        self.check(metas)
+        return [PlannedFile(self.path.name, list(metas), sum(m.stored_nbytes for m in metas.values()))]
+
     # -- begin: validate, then header + key-values + tensor infos --------------------------------
 
     def begin(self, metas: Mapping[str, TensorMeta]) -> None:
@@ -169,7 +174,7 @@ class GGUFWriter(Writer):
                     raise ConfigError(f"GGUF output {self.path}: bad {ALIGNMENT_KEY} {alignment!r}: {e}") from None
             for key, value in kv.items():
                 self._add_key_value(lib, key, value)
-            self._nbytes = {key: _stored_nbytes(meta) for key, meta in metas.items()}
+            self._nbytes = {key: meta.stored_nbytes for key, meta in metas.items()}
             for key, meta in metas.items():
                 np_dtype = GGUF_DTYPES[meta.dtype][1]
                 lib.add_tensor_info(key, meta.shape, np_dtype, self._nbytes[key], raw_dtype=_ggml_type(meta))
@@ -318,11 +323,3 @@ def _file_type(metas: Mapping[str, TensorMeta]) -> int:
 def _ggml_type(meta: TensorMeta) -> GGMLQuantizationType:
     """The GGML type a tensor is written in: its stored (quantized) type if it keeps one, else its dtype's."""
     return GGMLQuantizationType[meta.stored] if meta.stored else GGUF_DTYPES[meta.dtype][0]
-
-
-def _stored_nbytes(meta: TensorMeta) -> int:
-    """Bytes the tensor takes in the file: whole blocks of its GGML type."""
-    if not meta.stored:
-        return meta.nbytes
-    block_size, type_size = GGML_QUANT_SIZES[_ggml_type(meta)]
-    return meta.numel // block_size * type_size
