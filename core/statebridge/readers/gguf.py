@@ -321,6 +321,32 @@ class _Header:
         self.pos += n
         return data
 
+    def _strings(self, count: int, what: str) -> list[str | bytes]:
+        """``count`` strings, as :meth:`_raw_string` reads them one by one, in a tight loop.
+
+        A vocabulary holds a quarter of a million; method calls per item took over a second.
+        """
+        buf, pos, size = self.buf, self.pos, self.size
+        length = struct.Struct(self.order + "Q").unpack_from
+        out: list[str | bytes] = []
+        for _ in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self._need(8, f"the length of {what}")
+            (n,) = length(buf, pos)
+            pos += 8
+            if pos + n > size:
+                self.pos = pos
+                self._need(n, f"{what} ({n} bytes)")
+            raw = buf[pos : pos + n]
+            pos += n
+            try:
+                out.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(raw)  # some vocabularies hold raw byte tokens; keep them exact
+        self.pos = pos
+        return out
+
     def _name(self, what: str) -> str:
         raw = self._raw_string(what)
         try:
@@ -420,7 +446,7 @@ class _Header:
                 return [bool(v) for v in array], sub_type
             return array.tolist(), sub_type
         if sub_type == GGUFValueType.STRING:
-            return [_decode(self._raw_string(what)) for _ in range(count)], sub_type
+            return self._strings(count, what), sub_type
         return [self._value(sub_type, what, depth + 1)[0] for _ in range(count)], sub_type
 
     def _check_tensors(self, infos: list[tuple[str, list[int], int, int]]) -> dict[str, _TensorInfo]:

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
+from gguf import GGMLQuantizationType, GGUFEndian, GGUFValueType, LlamaFileType
 from gguf import GGUFWriter as _LibWriter
 
 from ..errors import ConfigError, ExecutionError
@@ -87,6 +87,34 @@ GGUF_DTYPES: dict[DType, tuple[GGMLQuantizationType, np.dtype]] = {
     DTYPES["int32"]: (GGMLQuantizationType.I32, np.dtype(np.int32)),
     DTYPES["int64"]: (GGMLQuantizationType.I64, np.dtype(np.int64)),
 }
+
+
+class _FastArrays(_LibWriter):
+    """``gguf.GGUFWriter`` packing arrays of numbers or strings in one go rather than item by item.
+
+    The bytes are the library's own; a 262k-token vocabulary (Gemma's) packs in a fraction
+    of a second instead of three, which was most of a rename's time.  Booleans and nested
+    arrays still go through the library.
+    """
+
+    def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None) -> bytes:
+        fmt = self._simple_value_packing.get(sub_type) if sub_type is not None else None
+        if vtype != GGUFValueType.ARRAY or not isinstance(val, list) or not val or sub_type == GGUFValueType.BOOL:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        order = "<" if self.endianess == GGUFEndian.LITTLE else ">"
+        if sub_type == GGUFValueType.STRING:
+            length = struct.Struct(order + "Q").pack
+            body = bytearray()
+            for item in val:
+                encoded = item.encode("utf-8") if isinstance(item, str) else item
+                body += length(len(encoded))
+                body += encoded
+        elif fmt is not None:
+            body = struct.pack(f"{order}{len(val)}{fmt}", *val)
+        else:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        head = struct.pack(order + "I", vtype) if add_vtype else b""
+        return head + struct.pack(order + "IQ", sub_type, len(val)) + bytes(body)
 
 
 class GGUFWriter(Writer):
@@ -166,7 +194,7 @@ class GGUFWriter(Writer):
         previous_level = gguf_logger.level
         gguf_logger.setLevel(logging.WARNING)
         try:
-            lib = _LibWriter(None, str(arch.value if isinstance(arch, GGUFField) else arch))
+            lib = _FastArrays(None, str(arch.value if isinstance(arch, GGUFField) else arch))
             if alignment is not None:
                 try:
                     lib.add_custom_alignment(int(alignment.value if isinstance(alignment, GGUFField) else alignment))
