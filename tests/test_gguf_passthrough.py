@@ -176,3 +176,22 @@ def test_gemma_rename_imports_no_torch(renamed: tuple[Path, set[str], int]) -> N
     _, modules, peak = renamed
     assert "torch" not in modules
     assert peak < 200 * 1024**2  # no tensor is held: the blocks move in the kernel
+
+
+@pytest.mark.slow  # transformers reads each file with gguf.GGUFReader: about two minutes apiece
+def test_gemma_through_statebridge_gives_transformers_the_same_logits(gemma: Path, tmp_path: Path) -> None:
+    """A tensor renamed away and back (both through raw block copies) loads into the same model."""
+    from transformers import AutoModelForCausalLM
+
+    target = tmp_path / "gemma-roundtrip.gguf"
+    steps = [sb.Rename(pattern=RENAMED[0], to="tmp.q"), sb.Rename(pattern="tmp.q", to=RENAMED[0])]
+    report = sb.run(gemma, steps, target, progress=False, durable=False)
+    assert report.stats.tensors_copied_raw == 236
+    ids = torch.tensor([[2, 818, 5279, 529, 7001, 563, 236764, 1018]])
+    logits = []
+    for path in (gemma, target):
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+        del model
+    assert torch.equal(logits[0], logits[1])
