@@ -32,6 +32,7 @@ from .tensors.provenance import user_metadata
 from .transforms.base import Transform
 from .transforms.composite import Pipeline, build_steps
 from .trust.companions import fit_target
+from .trust.quantized import fit_types
 from .trust.coverage import target_spec
 from .trust.findings import validate
 from .trust.gates import Gates
@@ -121,7 +122,7 @@ def target_writer(
     writer.source_offsets = plan.raw_offsets()
     writer.lineage = plan.lineage
     writer.carry(plan.source)
-    plan.fit_types(writer)
+    fit_types(plan, writer)
     fit_target(plan, writer)
     return writer
 

@@ -36,7 +36,7 @@ class Plan:
     providers: Mapping[str, str] = field(default_factory=dict)  # transform name -> the plugin that provides it
     folder: ModelFolder | None = None  # the source's model folder: companion files and config.json edits
     #: whether the target keeps quantized tensors in their stored type (a GGUF target); None until
-    #: the plan meets its writer (:meth:`fit_types`), and then raw copies of them are not offered
+    #: the plan meets its writer (``trust.quantized.fit_types``), and then raw copies of them are not offered
     keeps_stored: bool | None = None
 
 
@@ -111,43 +111,6 @@ class Plan:
     def raw_offsets(self) -> dict[str, int]:
         """Where each output that can be copied as raw bytes starts in its source file."""
         return {key: spans[0].offset for group in self.groups for key, spans in self.raw_spans(group).items() if spans}
-
-    def fit_types(self, writer: Any) -> None:
-        """Meet the target's writer: whether quantized tensors keep their stored type, said as findings.
-
-        A writer that stores quantized types (``stores_quantized``: GGUF) gets the carried
-        ones as their raw blocks and is told which outputs were computed in float from
-        quantized inputs (``writer.dequantized``: its ``general.file_type`` then no longer
-        describes the file); any other format gets them dequantized to float32, and the
-        plan says so.
-        """
-        from ..trust.findings import Finding
-
-        self.keeps_stored = writer.stores_quantized
-        self.findings = [f for f in self.findings if f.check != _TYPES_CHECK]  # a plan may meet its writer twice
-        metas = self.source.metas()
-        carried = {key: meta.stored for key, meta in self.outputs.items() if meta.stored}
-        computed = [
-            key
-            for key, lineage in self.lineage.items()
-            if not self.outputs[key].stored and any(metas[s].stored for s in lineage.sources if s in metas)
-        ]
-        if carried and not self.keeps_stored:
-            types = ", ".join(sorted(set(carried.values())))
-            self.findings.append(Finding(
-                "info",
-                f"{len(carried)} quantized tensors ({types}) are dequantized to float32: {writer.format} has no such "
-                "types (write a .gguf target to keep them as stored)",
-                _TYPES_CHECK,
-            ))
-        if computed:
-            self.findings.append(Finding(
-                "info",
-                f"{len(computed)} tensors computed from quantized inputs are written in float32, e.g. {computed[0]!r}",
-                _TYPES_CHECK,
-            ))
-        if self.keeps_stored:
-            writer.dequantized = computed
 
     # -- figures -----------------------------------------------------------------
     @property
@@ -250,9 +213,6 @@ class Plan:
             "estimate": self.estimate.to_dict() if self.estimate is not None else None,
             "model_folder": self.folder.to_dict() if self.folder is not None else None,
         }
-
-
-_TYPES_CHECK = "plan.quantized"
 
 
 def _stored_only_if_carried(key: str, meta: TensorMeta, group: Group, metas: Mapping[str, TensorMeta]) -> TensorMeta:

@@ -138,7 +138,7 @@ class GGUFWriter(Writer):
         self.carried: dict[str, GGUFField] = {}
         self._lib: _LibWriter | None = None
         self._file: BinaryIO = None  # type: ignore[assignment]  # the library's open file, once begun
-        #: outputs computed in float from quantized inputs (set by ``Plan.fit_types``): when there are
+        #: outputs computed in float from quantized inputs (set by ``trust.quantized.fit_types``): when there are
         #: none, the source's ``general.file_type`` (Q4_K_M, ...) still describes the file and is kept
         self.dequantized: list[str] = []
         self._metas: dict[str, TensorMeta] = {}
