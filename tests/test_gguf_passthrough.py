@@ -68,6 +68,8 @@ def test_computed_from_quantized_is_float32_and_said(tmp_path: Path) -> None:
     plan = sb.plan(source, steps)
     assert plan.outputs["blk.0.w"] == TensorMeta((4, 64), torch.float32)
     assert plan.outputs["blk.0.v"] == TensorMeta((4, 64), torch.float32, "Q4_0")
+    shown = {k: v for group in plan.to_dict()["groups"] for k, v in group["outputs"].items()}
+    assert shown["blk.0.w"] == "float32[4, 64]" and shown["blk.0.v"] == "float32[4, 64] (stored Q4_0)"
     sb.run(source, steps, tmp_path / "o.gguf")
     out = GGUFSource(tmp_path / "o.gguf")
     assert out.gguf_types == {"blk.0.w": "F32", "blk.0.v": "Q4_0", "norm": "F32"}

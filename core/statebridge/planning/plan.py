@@ -203,7 +203,8 @@ class Plan:
             "bytes_written": self.bytes_written,
             "largest_group_bytes": self.largest_group_bytes,
             "groups": [
-                {"inputs": list(g.inputs), "outputs": {k: str(m) for k, m in g.outputs.items()}, "ops": list(g.ops)}
+                # self.outputs: a step that changed a quantized tensor's values no longer stores it as blocks
+                {"inputs": list(g.inputs), "outputs": {k: str(self.outputs.get(k, m)) for k, m in g.outputs.items()}, "ops": list(g.ops)}
                 for g in self.groups
             ],
             "dropped": self.dropped,
