@@ -523,7 +523,7 @@ def test_gguf_to_gguf_keeps_every_field_with_its_type(tmp_path: Path) -> None:
         assert out.typed_fields[key] == field, key
     assert out.fields["general.architecture"] == "llama"
     assert out.fields["general.name"] == "renamed"  # the run's metadata wins
-    assert out.fields["general.file_type"] == gguf.LlamaFileType.ALL_F32  # no Q8_0 left: dequantized on read
+    assert out.fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0  # blk.1.w kept its Q8_0 blocks
     assert out.fields[FINGERPRINT_KEY] == fingerprint(sb.Pipeline([sb.Rename(pattern="norm", to="output_norm.weight")]), installed().providers())
     # and gguf's own reader agrees
     reader = gguf.GGUFReader(tmp_path / "o.gguf")
@@ -567,10 +567,8 @@ def test_gemma_gguf_to_gguf_keeps_its_architecture_and_every_field(gemma: Path, 
     gemma3 = [k for k in source.typed_fields if k.startswith("gemma3.")]
     assert len(gemma3) >= 10
     for key, field in source.typed_fields.items():
-        if key != "general.file_type":
-            assert out.typed_fields[key] == field, key
+        assert out.typed_fields[key] == field, key  # general.file_type too: every tensor kept its type
     assert len(out.fields["tokenizer.ggml.tokens"]) == 262144
-    assert out.fields["general.file_type"] == gguf.LlamaFileType.ALL_F32  # every tensor written as float32
     assert set(out.typed_fields) == set(source.typed_fields) | {VERSION_KEY, FINGERPRINT_KEY, LINEAGE_KEY}
     assert list(out.metas()) == list(source.metas())
     assert torch.equal(out.load("blk.0.attn_q.weight"), source.load("blk.0.attn_q.weight"))

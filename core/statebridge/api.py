@@ -34,6 +34,7 @@ from .tensors.provenance import COMPANIONS_KEY, user_metadata
 from .transforms.base import Transform
 from .transforms.composite import Pipeline, build_steps
 from .trust.companions import fit_target
+from .trust.quantized import fit_types
 from .trust.coverage import target_spec
 from .trust.findings import validate
 from .trust.gates import Gates
@@ -123,6 +124,7 @@ def target_writer(
     writer.source_offsets = plan.raw_offsets()
     writer.lineage = plan.lineage
     writer.carry(plan.source)
+    fit_types(plan, writer)
     fit_target(plan, writer)
     if plan.folder is not None and plan.folder.carried:  # so a later run knows these files as its own to replace
         writer.metadata[COMPANIONS_KEY] = json.dumps(sorted(c.name for c in plan.folder.companions))

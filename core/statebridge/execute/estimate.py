@@ -101,10 +101,10 @@ def estimate(plan: "Plan", target: str | os.PathLike[str] | None = None, writer:
     for group in plan.groups:
         if not group.outputs:
             continue
-        raw = len(plan.raw_spans(group)) == len(group.outputs)
+        spans = plan.raw_spans(group)
         size = sum(metas[k].nbytes for k in group.inputs)
-        if raw:
-            copied += size
+        if len(spans) == len(group.outputs):
+            copied += sum(span.length for key_spans in spans.values() for span in key_spans)
         else:
             decoded += size
             peak = max(peak, size + sum(m.nbytes for m in group.outputs.values()))

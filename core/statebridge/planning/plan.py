@@ -35,6 +35,9 @@ class Plan:
     estimate: Any = None  # an Estimate, once statebridge.execute.estimate has priced the plan
     providers: Mapping[str, str] = field(default_factory=dict)  # transform name -> the plugin that provides it
     folder: ModelFolder | None = None  # the source's model folder: companion files and config.json edits
+    #: whether the target keeps quantized tensors in their stored type (a GGUF target); None until
+    #: the plan meets its writer (``trust.quantized.fit_types``), and then raw copies of them are not offered
+    keeps_stored: bool | None = None
 
 
     @classmethod
@@ -52,15 +55,17 @@ class Plan:
         composition = compose(pipeline.steps, metas, on_collision=options.get("on_collision") or "error")
         produced_by = {key: group for group in composition.groups for key in group.outputs}
         groups: dict[int, Group] = {}
+        outputs: dict[str, TensorMeta] = {}
         for key, meta in composition.metas.items():
             group = produced_by.get(key) or Group.rename(key, key, meta)
             groups.setdefault(id(group), group)
+            outputs[key] = _stored_only_if_carried(key, meta, group, metas)
         consumed, dropped = set(composition.consumed), set(composition.dropped) | set(composition.overwritten)
         return cls(
             source=source,
             pipeline=pipeline,
             groups=list(groups.values()),
-            outputs=composition.metas,
+            outputs=outputs,
             lineage=composition.lineage,
             mapped=[k for k in metas if k in consumed and k not in dropped],
             unmapped=[k for k in metas if k not in consumed],
@@ -78,12 +83,20 @@ class Plan:
 
         An output qualifies when the group declares its bytes as byte ranges of source tensors
         (``Group.pieces``: a rename, a concatenation along the first dimension, ...) and the
-        source stores those tensors as plain bytes (safetensors, unquantized GGUF).
+        source stores those tensors as plain bytes (safetensors, unquantized GGUF), or when it
+        is a quantized tensor carried unchanged (its output meta keeps the ``stored`` type) and
+        the target keeps stored types (:attr:`keeps_stored`): then its blocks are copied whole.
         """
         if not group.pieces:
             return {}
         found: dict[str, list[RawSpan]] = {}
         for key, pieces in group.pieces.items():
+            if self.outputs[key].stored:
+                # Plan.build kept ``stored`` only on a whole, unchanged copy of one source tensor
+                span = self.source.stored_span(pieces[0].key) if self.keeps_stored else None
+                if span is not None:
+                    found[key] = [span]
+                continue
             spans = []
             for piece in pieces:
                 whole = self.source.raw_span(piece.key)
@@ -103,11 +116,12 @@ class Plan:
     @property
     def bytes_read(self) -> int:
         metas = self.source.metas()
-        return sum(metas[k].nbytes for g in self.groups if g.outputs for k in g.inputs)
+        return sum(metas[k].stored_nbytes for g in self.groups if g.outputs for k in g.inputs)
 
     @property
     def bytes_written(self) -> int:
-        return sum(m.nbytes for m in self.outputs.values())
+        """Tensor bytes the target receives: quantized tensors at their stored size where it keeps them."""
+        return sum(m.stored_nbytes if self.keeps_stored else m.nbytes for m in self.outputs.values())
 
     @property
     def largest_group_bytes(self) -> int:
@@ -162,6 +176,17 @@ class Plan:
                 lines.extend(f"      {k}" for k in (keys if verbose else compress_keys(keys)))
         if self.unmapped:
             lines.extend(_section("unchanged (no step touched them)", self.unmapped, verbose))
+        stored: dict[str, int] = {}
+        for meta in self.outputs.values():
+            if meta.stored:
+                stored[meta.stored] = stored.get(meta.stored, 0) + 1
+        if stored:
+            how = {
+                True: "copied as their stored blocks",
+                False: "dequantized to float32 on writing",
+                None: "kept as stored blocks by a GGUF target, dequantized to float32 by others",
+            }[self.keeps_stored]
+            lines.append(f"  quantized, {how}: " + ", ".join(f"{n} {t}" for t, n in sorted(stored.items())))
         if self.folder is not None:
             lines.extend(self.folder.render())
         for finding in self.findings:
@@ -178,7 +203,8 @@ class Plan:
             "bytes_written": self.bytes_written,
             "largest_group_bytes": self.largest_group_bytes,
             "groups": [
-                {"inputs": list(g.inputs), "outputs": {k: str(m) for k, m in g.outputs.items()}, "ops": list(g.ops)}
+                # self.outputs: a step that changed a quantized tensor's values no longer stores it as blocks
+                {"inputs": list(g.inputs), "outputs": {k: str(self.outputs.get(k, m)) for k, m in g.outputs.items()}, "ops": list(g.ops)}
                 for g in self.groups
             ],
             "dropped": self.dropped,
@@ -188,6 +214,23 @@ class Plan:
             "estimate": self.estimate.to_dict() if self.estimate is not None else None,
             "model_folder": self.folder.to_dict() if self.folder is not None else None,
         }
+
+
+def _stored_only_if_carried(key: str, meta: TensorMeta, group: Group, metas: Mapping[str, TensorMeta]) -> TensorMeta:
+    """``meta``, without its ``stored`` type unless its group copies one source tensor of that type whole.
+
+    A step that passes its input's meta along but changes the values (a scale, say)
+    computes the output in float: it must not claim the source's blocks.
+    """
+    if not meta.stored:
+        return meta
+    pieces = group.pieces.get(key) if group.pieces else None
+    if pieces and len(pieces) == 1:
+        piece = pieces[0]
+        source = metas.get(piece.key)
+        if source is not None and source.stored == meta.stored and piece.offset == 0 and piece.length == source.nbytes:
+            return meta
+    return TensorMeta(meta.shape, meta.dtype)
 
 
 def _section(title: str, keys: list[str], verbose: bool = True) -> list[str]:

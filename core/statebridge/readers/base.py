@@ -111,6 +111,10 @@ class Source(ABC):
         """The tensor's bytes in a file, when they are plain little-endian row-major data."""
         return None
 
+    def stored_span(self, key: str) -> RawSpan | None:
+        """The tensor's bytes in a file as stored, for a tensor whose meta names a ``stored`` (quantized) type."""
+        return None
+
     @property
     def metadata(self) -> Mapping[str, str]:
         """Free-form string metadata stored with the checkpoint (may be empty)."""

@@ -19,7 +19,9 @@ Unquantized tensors (F32, F16, BF16, F64, I8..I64) load as zero-copy views of a
 private copy-on-write memory map in their own dtype.  Quantized tensors (Q4_K,
 Q5_0, Q6_K, Q8_0, ...) are dequantized to float32 on each load, and
 :meth:`GGUFSource.metas` reports them as float32 so that plans match what
-:meth:`GGUFSource.load` returns.  The stored quantization type of every tensor is
+:meth:`GGUFSource.load` returns, with their stored type in ``TensorMeta.stored``:
+a plan that leaves such a tensor unchanged copies its blocks, bytes and type, into a
+GGUF target (:meth:`GGUFSource.stored_span`).  The stored GGML type of every tensor is
 in :attr:`GGUFSource.gguf_types`.
 """
 
@@ -152,9 +154,7 @@ class GGUFSource(Source):
         self.fields: dict[str, Any] = {k: f.value for k, f in header.fields.items()}
         self._tensors: dict[str, _TensorInfo] = header.tensors
         self.gguf_types: dict[str, str] = {k: t.qtype.name for k, t in self._tensors.items()}
-        self._metas = {
-            k: TensorMeta(t.shape, PLAIN_TYPES.get(t.qtype, DTYPES["float32"])) for k, t in self._tensors.items()
-        }
+        self._metas = {k: _meta(t, self.byte_order) for k, t in self._tensors.items()}
         self._metadata = {k: _field_to_string(f) for k, f in header.fields.items()}
 
     def metas(self) -> Mapping[str, TensorMeta]:
@@ -172,6 +172,17 @@ class GGUFSource(Source):
     def raw_span(self, key: str) -> RawSpan | None:
         info = self._info(key)
         if info.qtype not in PLAIN_TYPES or self.byte_order != "little":
+            return None
+        return RawSpan(self.path, info.offset, info.nbytes)
+
+    def stored_span(self, key: str) -> RawSpan | None:
+        """Where a tensor's stored bytes lie whatever their type (quantized blocks too), for a GGUF target.
+
+        None for big-endian files, whose bytes would need swapping (their quantized tensors
+        carry no ``stored`` type in :meth:`metas` either).
+        """
+        info = self._info(key)
+        if self.byte_order != "little":
             return None
         return RawSpan(self.path, info.offset, info.nbytes)
 
@@ -239,6 +250,14 @@ class GGUFSource(Source):
         self._mmap = None
 
 
+def _meta(info: _TensorInfo, byte_order: str) -> TensorMeta:
+    """A tensor's meta: plain types in their own dtype; quantized ones as float32 (what loading gives), stored as their type."""
+    plain = PLAIN_TYPES.get(info.qtype)
+    if plain is not None:
+        return TensorMeta(info.shape, plain)
+    return TensorMeta(info.shape, DTYPES["float32"], info.qtype.name if byte_order == "little" else None)
+
+
 def _byteswapped(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of ``tensor`` with every element's bytes reversed (numpy has no bfloat16, so go via int16)."""
     import torch
@@ -301,6 +320,32 @@ class _Header:
         data = self.buf[self.pos : self.pos + n]
         self.pos += n
         return data
+
+    def _strings(self, count: int, what: str) -> list[str | bytes]:
+        """``count`` strings, as :meth:`_raw_string` reads them one by one, in a tight loop.
+
+        A vocabulary holds a quarter of a million; method calls per item took over a second.
+        """
+        buf, pos, size = self.buf, self.pos, self.size
+        length = struct.Struct(self.order + "Q").unpack_from
+        out: list[str | bytes] = []
+        for _ in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self._need(8, f"the length of {what}")
+            (n,) = length(buf, pos)
+            pos += 8
+            if pos + n > size:
+                self.pos = pos
+                self._need(n, f"{what} ({n} bytes)")
+            raw = buf[pos : pos + n]
+            pos += n
+            try:
+                out.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(raw)  # some vocabularies hold raw byte tokens; keep them exact
+        self.pos = pos
+        return out
 
     def _name(self, what: str) -> str:
         raw = self._raw_string(what)
@@ -401,7 +446,7 @@ class _Header:
                 return [bool(v) for v in array], sub_type
             return array.tolist(), sub_type
         if sub_type == GGUFValueType.STRING:
-            return [_decode(self._raw_string(what)) for _ in range(count)], sub_type
+            return self._strings(count, what), sub_type
         return [self._value(sub_type, what, depth + 1)[0] for _ in range(count)], sub_type
 
     def _check_tensors(self, infos: list[tuple[str, list[int], int, int]]) -> dict[str, _TensorInfo]:

@@ -129,10 +129,18 @@ class TensorMeta:
     """Shape and dtype of one tensor, known before any of its bytes are read.
 
     ``dtype`` may be given as a torch dtype or a name; it is kept as a :class:`DType`.
+
+    ``stored`` names the block-quantized type a source keeps the bytes in (a GGML type
+    such as ``"Q4_K"``) when that is not ``dtype`` itself; loading such a tensor gives
+    its values dequantized to ``dtype``.  It is part of equality and hash, so a tensor
+    carried unchanged (its meta passed along by a rename) keeps it and can be copied as
+    its raw blocks into a format that has the type, while a tensor a step computes gets
+    a fresh meta without it and is written in ``dtype``.
     """
 
     shape: tuple[int, ...]
     dtype: DType
+    stored: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype, DType):
@@ -146,12 +154,23 @@ class TensorMeta:
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes the tensor takes as stored: whole blocks of its ``stored`` type, else :attr:`nbytes`."""
+        if not self.stored:
+            return self.nbytes
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # numpy only, no torch
+
+        block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[self.stored]]
+        return self.numel // block_size * type_size
+
     @classmethod
     def of(cls, tensor: "torch.Tensor") -> "TensorMeta":
         return cls(tuple(tensor.shape), DType.of(tensor.dtype))
 
     def __str__(self) -> str:
-        return f"{dtype_name(self.dtype)}{list(self.shape)}"
+        stored = f" (stored {self.stored})" if self.stored else ""
+        return f"{dtype_name(self.dtype)}{list(self.shape)}{stored}"
 
 
 def human_bytes(n: float) -> str:

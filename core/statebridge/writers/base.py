@@ -43,6 +43,8 @@ class Writer(ABC):
     format: ClassVar[str]
     #: whether the ranks of a distributed run can write one target together (see :meth:`join`)
     shareable: ClassVar[bool] = False
+    #: whether the format stores block-quantized types, so carried quantized tensors keep theirs (GGUF)
+    stores_quantized: ClassVar[bool] = False
 
     def __init__(self, path: Path, *, metadata: Mapping[str, str] | None = None, shard_size: int | None = None) -> None:
         self.path = Path(path)
