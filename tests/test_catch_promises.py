@@ -210,7 +210,6 @@ def test_expect_paths_are_relative_to_the_config(tmp_path, llama_file, monkeypat
     assert any(f.check == "no_missing" and "extra" in f.message for f in plan.findings)
 
 
-@pytest.mark.xfail(strict=True, reason="bug (issue 15, part 4): an optional path parameter (adapt_shapes.like) is not resolved against the config's folder")
 def test_step_path_parameters_are_relative_to_the_config(tmp_path, llama_file, monkeypatch):
     (tmp_path / "cfg").mkdir()
     save_file({"lm_head.weight": torch.zeros(100, 64)}, tmp_path / "cfg" / "like.safetensors")
@@ -221,7 +220,6 @@ def test_step_path_parameters_are_relative_to_the_config(tmp_path, llama_file, m
     assert sb.plan(loaded.source, loaded.pipeline()).outputs["lm_head.weight"].shape == (100, 64)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: StatebridgeError.within() copies a SourceError, whose __init__ takes two arguments: TypeError")
 def test_a_missing_checkpoint_named_inside_a_step_is_one_line_naming_it(tmp_path, llama_file, capsys):
     """errors.md: bad input gets one line naming the file, never a traceback; here the file is a step's ``like:``."""
     steps = f"  - adapt_shapes: {{strategy: slice, like: {tmp_path / 'absent.safetensors'}}}\n"

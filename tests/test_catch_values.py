@@ -216,8 +216,7 @@ def test_reshape_of_tensors_of_different_shapes_has_no_inverse():
 @pytest.mark.parametrize(
     "step",
     [sb.Transpose(pattern="absent.*", strict=False), sb.Permute(pattern="absent.*", dims=[1, 0], strict=False),
-     pytest.param(sb.Reshape(pattern="absent.*", shape=[-1], strict=False), marks=pytest.mark.xfail(
-         strict=True, reason="bug: a reshape that matched nothing has no inverse ('matched tensors of 0 different shapes')")),
+     pytest.param(sb.Reshape(pattern="absent.*", shape=[-1], strict=False)),
      sb.ValueOp(pattern="absent.*", op="zero", strict=False)],
     ids=["transpose", "permute", "reshape", "value_op"],
 )
@@ -232,7 +231,7 @@ def test_strict_false_lets_a_pattern_match_nothing_and_so_does_its_inverse(step)
 
 def test_a_value_op_with_several_arguments_is_listed_with_all_of_them():
     plan = sb.plan(headers({"w": sb.TensorMeta((2,), "float32")}), [sb.ValueOp(pattern="w", op="clamp", args={"min": -1, "max": 2})])
-    assert plan.changed == {"w": ("clamp(max=2, min=-1)",)}
+    assert plan.changed == {"w": ("clamp(max=2.0, min=-1.0)",)}
 
 
 # -- which casts can be undone ------------------------------------------------------------------------------
@@ -262,10 +261,11 @@ def test_a_cast_is_invertible_exactly_when_every_value_survives_it(source, targe
             pipeline.inverse(metas)
 
 
-def test_a_cast_merging_two_dtypes_has_no_inverse_and_one_that_matched_nothing_undoes_nothing():
+def test_a_cast_merging_two_dtypes_casts_each_back_and_one_that_matched_nothing_undoes_nothing():
     metas = {"a": sb.TensorMeta((2,), "float16"), "b": sb.TensorMeta((2,), "bfloat16")}
-    with pytest.raises(sb.NotInvertibleError, match="cast to float32 merged 2 dtypes; the inverse is ambiguous"):
-        sb.Pipeline([sb.Cast(dtype="float32")]).inverse(metas)
+    inverse = sb.Pipeline([sb.Cast(dtype="float32")]).inverse(metas)  # each tensor back to its own dtype
+    forward = sb.plan(headers(metas), [sb.Cast(dtype="float32")]).outputs
+    assert sb.plan(headers(forward), inverse).outputs == metas
     already = {"a": sb.TensorMeta((2,), "float32"), "i": sb.TensorMeta((2,), "int64")}
     inverse = sb.Pipeline([sb.Cast(dtype="float32")]).inverse(already)
     assert sb.plan(headers(already), inverse).outputs == already

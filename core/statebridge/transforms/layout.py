@@ -130,6 +130,8 @@ class Reshape(_PerKey):
 
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
         shapes = {metas[k].shape for k in self.keys(metas)}
+        if not shapes:  # strict=False and nothing matched: nothing to undo
+            return Reshape(pattern=self.params.pattern, shape=list(self.params.shape), strict=False)
         if len(shapes) != 1:
             raise NotInvertibleError(f"reshape {self.params.pattern!r} matched tensors of {len(shapes)} different shapes")
         return Reshape(pattern=self.params.pattern, shape=list(shapes.pop()), strict=self.params.strict)

@@ -27,7 +27,7 @@ from ..tensors.patterns import describe_keys
 from ..transforms.base import format_validation_error
 
 if TYPE_CHECKING:
-    from ...planning.plan import Plan
+    from ..planning.plan import Plan
 
 Spec = Mapping[str, TensorMeta | None]
 
@@ -62,7 +62,7 @@ def target_spec(expect: Any) -> Spec:
         return {k: TensorMeta.of(v) for k, v in expect.state_dict(keep_vars=True).items()}
     if isinstance(expect, Sequence) and not isinstance(expect, str):
         return {str(k): None for k in expect}
-    from ...readers import open_source
+    from ..readers import open_source
 
     with open_source(expect) as spec:
         return dict(spec.metas())
