@@ -202,7 +202,7 @@ def _provenance(path: Path) -> Mapping[str, Any] | None:
 
 
 def _is_torch(path: Path) -> bool:
-    from ..readers.torch_pickle import TORCH_SUFFIXES
+    from ..readers.base import TORCH_SUFFIXES
 
     return path.suffix.lower() in TORCH_SUFFIXES
 

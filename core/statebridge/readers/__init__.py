@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from ..errors import SourceError
-from .base import RawSpan, Source, open_regular
+from .base import TORCH_SUFFIXES, RawSpan, Source, open_regular
 from .memory import DictSource, ModuleSource, is_module
 from .safetensors import INDEX_NAME, SafetensorsFile, ShardedSafetensors
-from .torch_pickle import TORCH_SUFFIXES, TorchPickle
 
 if TYPE_CHECKING:
     import torch
@@ -57,7 +56,7 @@ def open_source(source: SourceLike) -> Source:
         if len(ggufs) == 1 and not torches:
             return _gguf(ggufs[0])
         if len(torches) == 1 and not ggufs:
-            return TorchPickle(torches[0])
+            return _torch(torches[0])
         candidates = [p.name for p in ggufs + torches]
         if candidates:
             raise SourceError(
@@ -76,7 +75,7 @@ def open_source(source: SourceLike) -> Source:
     if suffix == ".gguf":
         return _gguf(path)
     if suffix in TORCH_SUFFIXES:
-        return TorchPickle(path)
+        return _torch(path)
     with open_regular(path) as f:  # a FIFO or a device is refused here, before a read could block
         try:
             magic = f.read(9)
@@ -85,7 +84,7 @@ def open_source(source: SourceLike) -> Source:
     kind = sniff(magic)
     if kind == "gguf":
         return _gguf(path)
-    return TorchPickle(path) if kind == "torch" else SafetensorsFile(path)
+    return _torch(path) if kind == "torch" else SafetensorsFile(path)
 
 
 def sniff(head: bytes) -> str:
@@ -99,6 +98,26 @@ def sniff(head: bytes) -> str:
     if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):
         return "torch"
     return "safetensors"
+
+
+def _torch(path: Path) -> Source:
+    """The torch pickle reader, imported only for torch files (zipfile and pickle are not free to import)."""
+    from .torch_pickle import TorchPickle
+
+    return TorchPickle(path)
+
+
+def __getattr__(name: str) -> type:
+    """``TorchPickle`` and ``GGUFSource``, imported on first use (start-up stays fast for the other formats)."""
+    if name == "TorchPickle":
+        from .torch_pickle import TorchPickle
+
+        return TorchPickle
+    if name == "GGUFSource":
+        from .gguf import GGUFSource
+
+        return GGUFSource
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _gguf(path: Path) -> Source:

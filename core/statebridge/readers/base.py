@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     import torch
 
 
+#: file suffixes read as torch pickles (``torch.save`` zips or legacy pickles)
+TORCH_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
+
+
 @dataclass(frozen=True)
 class RawSpan:
     """Where a tensor's bytes lie in a file, stored exactly as the target would store them.

@@ -31,12 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceError
 from ..tensors.meta import TensorMeta
-from .base import Source, check_key, open_regular, unreadable
+from .base import TORCH_SUFFIXES, Source, check_key, open_regular, unreadable
 
 if TYPE_CHECKING:
     import torch
 
-TORCH_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
 
 
 class TorchPickle(Source):
