@@ -204,7 +204,7 @@ def rank_target(
     policy: TargetPolicy | None = None,
     agree: Mapping[str, Any] | None = None,
 ) -> Iterator[Path]:
-    """:func:`~statebridge.transaction.atomic_target` for one process, or for every rank of a run at once.
+    """:func:`~statebridge.execute.transaction.atomic_target` for one process, or for every rank of a run at once.
 
     In a distributed run every rank first checks the target ``policy`` and the ranks compare
     what each is about to do (``agree``: the target, the pipeline's fingerprint, the writer's

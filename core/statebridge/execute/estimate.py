@@ -4,7 +4,7 @@ Time comes from the read and write bandwidth of the target's filesystem,
 measured once with a small scratch file there (never by reading the source's
 data) and cached per device in ``~/.cache/statebridge/bandwidth.json`` (or
 ``$STATEBRIDGE_CACHE``) for a week.  The scratch file is named like a staging
-sibling (:func:`~statebridge.transaction.staging_path`), so one that a killed
+sibling (:func:`~statebridge.execute.transaction.staging_path`), so one that a killed
 probe leaves behind is removed by the next probe or run in that folder.
 """
 

@@ -1,6 +1,6 @@
 """The target policy: what a run may write over, decided before any byte is written.
 
-A run replaces its target as a whole (see :mod:`statebridge.transaction`), so before it
+A run replaces its target as a whole (see :mod:`statebridge.execute.transaction`), so before it
 writes anything, dry runs included, it checks:
 
 1. **The source is safe.**  The target must not contain the source, nor lie inside a source
@@ -19,7 +19,7 @@ writes anything, dry runs included, it checks:
    folder of other files, a file from elsewhere, a symlink, a FIFO) is replaced only with
    ``overwrite`` (``--overwrite``, ``overwrite: true``), and then too only through the
    atomic swap.
-3. **No other run is writing it** (see :func:`statebridge.transaction.refuse_if_busy`).
+3. **No other run is writing it** (see :func:`statebridge.execute.transaction.refuse_if_busy`).
 
 Only headers are read, and torch is never imported.  Refusals are
 :class:`~statebridge.errors.ConfigError` lines naming the target and what is in the way;

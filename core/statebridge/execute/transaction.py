@@ -128,7 +128,7 @@ def atomic_target(
     ``durable``: fsync the staged files before the swap and the parent folder after it, so the
     commit survives a power cut; without it the swap is still atomic for every process, as a
     ``cp`` is, but the kernel writes the data back when it likes.  ``policy``: the run's
-    :class:`~statebridge.targets.TargetPolicy`, checked before the staging path is made and
+    :class:`~statebridge.execute.targets.TargetPolicy`, checked before the staging path is made and
     again just before the swap (the target may have changed meanwhile).
     """
     target = Path(target).absolute()
