@@ -1135,7 +1135,7 @@ def _leaf(draw, metas: dict[str, sb.TensorMeta]) -> dict[str, Any]:
 
 def _state_after(step: dict[str, Any], metas: dict[str, sb.TensorMeta]) -> dict[str, sb.TensorMeta]:
     try:
-        return compose(sb.Pipeline([step]).steps, metas).metas
+        return compose(sb.as_pipeline([step]).steps, metas).metas
     except StatebridgeError:
         return metas  # the pipeline will be refused; later steps still get drawn against something
 
@@ -1244,7 +1244,7 @@ def test_fuzz_pipelines_lose_nothing(scratch, monkeypatch, data):
         return
     event("planned" + (", dropping" if plan.dropped else ""))
     reference = Eager()
-    expected, lineage = reference.run(sb.Pipeline(steps), dict(state), {k: {k} for k in state})
+    expected, lineage = reference.run(sb.as_pipeline(steps), dict(state), {k: {k} for k in state})
     # the plan's outputs are the reference's, bit for bit, with the same lineage
     assert dict(plan.outputs) == {k: sb.TensorMeta.of(v) for k, v in expected.items()}
     computed = {}
@@ -1404,7 +1404,7 @@ def test_fuzz_configs(config_folder, data):
     path.write_bytes(blob)
     try:
         config = sb.load_config(path)
-        sb.plan(config.source, config.pipeline(), **config.checks())
+        sb.plan(config.source, config.pipeline(), **config.options(sb.PlanOptions))
     except StatebridgeError as e:
         _one_line(e)
         event(f"refused: {type(e).__name__}")
