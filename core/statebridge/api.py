@@ -25,7 +25,7 @@ from .execute.targets import TargetPolicy
 from .options import PlanOptions, RunOptions, validated
 from .planning.fingerprint import provenance
 from .planning.folder import read_folder, source_folder
-from .planning.plan import Plan
+from .planning.plan import Plan, paused_gc
 from .plugins import Plugins, installed
 from .readers import SourceLike, open_source
 from .tensors.meta import human_bytes
@@ -84,11 +84,12 @@ def plan(source: SourceLike | Plan, pipeline: PipelineLike = None, **options: An
     Gates(plugins.gates, checked.gates)  # an unknown gate name is an error now, not a silent no-op later
     settings = checked.model_dump()
     settings.update(require=checked.require, expect=None if checked.expect is None else target_spec(checked.expect))
-    opened = open_source(source)
-    built = Plan.build(opened, as_pipeline(pipeline, plugins), settings, plugins.providers())
-    folder = source_folder(source, opened)
-    built.folder = read_folder(folder, built.pipeline, opened) if folder is not None else None
-    validate(built, plugins.hook.validate_plan)
+    with paused_gc():
+        opened = open_source(source)
+        built = Plan.build(opened, as_pipeline(pipeline, plugins), settings, plugins.providers())
+        folder = source_folder(source, opened)
+        built.folder = read_folder(folder, built.pipeline, opened) if folder is not None else None
+        validate(built, plugins.hook.validate_plan)
     return built
 
 

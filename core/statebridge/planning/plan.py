@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import gc
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +15,24 @@ from ..tensors.patterns import compress_keys
 from ..transforms.base import Group, Transform
 from ..transforms.composite import Pipeline
 from .folder import ModelFolder
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Hold CPython's cyclic garbage collector off while planning.
+
+    Planning builds several small containers per tensor and frees none of them, so
+    every collection scans them all again: on 200,000 tensors the collector took
+    more than half the time.  Plans hold no reference cycles that need collecting
+    sooner; the collector runs as usual once planning is done.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass
@@ -61,6 +81,7 @@ class Plan:
             groups.setdefault(id(group), group)
             outputs[key] = _stored_only_if_carried(key, meta, group, metas)
         consumed, dropped = set(composition.consumed), set(composition.dropped) | set(composition.overwritten)
+        dropped_only, overwritten = set(composition.dropped), set(composition.overwritten)
         return cls(
             source=source,
             pipeline=pipeline,
@@ -69,10 +90,10 @@ class Plan:
             lineage=composition.lineage,
             mapped=[k for k in metas if k in consumed and k not in dropped],
             unmapped=[k for k in metas if k not in consumed],
-            dropped=[k for k in metas if k in set(composition.dropped)],
+            dropped=[k for k in metas if k in dropped_only] if dropped_only else [],
             new=[k for k, lin in composition.lineage.items() if not lin.sources],
             collisions=composition.collisions,
-            overwritten=[k for k in metas if k in set(composition.overwritten)],
+            overwritten=[k for k in metas if k in overwritten] if overwritten else [],
             options=options,
             providers=dict(providers or {}),
         )

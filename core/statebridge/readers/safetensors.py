@@ -12,9 +12,9 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import SourceError
 from ..tensors.meta import SAFETENSORS_DTYPES, TensorMeta
@@ -43,6 +43,68 @@ class _Repeated:
         return obj
 
 
+class _Checked(NamedTuple):
+    """A header entry checked as it was parsed: its meta and where its bytes lie in the data section."""
+
+    meta: TensorMeta
+    begin: int
+    end: int
+
+
+_new_checked = tuple.__new__  # a _Checked without the named tuple's Python-level __new__
+
+
+def _checked_entry(
+    path: Path, brief: Callable[[object], str], mapping: Callable[[Any], dict[str, object]], key: str, info: object
+) -> tuple[TensorMeta, int, int]:
+    """A header entry's meta, begin and end, or the one-line error that says what is wrong with it."""
+    if type(info) is not tuple:
+        raise SourceError(path, f"tensor {brief(key)}: header entry is not an object")
+    fields = mapping(info)
+    code, shape = fields.get("dtype"), fields.get("shape")
+    meta = _checked_meta(path, brief, key, code, shape)
+    offsets = fields.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise SourceError(path, f"tensor {brief(key)}: data_offsets {brief(offsets)} are not [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    if end - begin != meta.nbytes:
+        raise SourceError(
+            path, f"tensor {brief(key)}: data_offsets span {end - begin} bytes but {code}{brief(shape)} needs {meta.nbytes} bytes"
+        )
+    return meta, begin, end
+
+
+def _checked_meta(path: Path, brief: Callable[[object], str], key: str, code: object, shape: object) -> TensorMeta:
+    """The TensorMeta of a header entry's ``dtype`` and ``shape``, or the one-line error that says what is wrong."""
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+        raise SourceError(
+            path, f"tensor {brief(key)}: unknown dtype {brief(code)} (statebridge reads {', '.join(SAFETENSORS_DTYPES)})"
+        )
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise SourceError(path, f"tensor {brief(key)}: shape {brief(shape)} is not a list of non-negative integers")
+    meta = _meta_for_torch(code, shape)
+    if meta is None:
+        raise SourceError(path, f"tensor {brief(key)}: shape {brief(shape)} is too large for torch (its sizes overflow int64)")
+    return meta
+
+
+def _meta_for_torch(code: str, shape: list[int]) -> TensorMeta | None:
+    """The TensorMeta of a known dtype code and a list of non-negative integers; None if torch cannot hold it."""
+    meta = TensorMeta(tuple(shape), SAFETENSORS_DTYPES[code])
+    # torch computes sizes and strides in int64, even for a tensor with no elements
+    extent = meta.dtype.itemsize
+    for d in shape:
+        extent *= max(d, 1)
+        if extent >= 2**63:
+            return None
+    return meta
+
+
 class SafetensorsFile(Source):
     """One ``.safetensors`` file."""
 
@@ -62,10 +124,10 @@ class SafetensorsFile(Source):
 
     def raw_span(self, key: str) -> RawSpan:
         try:
-            begin, end = self._offsets[key]
+            begin = self._offsets[key]
         except KeyError:
             raise SourceError(self.path, f"no tensor named {key!r}") from None
-        return RawSpan(self.path, self._data_start + begin, end - begin)
+        return RawSpan(self.path, self._data_start + begin, self._metas[key].nbytes)
 
     def load(self, key: str) -> torch.Tensor:
         import torch
@@ -98,8 +160,8 @@ class SafetensorsFile(Source):
 
 def _read_header(
     path: Path,
-) -> tuple[dict[str, TensorMeta], dict[str, tuple[int, int]], dict[str, str], int, int]:
-    """Parse and check a safetensors header: metas, byte offsets, metadata, data start, file size."""
+) -> tuple[dict[str, TensorMeta], dict[str, int], dict[str, str], int, int]:
+    """Parse and check a safetensors header: metas, where each tensor begins, metadata, data start, file size."""
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         try:
@@ -121,23 +183,67 @@ def _read_header(
         text = repr(value)
         return text if len(text) <= 120 else f"{text[:100]}... ({len(text)} characters)"
 
-    repeated = _Repeated()
+    def mapping(pairs: tuple[tuple[str, object], ...]) -> dict[str, object]:
+        obj = dict(pairs)
+        if len(obj) < len(pairs):  # json would keep the last silently
+            seen: set[str] = set()
+            twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise SourceError(path, f"header names {brief(twice)} twice; which one is meant?")
+        return obj
+
+    # Checkpoints with many tensors have few distinct (dtype, shape) pairs: each pair is
+    # checked once, with the key in hand for the message, and shares one TensorMeta.  Every
+    # entry of a known pair is then checked by ``compact`` as the JSON parser finishes it
+    # and kept as a ``_Checked`` record, never as the parsed object: 200,000-tensor headers
+    # stay small while parsed.  A shape of booleans or floats equals one of integers
+    # ((2, True) == (2, 1)): with any in the header, no entry is taken as known.
+    known: dict[tuple[str, tuple[int, ...]], TensorMeta] = {}
+    floats: list[float] = []
+    shareable = b"true" not in raw and b"false" not in raw
+
+    def compact(pairs: list[tuple[str, object]]) -> object:
+        if len(pairs) == 3 and shareable and not floats:
+            (first, code), (second, shape), (third, offsets) = pairs
+            if first != "dtype" or second != "shape" or third != "data_offsets":  # not in the usual order
+                info = dict(pairs)
+                code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+            if type(code) is str and type(shape) is list and type(offsets) is list and len(offsets) == 2:
+                try:
+                    meta = known.get((code, tuple(shape)))
+                except TypeError:  # a dimension that is a list or an object: the full check says so
+                    return tuple(pairs)
+                if (
+                    meta is None
+                    and code in SAFETENSORS_DTYPES
+                    and all(type(d) is int and d >= 0 for d in shape)
+                    and (meta := _meta_for_torch(code, shape)) is not None  # type: ignore[arg-type]
+                ):
+                    known[(code, meta.shape)] = meta  # type: ignore[index]
+                begin, end = offsets
+                if meta is not None and type(begin) is int and type(end) is int and 0 <= begin and end - begin == meta.nbytes:
+                    return _new_checked(_Checked, (meta, begin, end))
+        # objects are kept as tuples of pairs, so a repeated name is caught (json keeps the last)
+        return tuple(pairs)
+
     try:
-        header = json.loads(raw, object_pairs_hook=repeated.hook)
+        parsed = json.loads(raw, object_pairs_hook=compact, parse_float=lambda text: floats.append(float(text)) or floats[-1])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SourceError(path, f"header is not valid JSON ({e}); not a safetensors file?") from None
     except ValueError:  # Python refuses to convert integers of more than 4300 digits
         raise SourceError(path, "header holds a number thousands of digits long; not a safetensors file?") from None
     except RecursionError:
         raise SourceError(path, "header JSON is nested thousands of levels deep; not a safetensors file?") from None
-    if repeated.keys:
-        raise SourceError(path, f"header names {brief(repeated.keys[0])} twice; which one is meant?")
-    if not isinstance(header, dict):
+    del raw
+    if type(parsed) is not tuple:
         raise SourceError(path, "header is not a JSON object")
+    header = mapping(parsed)
+    del parsed
 
     data_start = 8 + header_len
     data_size = size - data_start
     metadata = header.pop("__metadata__", None) or {}
+    if type(metadata) is tuple:
+        metadata = mapping(metadata)
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise SourceError(path, "__metadata__ must map strings to strings")
     for key, value in metadata.items():
@@ -145,60 +251,32 @@ def _read_header(
         if problem:
             raise SourceError(path, f"__metadata__ entry {brief(key)}: its text {problem}")
 
-    entries: list[tuple[int, str, TensorMeta, tuple[int, int]]] = []
+    entries: list[tuple[int, str, TensorMeta]] = []
     for key, info in header.items():
         check_key(path, key)
-        if not isinstance(info, dict):
-            raise SourceError(path, f"tensor {brief(key)}: header entry is not an object")
-        code = info.get("dtype")
-        if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
-            raise SourceError(
-                path, f"tensor {brief(key)}: unknown dtype {brief(code)} (statebridge reads {', '.join(SAFETENSORS_DTYPES)})"
-            )
-        shape = info.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise SourceError(path, f"tensor {brief(key)}: shape {brief(shape)} is not a list of non-negative integers")
-        offsets = info.get("data_offsets")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]
-        ):
-            raise SourceError(
-                path, f"tensor {brief(key)}: data_offsets {brief(offsets)} are not [begin, end] with 0 <= begin <= end"
-            )
-        meta = TensorMeta(tuple(shape), SAFETENSORS_DTYPES[code])
-        begin, end = offsets
-        if end - begin != meta.nbytes:
-            raise SourceError(
-                path,
-                f"tensor {brief(key)}: data_offsets span {end - begin} bytes but {code}{brief(shape)} needs {meta.nbytes} bytes",
-            )
+        if type(info) is _Checked:
+            meta, begin, end = info
+        else:
+            meta, begin, end = _checked_entry(path, brief, mapping, key, info)
+            if shareable and not floats:
+                known[(meta.dtype.code, meta.shape)] = meta  # type: ignore[index]
         if end > data_size:
             raise SourceError(
                 path,
                 f"tensor {brief(key)}: data ends at byte {data_start + end} but the file has {size} bytes (truncated?)",
             )
-        # torch computes sizes and strides in int64, even for a tensor with no elements
-        extent = meta.dtype.itemsize
-        for d in shape:
-            extent *= max(d, 1)
-            if extent >= 2**63:
-                raise SourceError(
-                    path, f"tensor {brief(key)}: shape {brief(shape)} is too large for torch (its sizes overflow int64)"
-                )
-        entries.append((begin, key, meta, (begin, end)))
+        entries.append((begin, key, meta))
+    del header
 
-    entries.sort(key=lambda e: (e[0], e[1]))
+    entries.sort()  # by offset, then key (keys differ, so metas are never compared)
     previous_end, previous_key = 0, None
-    for begin, key, meta, (_, end) in entries:
+    for begin, key, meta in entries:
         if begin < previous_end and meta.nbytes:
             raise SourceError(path, f"tensors {brief(previous_key)} and {brief(key)} overlap in the data section")
         if meta.nbytes:
-            previous_end, previous_key = end, key
-    metas = {key: meta for _, key, meta, _ in entries}
-    offsets_by_key = {key: span for _, key, _, span in entries}
+            previous_end, previous_key = begin + meta.nbytes, key
+    metas = {key: meta for _, key, meta in entries}
+    offsets_by_key = {key: begin for begin, key, _ in entries}
     return metas, offsets_by_key, dict(metadata), data_start, size
 
 

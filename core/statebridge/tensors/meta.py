@@ -9,7 +9,7 @@ torch dtype where tensor data is touched, and a ``DType`` compares equal to it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
@@ -124,7 +124,7 @@ def dtype_name(dtype: "DType | torch.dtype") -> str:
     return str(dtype).removeprefix("torch.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorMeta:
     """Shape and dtype of one tensor, known before any of its bytes are read.
 
@@ -141,18 +141,16 @@ class TensorMeta:
     shape: tuple[int, ...]
     dtype: DType
     stored: str | None = None
+    #: element count and bytes in ``dtype``, computed once: planning asks for them per tensor, often
+    numel: int = field(init=False, repr=False, compare=False)
+    nbytes: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype, DType):
             object.__setattr__(self, "dtype", DType.of(self.dtype))
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        numel = math.prod(self.shape)
+        object.__setattr__(self, "numel", numel)
+        object.__setattr__(self, "nbytes", numel * self.dtype.itemsize)
 
     @property
     def stored_nbytes(self) -> int:

@@ -17,7 +17,7 @@ import difflib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from ..errors import ConfigError
 
@@ -73,14 +73,17 @@ class KeyPattern:
             except (re.error, IndexError) as e:
                 raise ConfigError(f"target {target!r} refers to a group that {self.text!r} does not have: {e}") from None
         else:
-            captures = iter(match.groups())
-            pieces = re.split(r"(\*\*|\*)", target)
-            wildcards = sum(1 for p in pieces if p in ("*", "**"))
-            if wildcards != len(match.groups()):
+            literals, clean = _template(target)
+            captures = match.groups()
+            if len(literals) != len(captures) + 1:
                 raise ConfigError(
-                    f"target {target!r} has {wildcards} wildcards but pattern {self.text!r} captures {len(match.groups())}"
+                    f"target {target!r} has {len(literals) - 1} wildcards but pattern {self.text!r} captures {len(captures)}"
                 )
-            key = "".join(next(captures) if p in ("*", "**") else p for p in pieces)
+            key = literals[0]
+            for capture, literal in zip(captures, literals[1:]):
+                key += capture + literal
+            if clean:  # captures are parts of a key, so they are fine too
+                return key
         problem = key_problem(key)
         if problem:
             raise ConfigError(f"target {target!r} makes the key {key!r}, which {problem}")
@@ -88,6 +91,14 @@ class KeyPattern:
 
     def select(self, keys: Iterable[str]) -> list[str]:
         return [k for k in keys if self.match(k)]
+
+
+@lru_cache(maxsize=256)
+def _template(target: str) -> tuple[tuple[str, ...], bool]:
+    """A glob target's text between its wildcards (``a.*.b`` -> ``("a.", ".b")``), split once per target,
+    and whether that text can be part of a key (see :func:`key_problem`)."""
+    literals = tuple(re.split(r"\*\*|\*", target))
+    return literals, not any(map(key_problem, literals))
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:

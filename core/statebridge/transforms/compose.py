@@ -20,39 +20,72 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import groupby
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from ..errors import CollisionError, ExecutionError, PlanError, StatebridgeError
 
 from ..tensors.meta import TensorMeta
 from ..tensors.patterns import describe_keys, did_you_mean
-from .base import Candidates, Group, Piece, Pieces, Tensors, Transform, cut, whole
+from .base import Candidates, Carry, Group, Piece, Pieces, Tensors, Transform, cut
 
 V = TypeVar("V")
 
 
-@dataclass(frozen=True)
-class Lineage:
+class Lineage(NamedTuple):
     """Which source tensors, through which operations, made one tensor."""
 
     sources: tuple[str, ...]
     ops: tuple[str, ...] = ()
 
 
-@dataclass
-class _Stage:
+#: builds a Lineage without the named tuple's Python-level ``__new__``
+_new_lineage = tuple.__new__
+
+
+class _Lineages(dict[str, Lineage]):
+    """Lineage by key, where a key no step has touched is its own source.
+
+    Such lineage is made when asked for, not stored: most keys of a large plan never
+    need it before a step replaces it.
+    """
+
+    __slots__ = ()
+
+    def __missing__(self, key: str) -> Lineage:
+        return _new_lineage(Lineage, ((key,), ()))
+
+
+class _Stage(NamedTuple):
+    """One step's group inside a merged group: its step's position, its own, and the step's label."""
+
+    step: int
+    index: int
     label: str
     group: Group
 
 
-@dataclass
+#: ``_Component.live`` value of a source tensor a component read and still holds: its bytes are
+#: the whole source tensor (no Piece is built for it: most tensors of a large plan are just that)
+_SOURCE: Pieces = ()
+
+
 class _Component:
-    stages: list[tuple[int, int, _Stage]] = field(default_factory=list)
-    inputs: list[str] = field(default_factory=list)
-    live: dict[str, None] = field(default_factory=dict)  # keys this component currently holds, in order
-    raw: dict[str, Pieces | None] = field(default_factory=dict)  # live key -> the source bytes it is, if any
-    merged_into: "_Component | None" = None
+    """Groups of different steps that feed each other, merged as the steps are applied.
+
+    Plain slots, not a dataclass: a plan of 200,000 tensors builds one per tensor.
+    """
+
+    __slots__ = ("stages", "inputs", "live", "merged_into")
+
+    def __init__(self) -> None:
+        self.stages: list[_Stage] = []
+        self.inputs: list[str] = []
+        #: the keys this component currently holds, in order, each with the source bytes it is
+        #: (``_SOURCE`` for a source tensor read whole), or None when they are computed
+        self.live: dict[str, Pieces | None] = {}
+        self.merged_into: _Component | None = None
 
     def root(self) -> "_Component":
         comp = self
@@ -69,7 +102,6 @@ def _merge(comp: _Component, other: _Component, producer: dict[str, _Component])
     comp.stages.extend(other.stages)
     comp.inputs.extend(other.inputs)
     comp.live.update(other.live)
-    comp.raw.update(other.raw)
     other.merged_into = comp
     for key in other.live:
         producer[key] = comp
@@ -147,10 +179,13 @@ class _Composer:
     def __init__(self, metas: Mapping[str, TensorMeta], lineage: Mapping[str, Lineage] | None, on_collision: str) -> None:
         self.order = {k: i for i, k in enumerate(metas)}
         self.state: dict[str, TensorMeta] = dict(metas)
-        self.lineage: dict[str, Lineage] = {k: lineage[k] for k in metas} if lineage is not None else {k: Lineage((k,)) for k in metas}
+        self.lineage = _Lineages() if lineage is None else _Lineages({k: v for k, v in lineage.items() if k in metas})
         self.on_collision = on_collision
-        self.producer: dict[str, _Component] = {}
-        self.components: list[_Component] = []
+        #: what produced each key a step wrote: a stage that read only source tensors (most groups
+        #: of a large plan: no component is built for them), or the component of merged stages
+        self.producer: dict[str, _Stage | _Component] = {}
+        self.units: list[_Stage | _Component] = []  # every stage that read only sources, and every component
+        self.promoted: set[int] = set()  # ids of such stages that a later step merged into a component
         self.dropped: list[str] = []
         self.consumed: list[str] = []
         self.collisions: list[str] = []
@@ -176,62 +211,116 @@ class _Composer:
         notes: list[str] = []
         groups = _check_step(label, groups, self.state, self.on_collision, notes)
         planned = _Planned(groups, {}, [], [], notes)
+        lineage = self.lineage
+        joined: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[str, ...]] = {}  # one ops tuple per distinct history
         for group in groups:
-            sources = _union(self.lineage[k].sources for k in group.inputs)
-            ops = _union(self.lineage[k].ops for k in group.inputs) + tuple(group.ops)
+            inputs = group.inputs
+            if len(inputs) == 1:  # most groups of a large plan: one tensor in, its lineage continued
+                before = lineage.get(inputs[0])
+                # a source tensor no step touched yet is its own source: the group's inputs tuple says so
+                sources, prior = (inputs, ()) if before is None else before
+                if group.ops:
+                    ops = joined.get((prior, group.ops))
+                    if ops is None:
+                        ops = joined[(prior, group.ops)] = prior + tuple(group.ops)
+                    after = _new_lineage(Lineage, (sources, ops))
+                else:
+                    after = before if before is not None else _new_lineage(Lineage, (sources, ()))
+            else:
+                sources = _union(lineage[k].sources for k in inputs)
+                after = Lineage(sources, _union(lineage[k].ops for k in inputs) + tuple(group.ops))
             if not group.outputs:
                 (planned.overwritten if OVERWRITTEN in group.ops else planned.dropped).extend(sources)
             for key in group.outputs:
-                planned.lineage[key] = Lineage(sources, ops)
+                planned.lineage[key] = after
         return planned
 
     def apply(self, index: int, label: str, step: Transform) -> None:
         planned = self._plan(label, step)
-        state, producer = self.state, self.producer
+        state, producer, lineage, live_lineage = self.state, self.producer, self.lineage, planned.lineage
         # Pass 1: read every group's inputs against the state before this step
         # (so a step may swap names), merging the components that feed each group.
-        pending = []
+        pending: list[tuple[Group, _Stage | _Component, list[Pieces | None] | None]] = []
         for gi, group in enumerate(planned.groups):
-            comp = _Component()
-            self.components.append(comp)
+            stage = _Stage(index, gi, label, group)
+            comp = None
             for key in group.inputs:
                 if key in producer:
-                    comp = _merge(comp, producer[key], producer)
+                    other = self._component(producer[key])
+                    comp = other.root() if comp is None else _merge(comp, other, producer)
+            if comp is None:  # reads source tensors only: the stage stands for itself until a later step reads it
+                self.consumed.extend(group.inputs)
+                self.units.append(stage)
+                pending.append((group, stage, None))
+                continue
             for key in group.inputs:
                 if key not in producer:
                     comp.inputs.append(key)
-                    comp.raw[key] = whole(key, state[key])
+                    comp.live[key] = _SOURCE
                     self.consumed.append(key)
-            comp.stages.append((index, gi, _Stage(label, group)))
-            pending.append((group, comp, {key: _origin(group, key, comp.raw) for key in group.outputs}))
-        for group, comp, _ in pending:
-            comp = comp.root()
+            comp.stages.append(stage)
+            pending.append((group, comp, [_origin(group, key, comp.live) for key in group.outputs]))
+        for group, unit, _ in pending:
+            live = unit.root().live if type(unit) is _Component else None
             for key in group.inputs:
-                producer.pop(key, None)
-                comp.live.pop(key, None)
-                comp.raw.pop(key, None)
+                if live is not None:
+                    producer.pop(key, None)
+                    live.pop(key, None)
                 state.pop(key, None)
-                self.lineage.pop(key, None)
+                lineage.pop(key, None)
         # Pass 2: the groups' outputs join the state.
-        for group, comp, origins in pending:
-            comp = comp.root()
-            for key, meta in group.outputs.items():
+        for group, unit, origins in pending:
+            if origins is None:
+                for key, meta in group.outputs.items():
+                    state[key] = meta
+                    lineage[key] = live_lineage[key]
+                    producer[key] = unit
+                continue
+            comp = unit.root()  # type: ignore[union-attr]
+            live = comp.live
+            for (key, meta), origin in zip(group.outputs.items(), origins):
                 state[key] = meta
-                self.lineage[key] = planned.lineage[key]
+                lineage[key] = live_lineage[key]
                 producer[key] = comp
-                comp.live[key] = None
-                comp.raw[key] = origins[key]
+                live[key] = origin
         self.dropped.extend(planned.dropped)
         self.overwritten.extend(planned.overwritten)
         self.collisions.extend(planned.collisions)
 
+    def _component(self, unit: _Stage | _Component) -> _Component:
+        """The component ``unit`` belongs to; a stage that stood for itself becomes one now."""
+        if type(unit) is _Component:
+            return unit
+        stage: _Stage = unit  # type: ignore[assignment]
+        comp = _Component()
+        comp.stages.append(stage)
+        comp.inputs.extend(stage.group.inputs)
+        for key in stage.group.outputs:
+            comp.live[key] = _declared(stage.group, key)
+            self.producer[key] = comp
+        self.units.append(comp)
+        self.promoted.add(id(stage))
+        return comp
+
     def result(self) -> Composition:
         # every component that consumed something, those whose outputs were all dropped included
         units: list[tuple[float, str, Group]] = []
-        for comp in _unique(c.root() for c in self.components):
+        order = self.order
+        for unit in self.units:
+            if type(unit) is _Stage:
+                if id(unit) in self.promoted:
+                    continue
+                group = _stage_group(unit, order)
+                position = order[group.inputs[0]] if group.inputs else float("inf")
+                units.append((position, next(iter(group.outputs), ""), group))
+                continue
+            comp = unit.root()  # type: ignore[union-attr]
+            if comp is not unit:
+                continue  # merged into another component, which is in the list too
             outputs = {k: self.state[k] for k in comp.live}
-            comp.inputs.sort(key=self.order.__getitem__)  # read in storage order, however the steps were nested
-            position = self.order[comp.inputs[0]] if comp.inputs else float("inf")
+            if len(comp.inputs) > 1:
+                comp.inputs.sort(key=order.__getitem__)  # read in storage order, however the steps were nested
+            position = order[comp.inputs[0]] if comp.inputs else float("inf")
             units.append((position, next(iter(outputs), ""), _merged_group(comp, outputs)))
         units.sort(key=lambda u: (u[0], u[1]))
         final: dict[str, TensorMeta] = {}
@@ -303,62 +392,88 @@ def _check_step(
     return groups
 
 
-def _origin(group: Group, key: str, raw: Mapping[str, Pieces | None]) -> Pieces | None:
-    """The source bytes output ``key`` of ``group`` is made of, when they are known and untouched."""
-    if not group.pieces or key not in group.pieces:
+def _declared(group: Group, key: str) -> Pieces | None:
+    """The source bytes output ``key`` is, for a group that read only source tensors: its pieces as declared."""
+    pieces = group.pieces.get(key) if group.pieces else None
+    if pieces is None or any(piece.key not in group.inputs for piece in pieces):
         return None
+    return pieces
+
+
+def _stage_group(stage: _Stage, order: Mapping[str, int]) -> Group:
+    """The group to run for a stage that read only source tensors and whose outputs no later step read."""
+    group = stage.group
+    if type(group.compute) is Carry and len(group.inputs) == 1 and group.pieces and len(group.outputs) == 1:
+        pieces = group.pieces.get(group.compute.target)
+        if pieces is not None and len(pieces) == 1 and pieces[0].key == group.inputs[0]:
+            return group  # a rename of a source tensor: nothing to check or order, and no copy to keep
+    inputs = group.inputs if len(group.inputs) < 2 else tuple(sorted(group.inputs, key=order.__getitem__))
+    pieces = group.pieces
+    if pieces is not None and (len(pieces) != len(group.outputs) or any(_declared(group, k) is None for k in group.outputs)):
+        pieces = None
+    if isinstance(group.compute, Carry) and inputs is group.inputs and pieces is group.pieces:
+        return group  # a rename of a source tensor: nothing to check or order, and no copy to keep
+    return Group(
+        inputs=inputs,
+        outputs=group.outputs,
+        compute=partial(_run_stages, ((stage,),), tuple(group.outputs)),
+        ops=group.ops if len(group.ops) < 2 else _union((group.ops,)),
+        pieces=pieces if group.outputs else None,
+        effort=group.effort,
+    )
+
+
+def _origin(group: Group, key: str, live: Mapping[str, Pieces | None]) -> Pieces | None:
+    """The source bytes output ``key`` of ``group`` is made of, when they are known and untouched."""
+    pieces = group.pieces.get(key) if group.pieces else None
+    if pieces is None:
+        return None
+    if len(pieces) == 1 and live.get(pieces[0].key) is _SOURCE:  # a source tensor, renamed or cut: as declared
+        return pieces
     out: list[Piece] = []
-    for piece in group.pieces[key]:
-        source = raw.get(piece.key)
+    for piece in pieces:
+        source = live.get(piece.key)
         if source is None:
             return None
-        out.extend(cut(source, piece.offset, piece.length))
+        out.extend((piece,) if source is _SOURCE else cut(source, piece.offset, piece.length))
     return tuple(out)
 
 
 def _merged_group(comp: _Component, outputs: dict[str, TensorMeta]) -> Group:
-    ordered = sorted(comp.stages, key=lambda s: (s[0], s[1]))
-    stages = [stage for _, _, stage in ordered]
-    by_step = [[stage for _, _, stage in step] for _, step in groupby(ordered, key=lambda s: s[0])]
-    pieces = {k: comp.raw[k] for k in outputs if comp.raw.get(k) is not None}
-
-    def compute(tensors: Tensors) -> Tensors:
-        live = dict(tensors)
-        for step in by_step:
-            # every group of a step reads the state before the step (a step may swap names), then all write
-            results = [(stage, stage.group.compute({k: live.pop(k) for k in stage.group.inputs})) for stage in step]
-            for stage, produced in results:
-                for key, meta in stage.group.outputs.items():
-                    if key not in produced:
-                        raise ExecutionError(f"{stage.label}: planned to produce {key!r} but did not")
-                    value = produced[key]
-                    for tensor in value.options if isinstance(value, Candidates) else (value,):
-                        if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
-                            raise ExecutionError(
-                                f"{stage.label}: produced {key!r} as {TensorMeta.of(tensor)} but planned {meta}"
-                            )
-                    live[key] = value
-        return {k: live[k] for k in outputs}
-
+    """One group doing, on its own tensors, what each of the component's stages did, step by step."""
+    stages = sorted(comp.stages, key=lambda s: (s.step, s.index))
+    by_step = tuple(tuple(step) for _, step in groupby(stages, key=lambda s: s.step))
+    pieces = {k: comp.live[k] for k in outputs if comp.live.get(k) is not None}
     return Group(
         inputs=tuple(comp.inputs),
         outputs=outputs,
-        compute=compute,
+        compute=partial(_run_stages, by_step, tuple(outputs)),
         ops=_union(stage.group.ops for stage in stages),
         pieces=pieces if len(pieces) == len(outputs) and outputs else None,
         effort=sum(stage.group.passes for stage in stages) if any(s.group.effort is not None for s in stages) else None,
     )
 
 
+def _run_stages(by_step: Sequence[Sequence[_Stage]], outputs: Sequence[str], tensors: Tensors) -> Tensors:
+    """Compute a merged group: each step's stages in turn, checking each produced what it planned."""
+    live = dict(tensors)
+    for step in by_step:
+        # every group of a step reads the state before the step (a step may swap names), then all write
+        results = [(stage, stage.group.compute({k: live.pop(k) for k in stage.group.inputs})) for stage in step]
+        for stage, produced in results:
+            for key, meta in stage.group.outputs.items():
+                if key not in produced:
+                    raise ExecutionError(f"{stage.label}: planned to produce {key!r} but did not")
+                value = produced[key]
+                for tensor in value.options if isinstance(value, Candidates) else (value,):
+                    if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
+                        raise ExecutionError(f"{stage.label}: produced {key!r} as {TensorMeta.of(tensor)} but planned {meta}")
+                live[key] = value
+    return {k: live[k] for k in outputs}
+
+
 def _union(parts) -> tuple[str, ...]:
     return tuple(dict.fromkeys(item for part in parts for item in part))
-
-
-def _unique(components) -> list[_Component]:
-    seen: dict[int, _Component] = {}
-    for comp in components:
-        seen.setdefault(id(comp), comp)
-    return list(seen.values())
 
 
 class _ReadOnly(Mapping[str, V]):

@@ -256,7 +256,7 @@ def _prefixed(group: Group, prefix: str) -> Group:
         outputs={prefix + k: m for k, m in group.outputs.items()},
         compute=compute,
         ops=group.ops,
-        pieces={prefix + k: tuple(replace(p, key=prefix + p.key) for p in v) for k, v in group.pieces.items()}
+        pieces={prefix + k: tuple(p._replace(key=prefix + p.key) for p in v) for k, v in group.pieces.items()}
         if group.pieces
         else None,
         effort=group.effort,

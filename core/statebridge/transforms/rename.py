@@ -63,7 +63,13 @@ class Rename(Transform):
             if not pairs and p.strict:
                 raise nothing_matches(p.pattern, metas)
             return pairs
-        return [(k, compiled.expand(compiled.match(k), p.to)) for k in select(p.pattern, metas, p.strict)]
+        if compiled.is_exact:
+            return [(k, compiled.expand(compiled.match(k), p.to)) for k in select(p.pattern, metas, p.strict)]
+        match, expand, to = compiled.regex.fullmatch, compiled.expand, p.to
+        pairs = [(k, expand(m, to)) for k in metas if (m := match(k))]  # one pass: plans of 200,000 keys
+        if not pairs and p.strict:
+            raise nothing_matches(p.pattern, metas)
+        return pairs
 
     def plan(self, metas: Mapping[str, TensorMeta]) -> list[Group]:
         return [Group.rename(src, dst, metas[src]) for src, dst in self.pairs(metas) if src != dst]
