@@ -136,7 +136,7 @@ class Plan:
         """sha256 of the pipeline's canonical form (see :mod:`statebridge.planning.fingerprint`)."""
         from .fingerprint import fingerprint
 
-        return fingerprint(self.pipeline, self.providers, self.folder.edits if self.folder else None)
+        return fingerprint(self.pipeline, self.providers, self.folder.edits if self.folder else None, self.options.get("metadata"))
 
     @property
     def changed(self) -> dict[str, tuple[str, ...]]:
