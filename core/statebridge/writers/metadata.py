@@ -113,8 +113,8 @@ def gguf_field(key: str, value: MetadataValue, carried: GGUFField | None) -> GGU
     if carried is not None:
         vtype, sub_type = carried.type, carried.sub_type
     else:
-        vtype = _infer([value]) if not isinstance(value, list) else GGUFValueType.ARRAY
-        sub_type = _infer(value) if isinstance(value, list) else None
+        vtype = _infer(key, [value]) if not isinstance(value, list) else GGUFValueType.ARRAY
+        sub_type = _infer(key, value) if isinstance(value, list) else None
     if vtype == GGUFValueType.ARRAY:
         if not isinstance(value, list):
             raise _misfit(key, value, carried, "a list")
@@ -131,7 +131,7 @@ _INTEGERS: dict[str, tuple[int, int]] = {
 }
 
 
-def _infer(values: list[Any]) -> GGUFValueType:
+def _infer(key: str, values: list[Any]) -> GGUFValueType:
     """The GGUF type of a new field's values (a list's items), as gguf's writer would choose it."""
     from gguf import GGUFValueType
 
@@ -144,7 +144,7 @@ def _infer(values: list[Any]) -> GGUFValueType:
         return GGUFValueType.INT32 if all(low <= v < high for v in values) else GGUFValueType.INT64
     if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
         return GGUFValueType.FLOAT32
-    return GGUFValueType.ARRAY  # a mix: _fit refuses the items that are not the first one's kind
+    raise ConfigError(f"metadata {key!r}: a list mixes kinds of values ({values!r}); give items of one kind")
 
 
 def _fit(key: str, value: Any, vtype: GGUFValueType, carried: GGUFField | None) -> Any:
@@ -161,8 +161,6 @@ def _fit(key: str, value: Any, vtype: GGUFValueType, carried: GGUFField | None) 
         raise ConfigError(f"metadata {key!r}: {value} does not fit {name} (from {low} to {high - 1})")
     if name in ("FLOAT32", "FLOAT64") and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
-    if name == "ARRAY":
-        raise ConfigError(f"metadata {key!r}: a list mixes kinds of values ({value!r}); give items of one kind")
     raise _misfit(key, value, carried, f"a {name} value")
 
 
