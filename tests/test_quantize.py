@@ -255,3 +255,14 @@ def test_gemma_with_q8_0_ffn_down_loads_in_transformers_with_close_logits(gemma_
     assert not torch.equal(logits[0], logits[1])  # the ffn_down weights did change
     assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
     assert torch.allclose(torch.softmax(logits[0], -1), torch.softmax(logits[1], -1), atol=2e-2)
+
+
+def test_loading_into_a_module_refuses_a_block_type(tmp_path: Path) -> None:
+    source, values = _floats(tmp_path / "s.safetensors")
+    model = torch.nn.Module()
+    model.register_buffer("w", torch.zeros(4, 256))
+    with pytest.raises(ConfigError, match="quantize: module has no Q8_0 type"):
+        sb.load_into(model, source, [sb.Quantize({"w": "Q8_0"}), sb.Drop(keys=["norm", "ids"])])
+    assert torch.equal(model.w, torch.zeros(4, 256))
+    sb.load_into(model, source, [sb.Quantize({"w": "BF16"}), sb.Drop(keys=["norm", "ids"])])  # a dtype: cast on loading
+    assert torch.equal(model.w, torch.from_numpy(values).to(torch.bfloat16).float())

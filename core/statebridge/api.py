@@ -266,6 +266,7 @@ def load_into(
     with open_source(source) as src:
         built = plan(src, pipeline)
         writer = ModuleWriter(model, strict=strict, share=share, source=src)
+        fit_types(built, writer)  # a module holds no block types: a quantize to one is refused, not skipped
         try:
             execute(built, writer, progress=progress, max_memory=max_memory, workers=workers)
             writer.finish()
