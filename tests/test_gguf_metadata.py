@@ -194,3 +194,12 @@ def test_gemma_edits_read_back_by_gguf(edited: Path) -> None:
     assert fields["gemma3.context_length"] == ([V.UINT32], 8192)
     assert "general.license" not in fields and "general.tags" not in fields
     assert fields["gemma3.embedding_length"] == ([V.UINT32], 640)
+
+
+def test_the_order_of_metadata_changes_neither_bytes_nor_fingerprint(tmp_path: Path) -> None:
+    source = _gguf_with_fields(tmp_path / "s.gguf")
+    forward = {"custom.a": 1, "custom.b": "x", "general.name": "n"}
+    backward = dict(reversed(list(forward.items())))
+    sb.run(source, None, tmp_path / "f.gguf", metadata=forward)
+    sb.run(source, None, tmp_path / "b.gguf", metadata=backward)
+    assert (tmp_path / "f.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from ..planning.plan import Plan
     from ..readers.gguf import GGUFField
     from .base import Writer
+    from .gguf import GGUFWriter
 
 CHECK = "plan.metadata"
 
@@ -83,10 +84,12 @@ def _not_carried(key: str, writer: Writer) -> ConfigError:
     return ConfigError(f"metadata {key!r}: cannot delete it: the source carries no such field into {writer.format}")
 
 
-def _edit_gguf(writer: Any, edits: Mapping[str, MetadataValue]) -> None:
+def _edit_gguf(writer: GGUFWriter, edits: Mapping[str, MetadataValue]) -> None:
+    """Deletions leave the source's fields; sets become typed ``fields`` (which win over them), new ones in key order,
+    so two configs that differ only in the order of their ``metadata:`` (one fingerprint) write the same bytes."""
     from .gguf import ALIGNMENT_KEY, ARCHITECTURE_KEY
 
-    for key, value in edits.items():
+    for key, value in sorted(edits.items()):
         if value is None:
             if key == ARCHITECTURE_KEY:
                 raise ConfigError(
