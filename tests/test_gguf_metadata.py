@@ -203,3 +203,9 @@ def test_the_order_of_metadata_changes_neither_bytes_nor_fingerprint(tmp_path: P
     sb.run(source, None, tmp_path / "f.gguf", metadata=forward)
     sb.run(source, None, tmp_path / "b.gguf", metadata=backward)
     assert (tmp_path / "f.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    save_file({"w": torch.ones(2)}, tmp_path / "s.safetensors")
+    text = {"b": "1", "a": "2"}
+    sb.run(tmp_path / "s.safetensors", None, tmp_path / "f.safetensors", metadata=text)
+    sb.run(tmp_path / "s.safetensors", None, tmp_path / "b.safetensors", metadata=dict(reversed(list(text.items()))))
+    assert (tmp_path / "f.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert sb.plan(source, None, metadata=forward).fingerprint == sb.plan(source, None, metadata=backward).fingerprint

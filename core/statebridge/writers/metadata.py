@@ -58,11 +58,13 @@ def edit_metadata(writer: Writer, metadata: Mapping[str, object] | None) -> None
     """Set and delete ``metadata``'s fields on ``writer``, after it took in what the source carries (``carry``).
 
     Refuses, with one line naming the field, what the target cannot store or a deletion of
-    a field the source does not carry; nothing has been written when it does.
+    a field the source does not carry; nothing has been written when it does.  New fields
+    are added in key order, so two configs that differ only in the order of their
+    ``metadata:`` (one fingerprint) write the same bytes.
     """
     from .gguf import GGUFWriter
 
-    edits = user_metadata(metadata)
+    edits = dict(sorted(user_metadata(metadata).items()))
     if isinstance(writer, GGUFWriter):
         _edit_gguf(writer, edits)
         return
@@ -85,11 +87,10 @@ def _not_carried(key: str, writer: Writer) -> ConfigError:
 
 
 def _edit_gguf(writer: GGUFWriter, edits: Mapping[str, MetadataValue]) -> None:
-    """Deletions leave the source's fields; sets become typed ``fields`` (which win over them), new ones in key order,
-    so two configs that differ only in the order of their ``metadata:`` (one fingerprint) write the same bytes."""
+    """Deletions leave out the source's fields; sets become typed ``fields``, which win over them."""
     from .gguf import ALIGNMENT_KEY, ARCHITECTURE_KEY
 
-    for key, value in sorted(edits.items()):
+    for key, value in edits.items():
         if value is None:
             if key == ARCHITECTURE_KEY:
                 raise ConfigError(
