@@ -419,7 +419,7 @@ def test_safetensors_metadata_is_carried_and_statebridge_keys_are_replaced(tmp_p
     stored = _st_metadata(tmp_path / "o.safetensors")
     assert stored["origin"] == "llama-3" and stored["format"] == "pt"
     assert stored["license"] == "apache-2.0" and stored["note"] == "converted"  # the run's metadata wins
-    assert stored[FINGERPRINT_KEY] == sb.plan(source, steps).fingerprint
+    assert stored[FINGERPRINT_KEY] == sb.plan(source, steps, metadata={"license": "apache-2.0", "note": "converted"}).fingerprint
     assert json.loads(stored[LINEAGE_KEY]) == {"A": {"from": ["a"], "ops": ["rename"]}}
     assert "statebridge.custom" not in stored and stored[VERSION_KEY] == sb.__version__
 
@@ -448,9 +448,10 @@ def test_sharded_metadata_is_carried_and_total_size_recomputed(sharded: Path, tm
         ({"statebridge.fingerprint": "0" * 64}, "'statebridge.fingerprint' is reserved"),
         ({"statebridge.lineage": "{}"}, "'statebridge.lineage' is reserved"),
         ({"statebridge.anything": "x"}, "'statebridge.anything' is reserved"),
-        ({"a": 1}, "metadata 'a': the value 1 is a int, not a string"),
-        ({"a": None}, "metadata 'a': the value None is a NoneType"),
-        ({"a": ["x"]}, "is a list, not a string"),
+        ({"a": {"b": 1}}, "metadata 'a': the value {'b': 1} is a dict"),
+        ({"a": [["x"]]}, "metadata 'a': an item ['x'] is a list"),
+        ({"a": []}, "metadata 'a': the value is an empty list"),
+        ({"a": None}, "metadata 'a': cannot delete it: the source carries no such field"),
         ({1: "x"}, "metadata key 1 is a int, not a string"),
         ({"a": "\ud800"}, "metadata 'a': the value holds"),
     ],
@@ -524,7 +525,8 @@ def test_gguf_to_gguf_keeps_every_field_with_its_type(tmp_path: Path) -> None:
     assert out.fields["general.architecture"] == "llama"
     assert out.fields["general.name"] == "renamed"  # the run's metadata wins
     assert out.fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0  # blk.1.w kept its Q8_0 blocks
-    assert out.fields[FINGERPRINT_KEY] == fingerprint(sb.Pipeline([sb.Rename(pattern="norm", to="output_norm.weight")]), installed().providers())
+    steps = sb.Pipeline([sb.Rename(pattern="norm", to="output_norm.weight")])
+    assert out.fields[FINGERPRINT_KEY] == fingerprint(steps, installed().providers(), metadata={"general.name": "renamed"})
     # and gguf's own reader agrees
     reader = gguf.GGUFReader(tmp_path / "o.gguf")
     assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "llama"

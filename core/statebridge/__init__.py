@@ -43,6 +43,7 @@ _PUBLIC = {
     "Stack": "transforms.combine", "Unstack": "transforms.combine",
     "Transpose": "transforms.layout", "Permute": "transforms.layout", "Reshape": "transforms.layout",
     "Cast": "transforms.values", "ValueOp": "transforms.values", "AdaptShapes": "transforms.adapt",
+    "Quantize": "transforms.quantize",
     "Pipeline": "transforms.composite", "Sequential": "transforms.composite", "Parallel": "transforms.composite",
     "Scope": "transforms.composite",
     "TensorMeta": "tensors.meta", "DType": "tensors.meta", "KeyPattern": "tensors.patterns",
@@ -102,6 +103,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .transforms.composite import Parallel, Pipeline, Scope, Sequential
     from .transforms.layout import Permute, Reshape, Transpose
     from .transforms.matching import bind, require, select
+    from .transforms.quantize import Quantize
     from .transforms.rename import Drop, Identity, Rename, identity_from_module
     from .transforms.values import Cast, ValueOp
     from .trust.coverage import Requirements

@@ -30,7 +30,7 @@ from .plugins import Plugins, installed
 from .readers import SourceLike, open_source
 from .tensors.meta import human_bytes
 from .tensors.patterns import describe_keys
-from .tensors.provenance import COMPANIONS_KEY, user_metadata
+from .tensors.provenance import COMPANIONS_KEY
 from .transforms.base import Transform
 from .transforms.composite import Pipeline, build_steps
 from .trust.companions import fit_target
@@ -39,6 +39,7 @@ from .trust.coverage import target_spec
 from .trust.findings import validate
 from .trust.gates import Gates
 from .writers.base import Writer
+from .writers.metadata import edit_metadata
 from .writers.module import ModuleWriter
 
 if TYPE_CHECKING:
@@ -112,19 +113,20 @@ def target_writer(
     *,
     format: str | None = None,
     shard_size: int | None = None,
-    metadata: Mapping[str, str] | None = None,
+    metadata: Mapping[str, object] | None = None,
 ) -> Writer:
     """The writer that will write ``plan`` to ``target``, with what it stores beside the tensors.
 
-    That is the source's own metadata where the writer's format can carry it, then
-    ``metadata`` (text, no ``statebridge.*`` key), then the run's provenance.
+    That is the source's own metadata where the writer's format can carry it, with
+    ``metadata``'s fields set or deleted over it (:mod:`statebridge.writers.metadata`),
+    and the run's provenance.
     """
     target = Path(target)
-    stored = {**provenance(plan.fingerprint, plan.lineage), **user_metadata(metadata)}
-    writer = writer_for(target, format)(target, metadata=stored, shard_size=shard_size)
+    writer = writer_for(target, format)(target, metadata=provenance(plan.fingerprint, plan.lineage), shard_size=shard_size)
     writer.source_offsets = plan.raw_offsets()
     writer.lineage = plan.lineage
     writer.carry(plan.source)
+    edit_metadata(writer, metadata)
     fit_types(plan, writer)
     fit_target(plan, writer)
     if plan.folder is not None and plan.folder.carried:  # so a later run knows these files as its own to replace
@@ -265,6 +267,7 @@ def load_into(
     with open_source(source) as src:
         built = plan(src, pipeline)
         writer = ModuleWriter(model, strict=strict, share=share, source=src)
+        fit_types(built, writer)  # a module holds no block types: a quantize to one is refused, not skipped
         try:
             execute(built, writer, progress=progress, max_memory=max_memory, workers=workers)
             writer.finish()

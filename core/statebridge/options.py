@@ -76,8 +76,10 @@ class PlanOptions(BaseModel):
     shard_size: int | None = Field(
         None, description="largest shard of a folder target, e.g. 2GB", json_schema_extra=cli("--shard-size", metavar="SIZE")
     )
-    metadata: dict[str, str] = Field(
-        default_factory=dict, description="text metadata stored in the output (no statebridge.* key: those are the run's provenance)"
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="metadata fields to set in the output (text; numbers, booleans and lists for GGUF) or, given null, "
+        "to delete from what the source carries (no statebridge.* key: those are the run's provenance)",
     )
 
     @field_validator("require", mode="before")
@@ -89,7 +91,7 @@ class PlanOptions(BaseModel):
     @classmethod
     def _metadata(cls, value: Any) -> Any:
         if value is not None and not isinstance(value, Mapping):
-            raise ConfigError(f"metadata must be a mapping of text to text, not {type(value).__name__}")
+            raise ConfigError(f"metadata must be a mapping of field names to values, not {type(value).__name__}")
         return user_metadata(value)
 
     @field_validator("shard_size", mode="before")

@@ -292,7 +292,7 @@ class _Run:
             _check(key, tensor, meta)
             self.sink.write(key, tensor)
             self.stats.tensors_written += 1
-            self.stats.bytes_written += meta.nbytes
+            self.stats.bytes_written += meta.stored_nbytes if meta.encode else meta.nbytes  # quantize: its blocks
             self.bar.update(meta.nbytes)
 
 

@@ -4,7 +4,8 @@ The fingerprint is a sha256 over the canonical form of the pipeline: every
 step's transform name, its version, the distribution and version of the plugin
 that provides it, and its parameters.  Lists keep their order (step order,
 input order matter); mapping keys are sorted (their order does not).  When the source
-is a model folder, the edits the steps make to its config.json are part of it too.  Paths of
+is a model folder, the edits the steps make to its config.json are part of it too, and so
+are the metadata fields a run sets or deletes (``metadata:``).  Paths of
 the source and target are not part of it, so the same config gives the same
 fingerprint on any machine.
 
@@ -45,11 +46,19 @@ def canonical(transform: Transform, providers: Mapping[str, str]) -> dict[str, A
     }
 
 
-def fingerprint(pipeline: Transform, providers: Mapping[str, str], config_edits: Mapping[str, Any] | None = None) -> str:
-    """sha256 (hex) of the pipeline's canonical form, with the core's version and the config.json edits it makes."""
+def fingerprint(
+    pipeline: Transform,
+    providers: Mapping[str, str],
+    config_edits: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> str:
+    """sha256 (hex) of the pipeline's canonical form, with the core's version, the config.json edits it makes
+    and the metadata fields the run sets or deletes."""
     document: dict[str, Any] = {"statebridge": __version__, "pipeline": canonical(pipeline, providers)}
     if config_edits:  # absent when there are none, so a plain checkpoint's fingerprint is as before
         document["config_edits"] = dict(config_edits)
+    if metadata:  # likewise: a run without metadata edits keeps its fingerprint
+        document["metadata"] = dict(metadata)
     text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     # surrogatepass: a parameter holding a lone surrogate still hashes (the step refuses it with its own message)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()

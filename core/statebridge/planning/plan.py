@@ -157,7 +157,7 @@ class Plan:
         """sha256 of the pipeline's canonical form (see :mod:`statebridge.planning.fingerprint`)."""
         from .fingerprint import fingerprint
 
-        return fingerprint(self.pipeline, self.providers, self.folder.edits if self.folder else None)
+        return fingerprint(self.pipeline, self.providers, self.folder.edits if self.folder else None, self.options.get("metadata"))
 
     @property
     def changed(self) -> dict[str, tuple[str, ...]]:
@@ -199,7 +199,7 @@ class Plan:
             lines.extend(_section("unchanged (no step touched them)", self.unmapped, verbose))
         stored: dict[str, int] = {}
         for meta in self.outputs.values():
-            if meta.stored:
+            if meta.stored and not meta.encode:
                 stored[meta.stored] = stored.get(meta.stored, 0) + 1
         if stored:
             how = {
@@ -243,7 +243,7 @@ def _stored_only_if_carried(key: str, meta: TensorMeta, group: Group, metas: Map
     A step that passes its input's meta along but changes the values (a scale, say)
     computes the output in float: it must not claim the source's blocks.
     """
-    if not meta.stored:
+    if not meta.stored or meta.encode:  # a type a step asked for (quantize) is written whatever made the values
         return meta
     pieces = group.pieces.get(key) if group.pieces else None
     if pieces and len(pieces) == 1:

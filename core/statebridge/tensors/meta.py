@@ -136,11 +136,16 @@ class TensorMeta:
     carried unchanged (its meta passed along by a rename) keeps it and can be copied as
     its raw blocks into a format that has the type, while a tensor a step computes gets
     a fresh meta without it and is written in ``dtype``.
+
+    ``encode`` marks a ``stored`` type that a step asked for (``quantize``) rather than
+    one a source holds: the values are computed in ``dtype`` and a writer that stores the
+    type encodes them into it; such a meta is kept whatever the group that made it.
     """
 
     shape: tuple[int, ...]
     dtype: DType
     stored: str | None = None
+    encode: bool = False
     #: element count and bytes in ``dtype``, computed once: planning asks for them per tensor, often
     numel: int = field(init=False, repr=False, compare=False)
     nbytes: int = field(init=False, repr=False, compare=False)
@@ -167,7 +172,7 @@ class TensorMeta:
         return cls(tuple(tensor.shape), DType.of(tensor.dtype))
 
     def __str__(self) -> str:
-        stored = f" (stored {self.stored})" if self.stored else ""
+        stored = f" ({'quantized to' if self.encode else 'stored'} {self.stored})" if self.stored else ""
         return f"{dtype_name(self.dtype)}{list(self.shape)}{stored}"
 
 

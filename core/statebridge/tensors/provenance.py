@@ -29,14 +29,21 @@ def is_reserved(key: str) -> bool:
     return key.startswith(RESERVED_PREFIX)
 
 
-def user_metadata(metadata: Mapping[str, object] | None) -> dict[str, str]:
-    """A caller's ``metadata`` for the output, checked: text keys to text values, none of them statebridge's own.
+#: a metadata value a caller may give: text (every format), a number, boolean or list of one kind (GGUF
+#: fields), or None, which deletes a field the output would carry from the source
+MetadataValue = str | bool | int | float | list | None
 
-    Values are refused rather than converted: ``{"a": 1}`` could mean ``"1"`` or ``"1.0"``
-    or JSON, and every format statebridge writes stores metadata as strings.  A reserved
-    key is refused because it would forge the run's provenance.
+
+def user_metadata(metadata: Mapping[str, object] | None) -> dict[str, MetadataValue]:
+    """A caller's ``metadata`` for the output, checked: text keys, none of them statebridge's own, and plain values.
+
+    A value is text (what every format stores), a number, a boolean or a non-empty list
+    of one of them (typed GGUF fields; a text format refuses them when the target is
+    known, see :mod:`statebridge.writers.metadata`), or None, which deletes a field the
+    source carries.  Nothing is converted: ``{"a": 1}`` stays a number, never ``"1"``.
+    A reserved key is refused because it would forge the run's provenance.
     """
-    checked: dict[str, str] = {}
+    checked: dict[str, MetadataValue] = {}
     for key, value in (metadata or {}).items():
         problem = key_problem(key)
         if problem:
@@ -46,16 +53,27 @@ def user_metadata(metadata: Mapping[str, object] | None) -> dict[str, str]:
                 f"metadata key {key!r} is reserved: statebridge writes {RESERVED_PREFIX}* itself "
                 "(version, fingerprint, lineage); choose another name"
             )
-        if not isinstance(value, str):
-            raise ConfigError(
-                f"metadata {key!r}: the value {value!r} is a {type(value).__name__}, not a string; "
-                "metadata values are strings (write str(value) or json.dumps(value) yourself)"
-            )
-        problem = key_problem(value)
-        if problem:
-            raise ConfigError(f"metadata {key!r}: the value {problem}")
+        if isinstance(value, list):
+            if not value:
+                raise ConfigError(f"metadata {key!r}: the value is an empty list, which no format can store")
+            for item in value:
+                _check_value(key, item, "an item")
+        elif value is not None:
+            _check_value(key, value, "the value")
         checked[key] = value
     return checked
+
+
+def _check_value(key: str, value: object, what: str) -> None:
+    if isinstance(value, str):
+        problem = key_problem(value)
+        if problem:
+            raise ConfigError(f"metadata {key!r}: {what} {problem}")
+    elif not isinstance(value, bool | int | float):
+        raise ConfigError(
+            f"metadata {key!r}: {what} {value!r} is a {type(value).__name__}; a value is text, a number, a boolean, "
+            "a list of one of them, or null to delete the field"
+        )
 
 
 def read_lineage(text: str | None) -> tuple[dict[str, dict[str, list[str]]], str | None]:

@@ -9,10 +9,11 @@ def register_transforms(register):
     from .adapt import AdaptShapes
     from .combine import Chunk, Concat, Split, Stack, Unstack
     from .composite import Parallel, Pipeline, Scope
+    from .quantize import Quantize
     from .layout import Permute, Reshape, Transpose
     from .rename import Drop, Identity, Rename
     from .values import Cast, ValueOp
 
     for cls in (Rename, Identity, Drop, Concat, Split, Chunk, Stack, Unstack, Transpose, Permute, Reshape, Cast, ValueOp,
-                AdaptShapes, Pipeline, Parallel, Scope):
+                Quantize, AdaptShapes, Pipeline, Parallel, Scope):
         register(cls)

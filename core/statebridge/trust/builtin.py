@@ -17,11 +17,14 @@ if TYPE_CHECKING:
 @hookimpl
 def validate_plan(plan: Any) -> Iterable[Finding]:
     """Report what the plan changes that a reader of the config might not expect."""
-    from . import companions, coverage
+    from ..writers import metadata
+    from . import companions, coverage, quantized
     from .findings import Finding
 
     findings = coverage.findings(plan)
     findings.extend(companions.findings(plan))
+    findings.extend(quantized.type_changes(plan))
+    findings.extend(metadata.findings(plan))
     findings.extend(Finding("warning", message, "core.collision") for message in plan.collisions)
     if plan.dropped:
         findings.append(Finding("info", f"{len(plan.dropped)} source tensors are dropped on purpose", "core.dropped"))

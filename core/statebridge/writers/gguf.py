@@ -277,11 +277,18 @@ class GGUFWriter(Writer):
         meta, offset = self._slot(key)
         if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
             raise ExecutionError(f"{self.path}: {key!r} is {TensorMeta.of(tensor)} but begin() announced {meta}")
-        if meta.stored:
+        if meta.stored and not meta.encode:
             raise ExecutionError(f"{self.path}: {key!r} was announced as {meta.stored} blocks, which only write_raw can fill")
         if meta.nbytes:
-            # little-endian row-major bytes straight from the tensor's memory (x86/ARM hosts are little-endian)
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            if meta.encode:  # a type a quantize step asked for: the gguf library's own blocks of the float values
+                from gguf.quants import quantize
+
+                data = quantize(tensor.detach().to("cpu").contiguous().numpy(), GGMLQuantizationType[meta.stored]).reshape(-1)
+                if data.nbytes != self._nbytes[key]:
+                    raise ExecutionError(f"{self.path}: {key!r} encoded to {data.nbytes} bytes of {meta.stored}, not {self._nbytes[key]}")
+            else:
+                # little-endian row-major bytes straight from the tensor's memory (x86/ARM hosts are little-endian)
+                data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             try:
                 self._file.seek(offset)
                 self._file.write(memoryview(data))
