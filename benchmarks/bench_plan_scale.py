@@ -21,16 +21,16 @@ Each reports wall time and peak RSS (``ru_maxrss`` of the child); medians and ra
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import struct
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, measure  # noqa: E402
+
+from statebridge.testing import write_many_tensors  # noqa: E402
 
 PLAIN = """
 import json, struct, sys, time
@@ -50,38 +50,6 @@ assert len(plan.outputs) == int(sys.argv[2]), len(plan.outputs)
 """
 
 
-def moe_checkpoint(path: Path, tensors: int) -> int:
-    """Write a header-heavy safetensors file of about ``tensors`` tiny tensors; return how many."""
-    layers = 64
-    experts = max(1, (tensors - 2 - 6 * layers) // (3 * layers))
-    header: dict[str, dict[str, object]] = {}
-    offset = 0
-
-    def add(key: str, shape: list[int]) -> None:
-        nonlocal offset
-        nbytes = 2
-        for d in shape:
-            nbytes *= d
-        header[key] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-
-    add("model.embed_tokens.weight", [8, 4])
-    for layer in range(layers):
-        for expert in range(experts):
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                add(f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight", [2, 4])
-        for proj in "qkvo":
-            add(f"model.layers.{layer}.self_attn.{proj}_proj.weight", [4, 4])
-        add(f"model.layers.{layer}.input_layernorm.weight", [4])
-        add(f"model.layers.{layer}.mlp.gate.weight", [8, 4])
-    add("lm_head.weight", [8, 4])
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw + bytes(offset))
-    return len(header)
-
-
 def run_case(command: list[str]) -> tuple[float, float, float | None]:
     """Wall seconds, peak RSS in MB, and the seconds the case printed for its timed part (if it did)."""
     wall, peak, text = measure(command)
@@ -96,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = Path(folder) / "moe.safetensors"
-        count = moe_checkpoint(checkpoint, args.tensors)
+        count = write_many_tensors(checkpoint, args.tensors)
         out = Path(folder) / "out.safetensors"
         os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # the cases run from cached bytecode, as installed code does
         python, statebridge = sys.executable, [sys.executable, "-m", "statebridge"]

@@ -10,6 +10,7 @@ it; :func:`run_cli` runs the real command line in a fresh process.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -111,6 +112,43 @@ def write_llama(
 
     run(GeneratedLlama(shape, dtype, seed), None, path, shard_size=shard_size, progress=False)
     return Path(path)
+
+
+def write_many_tensors(path: str | os.PathLike[str], tensors: int = 200_000, layers: int = 64) -> int:
+    """Write a header-heavy safetensors file of about ``tensors`` tiny float16 tensors; return how many.
+
+    Laid out like a mixture-of-experts checkpoint (``model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight``,
+    attention, norms, embeddings), each tensor a few bytes of zeros: the cost of planning it is
+    the cost of its header, which is what large-plan tests and benchmarks measure.
+    """
+    import json
+    import struct
+
+    experts = max(1, -(-(tensors - 2 - 6 * layers) // (3 * layers)))  # rounded up: at least ``tensors``
+    header: dict[str, dict[str, object]] = {}
+    offset = 0
+
+    def add(key: str, shape: list[int]) -> None:
+        nonlocal offset
+        nbytes = 2 * math.prod(shape)
+        header[key] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+
+    add("model.embed_tokens.weight", [8, 4])
+    for layer in range(layers):
+        for expert in range(experts):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                add(f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight", [2, 4])
+        for proj in "qkvo":
+            add(f"model.layers.{layer}.self_attn.{proj}_proj.weight", [4, 4])
+        add(f"model.layers.{layer}.input_layernorm.weight", [4])
+        add(f"model.layers.{layer}.mlp.gate.weight", [8, 4])
+    add("lm_head.weight", [8, 4])
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + bytes(offset))
+    return len(header)
 
 
 def assert_plugin_loads(entry_point: str, distribution: str) -> PluginInfo:
