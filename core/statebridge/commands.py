@@ -77,8 +77,9 @@ def _overrides(kwargs: dict[str, Any], override_source: bool) -> dict[str, Any]:
     return {k: (str(Path(v).absolute()) if k in paths else v) for k, v in kwargs.items() if v is not None}
 
 
-def _print(as_json: bool, data: Any, text: str) -> None:
-    click.echo(json.dumps(data, indent=2) if as_json else text)
+def _print(as_json: bool, data: Callable[[], Any], text: Callable[[], str]) -> None:
+    """Print the JSON form or the text; only the one printed is built (a plan of 200,000 tensors takes seconds to render)."""
+    click.echo(json.dumps(data(), indent=2) if as_json else text())
 
 
 CONFIG = click.argument("config", type=click.Path(dir_okay=False))
@@ -120,7 +121,7 @@ def plan(config: str, verbose: bool, as_json: bool, **kwargs: Any) -> None:
     built = make_plan(settings.source, settings.pipeline(), **settings.options(PlanOptions))
     writer = target_writer(built, settings.target, format=settings.format, shard_size=settings.shard_size, metadata=settings.metadata) if settings.target else None
     built.estimate = estimate(built, settings.target, writer)
-    _print(as_json, built.to_dict(), built.render(verbose))
+    _print(as_json, built.to_dict, lambda: built.render(verbose))
 
 
 @click.command(cls=OptionsCommand, options=_option_flags("RunOptions"))
@@ -170,7 +171,7 @@ def run(config: str, verbose: bool, as_json: bool, dry_run: bool, inverse: bool,
     if speaks:
         built.estimate = estimate(built, settings.target, writer)
     if speaks and (dry_run or not as_json):
-        _print(as_json, {**built.to_dict(), "target": str(verdict)}, f"{built.render(verbose)}\n  target: {verdict}")
+        _print(as_json, lambda: {**built.to_dict(), "target": str(verdict)}, lambda: f"{built.render(verbose)}\n  target: {verdict}")
     if dry_run:
         if speaks and not as_json:
             click.echo("dry run: nothing was written")
@@ -181,7 +182,7 @@ def run(config: str, verbose: bool, as_json: bool, dry_run: bool, inverse: bool,
         raise ExecutionError(str(e)) from None
     if speaks:
         done = {"target": str(report.target), "files": [str(f) for f in report.files], "replaced": report.replaced}
-        _print(as_json, done, report.render())
+        _print(as_json, lambda: done, report.render)
 
 
 @click.command()
@@ -197,7 +198,7 @@ def inspect(path: str, as_json: bool, lineage: bool) -> None:
     from .analysis import analyze
 
     report = analyze("summary", path)
-    _print(as_json, report.to_dict(), report.render())
+    _print(as_json, report.to_dict, report.render)
     if lineage and not as_json:
         recorded = report.data.get("lineage", {})
         click.echo("lineage:" if recorded else "lineage: none recorded")
@@ -218,7 +219,7 @@ def analyze(analysis: str, paths: tuple[str, ...], as_json: bool) -> None:
     from .analysis import analyze as run_analysis
 
     report = run_analysis(analysis, *paths)
-    _print(as_json, report.to_dict(), report.render())
+    _print(as_json, report.to_dict, report.render)
 
 
 @click.command()

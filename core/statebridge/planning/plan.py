@@ -118,6 +118,11 @@ class Plan:
                 if span is not None:
                     found[key] = [span]
                 continue
+            if len(pieces) == 1 and pieces[0].offset == 0:  # a whole tensor, renamed: its own span, if it is all of it
+                whole = self.source.raw_span(pieces[0].key)
+                if whole is not None and whole.length == pieces[0].length == group.outputs[key].nbytes:
+                    found[key] = [whole]
+                    continue
             spans = []
             for piece in pieces:
                 whole = self.source.raw_span(piece.key)
