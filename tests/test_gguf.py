@@ -200,7 +200,7 @@ def test_opening_reads_no_tensor_data(plain_gguf, monkeypatch) -> None:
     path, _ = plain_gguf
     monkeypatch.setattr(gguf.quants, "dequantize", lambda *a, **k: pytest.fail("dequantized while opening"))
     source = GGUFSource(path)
-    assert source._mmap is None  # the data map is created by the first load
+    assert not source._maps  # the data maps are created by the first load
     source.close()
 
 
