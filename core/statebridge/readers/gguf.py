@@ -379,7 +379,7 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFSource:
         if _split_keys(header) != (index, count, total):
             raise SourceError(
                 part, f"is not part {index + 1} of {count} of {path.name}: its split keys say "
-                f"{_describe_split(_split_keys(header))}, the first part's say {_describe_split((index, count, total))}"
+                f"{_describe_split(_split_keys(header))} where {_describe_split((index, count, total))} was expected"
             )
         mine, theirs = (h.fields.get(FINGERPRINT_KEY) for h in (header, first))
         if mine is not None and theirs is not None and mine != theirs:
