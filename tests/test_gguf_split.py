@@ -212,3 +212,19 @@ def test_split_rename_imports_no_torch(single: Path, tmp_path: Path) -> None:
     out = open_source(tmp_path / "out")
     assert len(out.parts) >= 3 and "blk.3.norm.weight" in out.metas()
     assert sum(qtype == "Q8_0" for qtype in out.gguf_types.values()) == 4
+
+
+def test_every_part_keeps_a_custom_alignment(single: Path, tmp_path: Path) -> None:
+    """Readers assume 32 in a part without general.alignment: each part must say it."""
+    target = tmp_path / "split"
+    _split_run(single, target, metadata={"general.alignment": "64"})
+    parts = sorted(target.iterdir())
+    assert len(parts) >= 3
+    for part in parts:
+        reader = gguf.GGUFReader(part)
+        assert reader.fields["general.alignment"].contents() == 64
+        assert all(t.data_offset % 64 == 0 for t in reader.tensors)
+        assert len([f for f in reader.fields.values() if f.name.startswith("split.")]) == 3  # no key twice
+    assert _stored(open_source(target)) == {
+        k.replace("attn_q.", "attn_q_renamed.") if k.startswith("blk.0.") else k: v for k, v in _stored(GGUFSource(single)).items()
+    }

@@ -23,7 +23,8 @@ past ``shard_size``, tensors are never cut, and a tensor larger than ``shard_siz
 part of its own.  Every part holds ``split.no`` (u16, from 0), ``split.count`` (u16) and
 ``split.tensors.count`` (i32), after the model's key-values in the first part; the other
 parts hold nothing else but ``general.alignment`` where it is not the default and the run's
-``statebridge.*`` provenance (so that a later run knows them as its own to replace).
+``statebridge.fingerprint`` (so that a later run knows them as its own to replace, and a
+reader tells a part of another run).
 :func:`~statebridge.readers.gguf.open_gguf` reads the set back as one source.
 
 Computed tensors are stored unquantized in their own dtype: F32, F16, BF16,
@@ -66,7 +67,7 @@ from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GGMLQuantizat
 from gguf import GGUFWriter as _LibWriter
 
 from ..errors import ConfigError, ExecutionError
-from ..tensors.provenance import is_reserved
+from ..tensors.provenance import FINGERPRINT_KEY, is_reserved
 from ..readers.base import RawSpan, Source
 from ..readers.gguf import SPLIT_COUNT_KEY, SPLIT_NO_KEY, SPLIT_TENSORS_KEY, GGUFField, GGUFSource
 from ..tensors.meta import DTYPES, DType, TensorMeta, dtype_name
@@ -208,9 +209,11 @@ class GGUFWriter(Writer):
         parts = self._split(metas, alignment)
         if ALIGNMENT_KEY in kv:
             kv[ALIGNMENT_KEY] = GGUFField(alignment, GGUFValueType.UINT32)  # the type the format requires
+        if self.shard_size is not None:  # the parts' own split keys are added below, once
+            kv = {k: v for k, v in kv.items() if k not in _SPLIT_KEYS}
         try:
             encoded = self._encoded_key_values(kv)
-            shared = self._encoded_key_values({k: v for k, v in kv.items() if k == ALIGNMENT_KEY or is_reserved(k)})
+            shared = self._encoded_key_values({k: v for k, v in kv.items() if k in (ALIGNMENT_KEY, FINGERPRINT_KEY)})
             for index, part in enumerate(parts):
                 if self.shard_size is None:
                     fields = encoded
