@@ -15,7 +15,7 @@ with numpy) and F16 values, in a Llama-2-7B-wide layout (hidden 4096, feed-forwa
 32,000-token vocabulary) cut to 10 layers.  Both sources stay in the page cache, as after a
 download; outputs and the built file are deleted at the end.
 
-    .venv/bin/python benchmarks/gguf_rename.py [--repeat 3] [--only gemma,large] [--dir /tmp]
+    .venv/bin/python benchmarks/gguf_rename.py [--repeat 3] [--only gemma,large] [--dir /tmp] [--before OLD/core]
 """
 
 from __future__ import annotations
@@ -82,22 +82,26 @@ def build_large(path: Path) -> Path:
     return path
 
 
-def cases(source: Path, out: Path, folder: Path, first: str) -> list[tuple[str, list[str]]]:
+def cases(source: Path, out: Path, folder: Path, first: str, before: str | None) -> list[tuple[str, list[str]]]:
     config = folder / f"{source.stem}.yaml"
     config.write_text(f"source: {source}\ntarget: {out}\nsteps:\n  - rename: {{mapping: {{{first}: renamed.weight}}}}\n")
     statebridge = [sys.executable, "-m", "statebridge", "run", str(config), "--no-progress"]
-    return [
+    out_cases = [
         (BASELINE, ["sh", "-c", f"cp '{source}' '{out}' && sync"]),
         ("cp", ["cp", str(source), str(out)]),
         ("statebridge run", statebridge),
         ("statebridge run --no-fsync", [*statebridge, "--no-fsync"]),
     ]
+    if before is not None:  # another version of statebridge, measured in the same rounds
+        out_cases.append(("statebridge run (--before)", ["env", f"PYTHONPATH={before}", *statebridge]))
+    return out_cases
 
 
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--only", default="gemma,large", help="sources, comma-separated (default: gemma,large)")
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where to build the sources and write the outputs")
+    p.add_argument("--before", help="the core/ folder of another statebridge version (e.g. from git archive) to measure beside")
     args = p.parse_args()
     only = args.only.split(",")
     folder = Path(tempfile.mkdtemp(prefix="gguf-rename-", dir=args.dir))
@@ -117,7 +121,7 @@ def main() -> None:
             first = next(iter(GGUFSource(source).metas()))
             _read_through(source)
             out = folder / "out.gguf"
-            results = compare(cases(source, out, folder, first), args.repeat, remove(out))
+            results = compare(cases(source, out, folder, first, args.before), args.repeat, remove(out))
             size = source.stat().st_size
             print(table(f"{source.name}: {size / 1e9:.2f} GB, one tensor renamed, median of {args.repeat}", results,
                         {"time ÷ cp+sync": ("wall", BASELINE), "time ÷ cp": ("wall", "cp")}))
