@@ -23,6 +23,15 @@ Q5_0, Q6_K, Q8_0, ...) are dequantized to float32 on each load, and
 a plan that leaves such a tensor unchanged copies its blocks, bytes and type, into a
 GGUF target (:meth:`GGUFSource.stored_span`).  The stored GGML type of every tensor is
 in :attr:`GGUFSource.gguf_types`.
+
+Array fields (a vocabulary of a quarter of a million strings, its scores) are checked while
+the header is read but kept as the bytes the file stores, and decoded only when someone asks
+for their value (:class:`GGUFField`): opening Gemma 3's header takes a few hundredths of a
+second, and a GGUF target writes the bytes back as they were.
+
+A split GGUF (llama.cpp's ``NAME-00001-of-0000N.gguf`` parts) is opened through its first
+part by :func:`open_gguf` as one source: every tensor of every part, the first part's
+key-values; ``GGUFSource(path)`` alone reads one file, a part as the file it is.
 """
 
 from __future__ import annotations
@@ -128,7 +137,7 @@ class GGUFField:
     :attr:`value` only when asked: a 262,144-token vocabulary costs a fifth of a second to decode
     into Python strings and as much to encode again, while a run that carries it unchanged
     needs neither (the writer copies :attr:`encoded`).  Fields compare equal when their types and
-    values are equal.
+    values are equal.  Treat a value as read-only: to change a field, make a new one.
     """
 
     __slots__ = ("type", "sub_type", "encoded", "_value", "_decode", "_count")
