@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType
 
 import statebridge as sb
-from statebridge.errors import ConfigError, SourceError
+from statebridge.errors import SourceError
 from statebridge.readers import open_source
 from statebridge.readers.gguf import GGUFSource, open_gguf
 from statebridge.tensors.provenance import FINGERPRINT_KEY, is_reserved
@@ -183,10 +183,13 @@ def test_later_part_or_renamed_first_part_refused(single: Path, tmp_path: Path) 
     assert len(GGUFSource(parts[1]).metas()) < len(open_source(parts[0]).metas())
 
 
-def test_shard_size_with_a_gguf_file_target_is_refused(single: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"shard_size splits the model into parts.*give a folder target"):
-        sb.run(single, None, tmp_path / "out.gguf", shard_size=20_000, progress=False)
-    assert not (tmp_path / "out.gguf").exists()
+def test_shard_size_with_a_gguf_file_target_writes_one_file(single: Path, tmp_path: Path) -> None:
+    """As with ``.safetensors``, shard_size cuts folder targets; a file target is the one file it names."""
+    report = sb.run(single, None, tmp_path / "out.gguf", shard_size=20_000, progress=False, durable=False)
+    assert report.files == [tmp_path / "out.gguf"] and sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf", "single"]
+    out = open_source(tmp_path / "out.gguf")
+    assert out.parts == [tmp_path / "out.gguf"] and not SPLIT_KEYS & set(out.typed_fields)
+    assert _stored(out) == _stored(GGUFSource(single))
 
 
 def test_split_output_is_deterministic_and_replaces_its_own_folder(single: Path, tmp_path: Path) -> None:

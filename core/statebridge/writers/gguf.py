@@ -16,7 +16,7 @@ aligned start, each tensor padded to the alignment), which accepts tensors in an
 order, lets :meth:`GGUFWriter.write_raw` copy unchanged tensors in the kernel, and
 gives the same bytes whatever the arrival order.
 
-With ``shard_size`` the target is a folder of parts named and laid out as llama.cpp's
+With ``shard_size`` a folder target is written as parts named and laid out as llama.cpp's
 ``gguf-split --split-max-size`` writes them: ``model-00001-of-0000N.gguf`` ...; a new
 part starts where the next tensor (padded to the alignment) would take the current one
 past ``shard_size``, tensors are never cut, and a tensor larger than ``shard_size`` gets a
@@ -137,11 +137,9 @@ class GGUFWriter(Writer):
         fields: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(path, metadata=metadata, shard_size=shard_size)
-        if shard_size is not None and self.path.suffix.lower() == ".gguf":
-            raise ConfigError(
-                f"GGUF output {self.path}: shard_size splits the model into parts (model-00001-of-0000N.gguf, ...), "
-                "which are written into a folder: give a folder target (no .gguf suffix) with format: gguf"
-            )
+        #: split into parts: a folder target with ``shard_size`` (a ``.gguf`` file target is one file, as a
+        #: ``.safetensors`` one is: the parts of a split model are committed together as a folder)
+        self.split = shard_size is not None and self.path.suffix.lower() != ".gguf"
         #: typed key-value fields (``GGUFField`` or plain values); these win over ``metadata`` strings
         self.fields: dict[str, Any] = dict(fields or {})
         #: the source GGUF file's own fields (see :meth:`carry`); ``metadata`` and ``fields`` win over them
@@ -159,7 +157,7 @@ class GGUFWriter(Writer):
     @property
     def writes_folder(self) -> bool:
         """With ``shard_size``, the parts of a split GGUF in a folder; else one file."""
-        return self.shard_size is not None
+        return self.split
 
     @classmethod
     def for_target(cls, target: Path) -> bool:
@@ -209,13 +207,13 @@ class GGUFWriter(Writer):
         parts = self._split(metas, alignment)
         if ALIGNMENT_KEY in kv:
             kv[ALIGNMENT_KEY] = GGUFField(alignment, GGUFValueType.UINT32)  # the type the format requires
-        if self.shard_size is not None:  # the parts' own split keys are added below, once
+        if self.split:  # the parts' own split keys are added below, once
             kv = {k: v for k, v in kv.items() if k not in _SPLIT_KEYS}
         try:
             encoded = self._encoded_key_values(kv)
             shared = self._encoded_key_values({k: v for k, v in kv.items() if k in (ALIGNMENT_KEY, FINGERPRINT_KEY)})
             for index, part in enumerate(parts):
-                if self.shard_size is None:
+                if not self.split:
                     fields = encoded
                 else:  # gguf-split: the model's key-values in the first part, the split keys in every part
                     split = self._encoded_key_values({
@@ -231,7 +229,7 @@ class GGUFWriter(Writer):
 
         self._started = True
         self._parts, self._metas, self._written = parts, dict(metas), set()
-        folder = self.path if self.shard_size is not None else None
+        folder = self.path if self.split else None
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
         else:
@@ -279,7 +277,7 @@ class GGUFWriter(Writer):
 
     def _split(self, metas: Mapping[str, TensorMeta], alignment: int) -> list[_Part]:
         """The output files and their tensors: one file, or parts of at most ``shard_size`` as gguf-split cuts them."""
-        if self.shard_size is None:
+        if not self.split or self.shard_size is None:
             return [_Part(self.path.name, list(metas))]
         groups: list[list[str]] = [[]]
         size = 0
@@ -298,7 +296,7 @@ class GGUFWriter(Writer):
         return [_Part(f"{self.stem}-{i + 1:05d}-of-{len(groups):05d}.gguf", keys) for i, keys in enumerate(groups)]
 
     def _file(self, part: _Part) -> Path:
-        return self.path / part.name if self.shard_size is not None else self.path
+        return self.path / part.name if self.split else self.path
 
     def _encoded_key_values(self, kv: Mapping[str, Any]) -> list[bytes]:
         """Each key-value field as GGUF stores it (key, value type, value); architecture and alignment first, as gguf.GGUFWriter puts them."""
