@@ -229,11 +229,7 @@ class GGUFWriter(Writer):
 
         self._started = True
         self._parts, self._metas, self._written = parts, dict(metas), set()
-        folder = self.path if self.split else None
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        (self.path if self.split else self.path.parent).mkdir(parents=True, exist_ok=True)
         for part in parts:
             path = self._file(part)
             try:
