@@ -35,7 +35,8 @@ def open_source(source: SourceLike) -> Source:
 
     Paths may be a ``.safetensors`` file, a sharded folder (with or without
     ``model.safetensors.index.json``), the index file itself, a torch pickle
-    (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) or a ``.gguf`` file.  Anything
+    (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) or a ``.gguf`` file (the first part of a split GGUF, or a
+    folder of just its parts, opens every part).  Anything
     else is recognised by its first bytes.  Only regular files (and links to them) are read:
     a FIFO, a socket or a device is refused with a :class:`~statebridge.errors.SourceError`.
     """
