@@ -14,6 +14,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import quant_shape_to_byte_shape
 
+import statebridge as sb
 from statebridge.errors import ConfigError, ExecutionError, SourceError
 from statebridge.readers import open_source
 from statebridge.readers.gguf import GGUFField, GGUFSource
@@ -146,6 +147,43 @@ def test_long_arrays_are_summarised(tmp_path: Path) -> None:
     assert len(source.fields["tokenizer.ggml.tokens"]) == 5000
 
 
+def test_carried_arrays_are_written_back_as_stored(tmp_path: Path) -> None:
+    """Arrays carried unchanged are copied as the source stores them, not decoded and packed again.
+
+    Decoding turns a float32 into a Python float: a signalling NaN comes back quiet, and a
+    vocabulary's bits would change; the copy keeps them, and opening decodes nothing.
+    """
+    writer = gguf.GGUFWriter(tmp_path / "src.gguf", "llama")
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "héllo"] * 300)
+    writer.add_array("tokenizer.ggml.scores", [0.5] * 599 + [1.25])
+    writer.add_array("nested", [[1, 2], [3]])
+    writer.add_tensor("w", np.ones((2, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    scores = struct.pack("<IIQ", GGUFValueType.ARRAY, GGUFValueType.FLOAT32, 600) + struct.pack("<599f", *[0.5] * 599)
+    # the last score becomes a signalling NaN (gguf's writer, packing Python floats, cannot write one)
+    stored = (tmp_path / "src.gguf").read_bytes().replace(scores + struct.pack("<f", 1.25), scores + struct.pack("<I", 0x7F800001))
+    assert scores + struct.pack("<I", 0x7F800001) in stored
+    (tmp_path / "src.gguf").write_bytes(stored)
+
+    source = GGUFSource(tmp_path / "src.gguf")
+    assert source.metadata["tokenizer.ggml.tokens"] == "[600 items]"
+    assert source.typed_fields["tokenizer.ggml.tokens"].count == 600
+    out = tmp_path / "out.gguf"
+    sb.run(tmp_path / "src.gguf", None, out, progress=False, durable=False)
+    written = out.read_bytes()
+    assert scores + struct.pack("<I", 0x7F800001) in written  # bit for bit
+    kv_start = stored.index(b"tokenizer.ggml.tokens") - 8
+    kv_end = stored.index(b"w", stored.index(b"nested") + 6) - 8  # the first tensor info
+    assert stored[kv_start:kv_end] in written  # the whole run of key-values, unchanged
+    copy = GGUFSource(out)
+    assert copy.fields["nested"] == [[1, 2], [3]]
+    assert copy.fields["tokenizer.ggml.tokens"] == ["<s>", "héllo"] * 300
+    assert copy.typed_fields["tokenizer.ggml.scores"] == source.typed_fields["tokenizer.ggml.scores"]
+
+
 @pytest.mark.parametrize("qtype", _dequantizable(), ids=lambda q: q.name)
 def test_quantized_tensors_dequantize_like_gguf(tmp_path: Path, qtype: Q) -> None:
     block, _ = GGML_QUANT_SIZES[qtype]
@@ -200,7 +238,7 @@ def test_opening_reads_no_tensor_data(plain_gguf, monkeypatch) -> None:
     path, _ = plain_gguf
     monkeypatch.setattr(gguf.quants, "dequantize", lambda *a, **k: pytest.fail("dequantized while opening"))
     source = GGUFSource(path)
-    assert source._mmap is None  # the data map is created by the first load
+    assert not source._maps  # the data maps are created by the first load
     source.close()
 
 
@@ -557,3 +595,22 @@ def test_gemma_fields_and_raw_tensors_round_trip_through_our_writer(gemma: GGUFS
     assert out.typed_fields == gemma.typed_fields
     for key in plain:
         assert torch.equal(out.load(key), gemma.load(key)), key
+
+
+def test_gemma_rename_stays_under_100_mb_without_torch(gemma_path: Path, tmp_path: Path) -> None:
+    """Issue 14's bound: the rename never holds a tensor, nor the 262,144-token vocabulary as Python strings."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_torch_free import run_cli
+
+    config = tmp_path / "rename.yaml"
+    config.write_text(
+        f"source: {gemma_path}\ntarget: {tmp_path / 'out.gguf'}\nsteps:\n"
+        "  - rename: {mapping: {output_norm.weight: final_norm.weight}}\n"
+    )
+    modules, peak = run_cli("run", str(config), "--no-progress")
+    assert "torch" not in modules
+    assert peak < 100 * 1024**2
+    out = GGUFSource(tmp_path / "out.gguf")
+    assert out.gguf_types["final_norm.weight"] == "F32" and len(out) == 236

@@ -35,7 +35,8 @@ def open_source(source: SourceLike) -> Source:
 
     Paths may be a ``.safetensors`` file, a sharded folder (with or without
     ``model.safetensors.index.json``), the index file itself, a torch pickle
-    (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) or a ``.gguf`` file.  Anything
+    (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) or a ``.gguf`` file (the first part of a split GGUF, or a
+    folder of just its parts, opens every part).  Anything
     else is recognised by its first bytes.  Only regular files (and links to them) are read:
     a FIFO, a socket or a device is refused with a :class:`~statebridge.errors.SourceError`.
     """
@@ -53,7 +54,7 @@ def open_source(source: SourceLike) -> Source:
             return ShardedSafetensors(path)
         ggufs = sorted(path.glob("*.gguf"))
         torches = sorted(p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES)
-        if len(ggufs) == 1 and not torches:
+        if ggufs and not torches and (len(ggufs) == 1 or _split_set(ggufs)):
             return _gguf(ggufs[0])
         if len(torches) == 1 and not ggufs:
             return _torch(torches[0])
@@ -122,6 +123,14 @@ def __getattr__(name: str) -> type:
 
 def _gguf(path: Path) -> Source:
     """The GGUF reader, imported only for GGUF files (the ``gguf`` library brings numpy, a tenth of a second)."""
-    from .gguf import GGUFSource
+    from .gguf import open_gguf
 
-    return GGUFSource(path)
+    return open_gguf(path)  # the whole model when ``path`` is the first part of a split GGUF
+
+
+def _split_set(ggufs: list[Path]) -> bool:
+    """Whether these files (sorted) are exactly the parts of one split GGUF, as ``gguf-split`` names them."""
+    from .gguf import split_names, split_path
+
+    first = split_names(ggufs[0])
+    return first is not None and ggufs == [split_path(first[0], i, first[1]) for i in range(first[1])]

@@ -23,6 +23,15 @@ Q5_0, Q6_K, Q8_0, ...) are dequantized to float32 on each load, and
 a plan that leaves such a tensor unchanged copies its blocks, bytes and type, into a
 GGUF target (:meth:`GGUFSource.stored_span`).  The stored GGML type of every tensor is
 in :attr:`GGUFSource.gguf_types`.
+
+Array fields (a vocabulary of a quarter of a million strings, its scores) are checked while
+the header is read but kept as the bytes the file stores, and decoded only when someone asks
+for their value (:class:`GGUFField`): opening Gemma 3's header takes a few hundredths of a
+second, and a GGUF target writes the bytes back as they were.
+
+A split GGUF (llama.cpp's ``NAME-00001-of-0000N.gguf`` parts) is opened through its first
+part by :func:`open_gguf` as one source: every tensor of every part, the first part's
+key-values; ``GGUFSource(path)`` alone reads one file, a part as the file it is.
 """
 
 from __future__ import annotations
@@ -31,19 +40,21 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 from gguf import quants as gguf_quants
 
 from ..errors import SourceError
 from ..tensors.meta import DTYPES, DType, TensorMeta
+from ..tensors.provenance import FINGERPRINT_KEY
 from .base import RawSpan, Source, open_regular
 
 if TYPE_CHECKING:
@@ -101,27 +112,85 @@ _NUMPY_SCALARS: dict[GGUFValueType, str] = {
 }
 # smallest encoding of one value of each type (used to refuse absurd counts early)
 _MIN_VALUE_BYTES = {**{t: size for t, (_, size) in _SCALARS.items()}, GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}
+#: llama.cpp's split keys (``gguf.Keys.Split``): the part's index from 0, the number of parts, all parts' tensors
+SPLIT_NO_KEY = Keys.Split.LLM_KV_SPLIT_NO
+SPLIT_COUNT_KEY = Keys.Split.LLM_KV_SPLIT_COUNT
+SPLIT_TENSORS_KEY = Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT
+#: a split part's name, as llama.cpp's ``llama_split_path`` makes it
+_SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>[0-9]{5})-of-(?P<count>[0-9]{5})\.gguf$")
+_INTEGER_TYPES = {t for t in _NUMPY_SCALARS if t not in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64, GGUFValueType.BOOL)}
+
 # string length (8) + n_dims (4) + type (4) + offset (8)
 _MIN_TENSOR_INFO_BYTES = 24
 # key length (8) + value type (4) + smallest value (1)
 _MIN_KV_BYTES = 13
 
 
-@dataclass(frozen=True)
 class GGUFField:
     """One GGUF key-value field with its stored type, so it can be written back unchanged.
 
     ``sub_type`` is the element type of an ``ARRAY`` (``None`` otherwise).  String
     values that are not valid UTF-8 are kept as ``bytes``.
+
+    A field read from a little-endian file keeps its arrays as :attr:`encoded`, the bytes the
+    file stores after the value type (element type, count, items), and decodes them into
+    :attr:`value` only when asked: a 262,144-token vocabulary costs a fifth of a second to decode
+    into Python strings and as much to encode again, while a run that carries it unchanged
+    needs neither (the writer copies :attr:`encoded`).  Fields compare equal when their types and
+    values are equal.  Treat a value as read-only: to change a field, make a new one.
     """
 
-    value: Any
-    type: GGUFValueType
-    sub_type: GGUFValueType | None = None
+    __slots__ = ("type", "sub_type", "encoded", "_value", "_decode", "_count")
+
+    def __init__(self, value: Any, type: GGUFValueType, sub_type: GGUFValueType | None = None) -> None:
+        self.type = type
+        self.sub_type = sub_type
+        #: the value as a little-endian GGUF file stores it after its type tag, when it was read from one
+        self.encoded: bytes | None = None
+        self._value = value
+        self._decode: Callable[[], Any] | None = None
+        self._count: int | None = None
+
+    @classmethod
+    def stored(cls, type: GGUFValueType, sub_type: GGUFValueType | None, encoded: bytes, count: int, decode: Callable[[], Any]) -> GGUFField:
+        """A field known by its stored bytes (``count`` items), decoded by ``decode()`` on first use of :attr:`value`."""
+        field = cls(None, type, sub_type)
+        field.encoded, field._decode, field._count = encoded, decode, count
+        return field
+
+    @property
+    def value(self) -> Any:
+        if self._decode is not None:
+            self._value, self._decode = self._decode(), None
+        return self._value
+
+    @property
+    def count(self) -> int | None:
+        """The number of items of an array (without decoding them); None for other types."""
+        if self.type != GGUFValueType.ARRAY:
+            return None
+        return self._count if self._count is not None else len(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GGUFField):
+            return NotImplemented
+        if (self.type, self.sub_type) != (other.type, other.sub_type):
+            return False
+        if self.encoded is not None and self.encoded == other.encoded:
+            return True
+        return bool(self.value == other.value)
+
+    __hash__ = None  # type: ignore[assignment]  # values may be lists
+
+    def __repr__(self) -> str:
+        if self._decode is not None:
+            return f"GGUFField(<{self._count} {self.sub_type.name if self.sub_type else ''} items>, {self.type!r}, {self.sub_type!r})"
+        return f"GGUFField({self._value!r}, {self.type!r}, {self.sub_type!r})"
 
 
 @dataclass(frozen=True)
 class _TensorInfo:
+    path: Path  # the file (the part of a split GGUF) holding its data
     qtype: GGMLQuantizationType
     shape: tuple[int, ...]  # torch order
     offset: int  # absolute, in the file
@@ -129,30 +198,39 @@ class _TensorInfo:
 
 
 class GGUFSource(Source):
-    """One ``.gguf`` file.
+    """One ``.gguf`` file, or every part of a split GGUF (see :func:`open_gguf`).
 
-    Attributes beyond :class:`Source`: :attr:`fields` (key -> Python value),
+    Attributes beyond :class:`Source`: :attr:`fields` (key -> Python value, decoded on access),
     :attr:`typed_fields` (key -> :class:`GGUFField`), :attr:`gguf_types`
     (tensor -> GGML type name such as ``"Q4_K"``), :attr:`version`,
-    :attr:`alignment`, :attr:`data_offset` and :attr:`byte_order`.
+    :attr:`alignment`, :attr:`data_offset` and :attr:`byte_order` (all of the first
+    file), and :attr:`parts` (the files, in order).
     """
 
     format = "gguf"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-
+    def __init__(self, path: str | os.PathLike[str], *, parts: Sequence[_Header] | None = None) -> None:
+        """Read ``path`` alone; ``parts`` are the parsed headers of a split GGUF's files, ``path``'s first."""
         self.path = Path(path)
         self.name = str(self.path)
-        self._mmap: mmap.mmap | None = None
-        header = _Header(self.path)
+        self._maps: dict[Path, mmap.mmap] = {}
+        headers = list(parts) if parts else [_Header(self.path)]
+        header = headers[0]
+        #: the files read, in order: ``path`` alone, or every part of a split GGUF
+        self.parts: list[Path] = [h.path for h in headers]
         self.version: int = header.version
         self.alignment: int = header.alignment
         self.data_offset: int = header.data_offset
         #: ``"little"`` or ``"big"``; big-endian files come from s390x builds of llama.cpp
         self.byte_order: str = header.byte_order
         self.typed_fields: dict[str, GGUFField] = header.fields
-        self.fields: dict[str, Any] = {k: f.value for k, f in header.fields.items()}
-        self._tensors: dict[str, _TensorInfo] = header.tensors
+        self.fields: Mapping[str, Any] = _Values(header.fields)
+        self._tensors: dict[str, _TensorInfo] = {}
+        for part in headers:
+            for key, info in part.tensors.items():
+                if key in self._tensors:
+                    raise SourceError(part.path, f"tensor {key!r} is also in {self._tensors[key].path.name}, an earlier part")
+                self._tensors[key] = info
         self.gguf_types: dict[str, str] = {k: t.qtype.name for k, t in self._tensors.items()}
         self._metas = {k: _meta(t, self.byte_order) for k, t in self._tensors.items()}
         self._metadata = {k: _field_to_string(f) for k, f in header.fields.items()}
@@ -173,7 +251,7 @@ class GGUFSource(Source):
         info = self._info(key)
         if info.qtype not in PLAIN_TYPES or self.byte_order != "little":
             return None
-        return RawSpan(self.path, info.offset, info.nbytes)
+        return RawSpan(info.path, info.offset, info.nbytes)
 
     def stored_span(self, key: str) -> RawSpan | None:
         """Where a tensor's stored bytes lie whatever their type (quantized blocks too), for a GGUF target.
@@ -184,7 +262,7 @@ class GGUFSource(Source):
         info = self._info(key)
         if self.byte_order != "little":
             return None
-        return RawSpan(self.path, info.offset, info.nbytes)
+        return RawSpan(info.path, info.offset, info.nbytes)
 
     def load(self, key: str) -> torch.Tensor:
         import torch
@@ -193,7 +271,7 @@ class GGUFSource(Source):
         meta = self._metas[key]
         if meta.numel == 0:
             return torch.empty(meta.shape, dtype=meta.dtype.torch)
-        buffer = self._map()
+        buffer = self._map(info.path)
         dtype = PLAIN_TYPES.get(info.qtype)
         if dtype is not None:
             tensor = torch.frombuffer(buffer, dtype=dtype.torch, count=meta.numel, offset=info.offset)
@@ -209,7 +287,7 @@ class GGUFSource(Source):
 
         if self.byte_order != "little":
             raise SourceError(
-                self.path, f"tensor {key!r}: {info.qtype.name} data in a big-endian GGUF file cannot be dequantized"
+                info.path, f"tensor {key!r}: {info.qtype.name} data in a big-endian GGUF file cannot be dequantized"
             )
         block_size, type_size = GGML_QUANT_SIZES[info.qtype]
         row = info.shape[-1] if info.shape else 1
@@ -219,12 +297,12 @@ class GGUFSource(Source):
             values = gguf_quants.dequantize(blocks, info.qtype)
         except NotImplementedError:
             raise SourceError(
-                self.path,
+                info.path,
                 f"tensor {key!r}: the installed gguf package cannot dequantize {info.qtype.name} "
                 "(upgrade gguf, or requantize the model with llama-quantize)",
             ) from None
         except Exception as e:  # a kernel failing on bad bytes; name the tensor rather than leak numpy internals
-            raise SourceError(self.path, f"tensor {key!r}: cannot dequantize {info.qtype.name} data: {e}") from None
+            raise SourceError(info.path, f"tensor {key!r}: cannot dequantize {info.qtype.name} data: {e}") from None
         values = np.ascontiguousarray(values, dtype=np.float32)
         if values.shape != info.shape:
             values = values.reshape(info.shape)
@@ -236,18 +314,135 @@ class GGUFSource(Source):
         except KeyError:
             raise SourceError(self.path, f"no tensor named {key!r}") from None
 
-    def _map(self) -> mmap.mmap:
-        if self._mmap is None:
+    def _map(self, path: Path) -> mmap.mmap:
+        buffer = self._maps.get(path)
+        if buffer is None:
             try:
-                with open_regular(self.path) as f:
-                    self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                with open_regular(path) as f:
+                    buffer = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             except (OSError, ValueError) as e:
-                raise SourceError(self.path, f"cannot map the file: {e}") from None
-        return self._mmap
+                raise SourceError(path, f"cannot map the file: {e}") from None
+        return buffer
+
+    def files(self) -> list[Path]:
+        return list(self.parts)
 
     def close(self) -> None:
-        # Tensors handed out keep the map alive through their buffer.
-        self._mmap = None
+        # Tensors handed out keep the maps alive through their buffers.
+        self._maps = {}
+
+
+class _Values(Mapping[str, Any]):
+    """Key -> value of the fields, each decoded when first asked for (see :class:`GGUFField`)."""
+
+    def __init__(self, fields: Mapping[str, GGUFField]) -> None:
+        self._fields = fields
+
+    def __getitem__(self, key: str) -> Any:
+        return self._fields[key].value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+
+def open_gguf(path: str | os.PathLike[str]) -> GGUFSource:
+    """A GGUF file; for the first part of a split GGUF, the whole model (what :func:`~statebridge.readers.open_source` gives).
+
+    llama.cpp's ``gguf-split`` writes ``NAME-00001-of-0000N.gguf`` ... ``NAME-0000N-of-0000N.gguf``:
+    every part holds ``split.no`` (from 0), ``split.count`` and ``split.tensors.count``; the
+    first holds the model's key-values too, and tensors are never cut across parts.  The
+    first part opens the whole set, as in llama.cpp (the other parts are found by name);
+    another part is refused with the name of the first, since its key-values are not the
+    model's.  A missing part, a part whose split keys or provenance do not match the first's,
+    and a set whose tensors do not add up to ``split.tensors.count`` are each one
+    :class:`~statebridge.errors.SourceError` naming the file.
+    """
+    path = Path(path)
+    first = _Header(path)
+    split = _split_keys(first)
+    if split is None or split[1] <= 1:
+        return GGUFSource(path, parts=[first])
+    number, count, total = split
+    names = split_names(path)
+    if names is None or names[1] != count:
+        expected = f"-{number + 1:05d}-of-{count:05d}.gguf"
+        raise SourceError(
+            path, f"is part {number + 1} of a {count}-part split GGUF, but its name does not end in {expected!r}, "
+            "so its other parts cannot be found; give it back its llama.cpp name"
+        )
+    prefix = names[0]
+    if number != 0:
+        raise SourceError(
+            path, f"is part {number + 1} of {count} of a split GGUF, which holds its tensors only; "
+            f"open its first part, {split_path(prefix, 0, count).name}"
+        )
+    headers = [first]
+    for index in range(1, count):
+        part = split_path(prefix, index, count)
+        if not part.exists():
+            raise SourceError(part, f"is missing: it is part {index + 1} of the {count}-part split GGUF {path.name}")
+        header = _Header(part)
+        if _split_keys(header) != (index, count, total):
+            raise SourceError(
+                part, f"is not part {index + 1} of {count} of {path.name}: its split keys say "
+                f"{_describe_split(_split_keys(header))} where {_describe_split((index, count, total))} was expected"
+            )
+        mine, theirs = (h.fields.get(FINGERPRINT_KEY) for h in (header, first))
+        if mine is not None and theirs is not None and mine != theirs:
+            raise SourceError(part, f"belongs to another model than {path.name}: its {FINGERPRINT_KEY} differs")
+        if header.byte_order != first.byte_order:
+            raise SourceError(part, f"is {header.byte_order}-endian but {path.name} is {first.byte_order}-endian")
+        headers.append(header)
+    found = sum(len(h.tensors) for h in headers)
+    if found != total:
+        raise SourceError(
+            path, f"its {count} parts hold {found} tensors but {SPLIT_TENSORS_KEY} says {total}: a part of another model?"
+        )
+    return GGUFSource(path, parts=headers)
+
+
+def split_names(path: Path) -> tuple[Path, int, int] | None:
+    """``(prefix, count, index)`` of a file named as a split part (``PREFIX-00002-of-00003.gguf`` gives index 1), else None."""
+    match = _SPLIT_NAME.match(path.name)
+    if match is None:
+        return None
+    index, count = int(match["index"]), int(match["count"])
+    if not 1 <= index <= count:
+        return None
+    return path.with_name(match["prefix"]), count, index - 1
+
+
+def split_path(prefix: Path, index: int, count: int) -> Path:
+    """The file of part ``index`` (from 0) of ``count``, as llama.cpp names it (``%s-%05d-of-%05d.gguf``)."""
+    return prefix.with_name(f"{prefix.name}-{index + 1:05d}-of-{count:05d}.gguf")
+
+
+def _split_keys(header: _Header) -> tuple[int, int, int] | None:
+    """``(split.no, split.count, split.tensors.count)`` of a header, None when it has no ``split.count``."""
+    if SPLIT_COUNT_KEY not in header.fields:
+        return None
+    values = []
+    for key in (SPLIT_NO_KEY, SPLIT_COUNT_KEY, SPLIT_TENSORS_KEY):
+        field = header.fields.get(key)
+        if field is None:
+            raise SourceError(header.path, f"has {SPLIT_COUNT_KEY} but no {key}: a damaged split GGUF part")
+        if field.type not in _INTEGER_TYPES or field.value < 0:
+            raise SourceError(header.path, f"{key} is {field.value!r} ({field.type.name}), not a count")
+        values.append(int(field.value))
+    number, count, total = values
+    if count and number >= count:
+        raise SourceError(header.path, f"{SPLIT_NO_KEY} is {number} but {SPLIT_COUNT_KEY} is only {count}")
+    return number, count, total
+
+
+def _describe_split(split: tuple[int, int, int] | None) -> str:
+    if split is None:
+        return "nothing (no split keys)"
+    number, count, total = split
+    return f"part {number + 1} of {count}, {total} tensors in all"
 
 
 def _meta(info: _TensorInfo, byte_order: str) -> TensorMeta:
@@ -267,32 +462,11 @@ def _byteswapped(tensor: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(tensor.numpy().byteswap())
 
 
-class _Header:
-    """A checked parse of a GGUF header: fields, tensor infos, data offset."""
+class _Cursor:
+    """Bounds-checked reads of GGUF values from a buffer; every failure is a :class:`SourceError` naming the file."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with open_regular(path) as f:
-            try:
-                size = os.fstat(f.fileno()).st_size
-                magic = f.read(4)
-                if magic != GGUF_MAGIC:
-                    if len(magic) < 4:
-                        raise SourceError(path, f"file is {size} bytes, too short to be GGUF (truncated?)")
-                    raise SourceError(path, f"not a GGUF file: starts with {magic!r}, expected {GGUF_MAGIC!r}")
-                if size < 24:
-                    raise SourceError(path, f"file is {size} bytes, too short for a GGUF header (truncated?)")
-                # The header is read through a read-only map: only the pages it spans are touched,
-                # so opening a multi-gigabyte model reads the header and nothing of the tensor data.
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                    try:
-                        self._parse(buf, size)
-                    finally:
-                        self.buf = b""  # drop the reference before the map closes
-            except OSError as e:
-                raise SourceError(path, f"cannot read: {e.strerror or e}") from None
-
-    # -- low-level reads, all bounds-checked -------------------------------------------------
+    def __init__(self, path: Path, buf: Any, size: int, pos: int, order: str) -> None:
+        self.path, self.buf, self.size, self.pos, self.order = path, buf, size, pos, order
 
     def _need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
@@ -347,12 +521,123 @@ class _Header:
         self.pos = pos
         return out
 
+    def _skip_strings(self, count: int, what: str) -> None:
+        """Step over ``count`` strings without decoding them (a vocabulary in a few hundredths of a second).
+
+        Only the lengths are read; where one runs past the end, :meth:`_strings` reads them again
+        to name the string that does.
+        """
+        buf, pos = self.buf, self.pos
+        length = struct.Struct(self.order + "Q").unpack_from
+        try:
+            for _ in range(count):
+                pos += 8 + length(buf, pos)[0]
+        except struct.error:  # a length field past the end of the buffer
+            pos = self.size + 1
+        if pos > self.size:
+            self._strings(count, what)  # raises, naming the string cut short
+            raise SourceError(self.path, f"{what} runs past the end of the file (truncated?)")  # pragma: no cover
+        self.pos = pos
+
     def _name(self, what: str) -> str:
         raw = self._raw_string(what)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise SourceError(self.path, f"{what} {raw[:60]!r} is not valid UTF-8") from None
+
+    def _value_type(self, what: str) -> GGUFValueType:
+        raw = self._u32(f"the value type of {what}")
+        try:
+            return GGUFValueType(raw)
+        except ValueError:
+            raise SourceError(self.path, f"{what} has unknown value type {raw}") from None
+
+    def _field(self, vtype: GGUFValueType, what: str) -> GGUFField:
+        """A key-value field's value; arrays of a little-endian file are checked and kept encoded (see :class:`GGUFField`)."""
+        if vtype != GGUFValueType.ARRAY or self.order != "<":
+            value, sub_type = self._value(vtype, what, depth=0)
+            return GGUFField(value, vtype, sub_type)
+        start = self.pos
+        sub_type, count = self._array_head(what, depth=0)
+        if sub_type in _SCALARS:
+            n = count * _SCALARS[sub_type][1]
+            self._need(n, what)
+            self.pos += n
+        elif sub_type == GGUFValueType.STRING:
+            self._skip_strings(count, what)
+        else:
+            for _ in range(count):
+                self._value(sub_type, what, depth=1)
+        encoded = bytes(self.buf[start : self.pos])
+        return GGUFField.stored(vtype, sub_type, encoded, count, _ArrayDecoder(self.path, encoded, what))
+
+    def _array_head(self, what: str, depth: int) -> tuple[GGUFValueType, int]:
+        if depth >= MAX_ARRAY_DEPTH:
+            raise SourceError(self.path, f"{what}: arrays nested more than {MAX_ARRAY_DEPTH} deep")
+        sub_type = self._value_type(f"the elements of {what}")
+        count = self._u64(f"the length of {what}")
+        if count * _MIN_VALUE_BYTES[sub_type] > self.size - self.pos:
+            raise SourceError(
+                self.path, f"{what} claims {count} {sub_type.name} items, more than the rest of the file can hold (truncated?)"
+            )
+        return sub_type, count
+
+    def _value(self, vtype: GGUFValueType, what: str, depth: int) -> tuple[Any, GGUFValueType | None]:
+        if vtype in _SCALARS:
+            return self._scalar(vtype, what), None
+        if vtype == GGUFValueType.STRING:
+            return _decode(self._raw_string(what)), None
+        sub_type, count = self._array_head(what, depth)
+        if sub_type in _NUMPY_SCALARS:
+            n = count * _SCALARS[sub_type][1]
+            self._need(n, what)
+            array = np.frombuffer(self.buf, dtype=np.dtype(_NUMPY_SCALARS[sub_type]).newbyteorder(self.order), count=count, offset=self.pos)
+            self.pos += n
+            if sub_type == GGUFValueType.BOOL:
+                return [bool(v) for v in array], sub_type
+            return array.tolist(), sub_type
+        if sub_type == GGUFValueType.STRING:
+            return self._strings(count, what), sub_type
+        return [self._value(sub_type, what, depth + 1)[0] for _ in range(count)], sub_type
+
+
+@dataclass(frozen=True)
+class _ArrayDecoder:
+    """Decodes an array field's :attr:`GGUFField.encoded` bytes (already checked while the header was read)."""
+
+    path: Path
+    encoded: bytes
+    what: str
+
+    def __call__(self) -> list[Any]:
+        return _Cursor(self.path, self.encoded, len(self.encoded), 0, "<")._value(GGUFValueType.ARRAY, self.what, depth=0)[0]
+
+
+class _Header(_Cursor):
+    """A checked parse of a GGUF header: fields, tensor infos, data offset."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open_regular(path) as f:
+            try:
+                size = os.fstat(f.fileno()).st_size
+                magic = f.read(4)
+                if magic != GGUF_MAGIC:
+                    if len(magic) < 4:
+                        raise SourceError(path, f"file is {size} bytes, too short to be GGUF (truncated?)")
+                    raise SourceError(path, f"not a GGUF file: starts with {magic!r}, expected {GGUF_MAGIC!r}")
+                if size < 24:
+                    raise SourceError(path, f"file is {size} bytes, too short for a GGUF header (truncated?)")
+                # The header is read through a read-only map: only the pages it spans are touched,
+                # so opening a multi-gigabyte model reads the header and nothing of the tensor data.
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                    try:
+                        self._parse(buf, size)
+                    finally:
+                        self.buf = b""  # drop the reference before the map closes
+            except OSError as e:
+                raise SourceError(path, f"cannot read: {e.strerror or e}") from None
 
     # -- structure ----------------------------------------------------------------------------
 
@@ -387,8 +672,7 @@ class _Header:
             if key in self.fields:
                 raise SourceError(self.path, f"key-value field {key!r} appears twice")
             vtype = self._value_type(f"field {key!r}")
-            value, sub_type = self._value(vtype, f"field {key!r}", depth=0)
-            self.fields[key] = GGUFField(value, vtype, sub_type)
+            self.fields[key] = self._field(vtype, f"field {key!r}")
 
         self.alignment = DEFAULT_ALIGNMENT
         align = self.fields.get("general.alignment")
@@ -416,38 +700,6 @@ class _Header:
 
         self.data_offset = -(-self.pos // self.alignment) * self.alignment
         self.tensors = self._check_tensors(infos)
-
-    def _value_type(self, what: str) -> GGUFValueType:
-        raw = self._u32(f"the value type of {what}")
-        try:
-            return GGUFValueType(raw)
-        except ValueError:
-            raise SourceError(self.path, f"{what} has unknown value type {raw}") from None
-
-    def _value(self, vtype: GGUFValueType, what: str, depth: int) -> tuple[Any, GGUFValueType | None]:
-        if vtype in _SCALARS:
-            return self._scalar(vtype, what), None
-        if vtype == GGUFValueType.STRING:
-            return _decode(self._raw_string(what)), None
-        # ARRAY
-        if depth >= MAX_ARRAY_DEPTH:
-            raise SourceError(self.path, f"{what}: arrays nested more than {MAX_ARRAY_DEPTH} deep")
-        sub_type = self._value_type(f"the elements of {what}")
-        count = self._u64(f"the length of {what}")
-        if count * _MIN_VALUE_BYTES[sub_type] > self.size - self.pos:
-            raise SourceError(
-                self.path, f"{what} claims {count} {sub_type.name} items, more than the rest of the file can hold (truncated?)"
-            )
-        if sub_type in _NUMPY_SCALARS:
-            n = count * _SCALARS[sub_type][1]
-            array = np.frombuffer(self.buf, dtype=np.dtype(_NUMPY_SCALARS[sub_type]).newbyteorder(self.order), count=count, offset=self.pos)
-            self.pos += n
-            if sub_type == GGUFValueType.BOOL:
-                return [bool(v) for v in array], sub_type
-            return array.tolist(), sub_type
-        if sub_type == GGUFValueType.STRING:
-            return self._strings(count, what), sub_type
-        return [self._value(sub_type, what, depth + 1)[0] for _ in range(count)], sub_type
 
     def _check_tensors(self, infos: list[tuple[str, list[int], int, int]]) -> dict[str, _TensorInfo]:
 
@@ -482,7 +734,7 @@ class _Header:
                 raise SourceError(
                     self.path, f"tensor {name!r}: shape {list(reversed(ne))} is too large for torch (its sizes overflow int64)"
                 )
-            info = _TensorInfo(qtype, tuple(reversed(ne)), self.data_offset + offset, nbytes)
+            info = _TensorInfo(self.path, qtype, tuple(reversed(ne)), self.data_offset + offset, nbytes)
             checked.append((offset, index, name, info))
         checked.sort()
         previous_end, previous_name = 0, None
@@ -503,9 +755,9 @@ def _decode(raw: bytes) -> str | bytes:
 
 def _field_to_string(field: GGUFField) -> str:
     if field.type == GGUFValueType.ARRAY:
+        if field.count is not None and field.count > MAX_METADATA_ARRAY_ITEMS:
+            return f"[{field.count} items]"  # without decoding them
         items = field.value
-        if len(items) > MAX_METADATA_ARRAY_ITEMS:
-            return f"[{len(items)} items]"
         text = json.dumps([_jsonable(v, field.sub_type) for v in items], ensure_ascii=False)
         return text if len(text) <= MAX_METADATA_ARRAY_CHARS else f"[{len(items)} items]"
     if field.type == GGUFValueType.FLOAT32:
