@@ -220,7 +220,7 @@ def test_split_rename_imports_no_torch(single: Path, tmp_path: Path) -> None:
 def test_every_part_keeps_a_custom_alignment(single: Path, tmp_path: Path) -> None:
     """Readers assume 32 in a part without general.alignment: each part must say it."""
     target = tmp_path / "split"
-    _split_run(single, target, metadata={"general.alignment": "64"})
+    _split_run(single, target, metadata={"general.alignment": 64})
     parts = sorted(target.iterdir())
     assert len(parts) >= 3
     for part in parts:

@@ -72,20 +72,17 @@ class Plan:
         pipeline = pipeline if isinstance(pipeline, Pipeline) else Pipeline([pipeline])
         options = dict(options or {})
         metas = source.metas()
-        composition = compose(pipeline.steps, metas, on_collision=options.get("on_collision") or "error")
-        produced_by = {key: group for group in composition.groups for key in group.outputs}
-        groups: dict[int, Group] = {}
+        composition = compose(pipeline.steps, metas, on_collision=options.get("on_collision") or "error", carried=True)
         outputs: dict[str, TensorMeta] = {}
-        for key, meta in composition.metas.items():
-            group = produced_by.get(key) or Group.rename(key, key, meta)
-            groups.setdefault(id(group), group)
-            outputs[key] = _stored_only_if_carried(key, meta, group, metas)
+        for group in composition.ordered:
+            for key, meta in group.outputs.items():
+                outputs[key] = _stored_only_if_carried(key, meta, group, metas) if meta.stored else meta
         consumed, dropped = set(composition.consumed), set(composition.dropped) | set(composition.overwritten)
         dropped_only, overwritten = set(composition.dropped), set(composition.overwritten)
         return cls(
             source=source,
             pipeline=pipeline,
-            groups=list(groups.values()),
+            groups=composition.ordered,
             outputs=outputs,
             lineage=composition.lineage,
             mapped=[k for k in metas if k in consumed and k not in dropped],

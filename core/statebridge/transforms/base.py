@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, NamedTuple
 
@@ -102,7 +102,7 @@ class Group:
             ops = _ONE_OP.get(op) or _ONE_OP.setdefault(op, (op,))
         # positional, and tuples built without the named tuples' Python-level __new__: a plan
         # of 200,000 renames builds one of these per tensor
-        return cls((source,), {target: meta}, _new_tuple(Carry, (source, target)), ops, {target: (_new_tuple(Piece, (source, 0, meta.nbytes)),)})
+        return cls((source,), {target: meta}, _new_tuple(Carry, (source, target)), ops, WholeOf(target, source, meta.nbytes))
 
     @classmethod
     def map_one(
@@ -133,6 +133,40 @@ class Carry(NamedTuple):
 
     def __call__(self, tensors: Tensors) -> Tensors:
         return {self.target: tensors[self.source]}
+
+
+class WholeOf(Mapping[str, Pieces]):
+    """The pieces of a rename: output ``target`` is all ``nbytes`` of tensor ``source``.
+
+    A read-only mapping like any group's ``pieces``, a fifth of the size of the dict, the
+    tuple and the :class:`Piece` it stands for (which it builds when asked): a plan of
+    200,000 renames holds one per tensor.
+    """
+
+    __slots__ = ("target", "source", "nbytes")
+
+    def __init__(self, target: str, source: str, nbytes: int) -> None:
+        self.target, self.source, self.nbytes = target, source, nbytes
+
+    def __getitem__(self, key: str) -> Pieces:
+        if key != self.target:
+            raise KeyError(key)
+        return (_new_tuple(Piece, (self.source, 0, self.nbytes)),)
+
+    def get(self, key: str, default: Any = None) -> Any:  # the mixin's goes through an exception
+        return self[key] if key == self.target else default
+
+    def __contains__(self, key: object) -> bool:
+        return key == self.target
+
+    def __iter__(self) -> Iterator[str]:
+        yield self.target
+
+    def __len__(self) -> int:
+        return 1
+
+    def __repr__(self) -> str:
+        return f"{{{self.target!r}: {self[self.target]!r}}}"
 
 
 #: ``(op,)`` for the ops groups name most, one tuple shared by every group

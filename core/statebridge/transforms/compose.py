@@ -28,7 +28,7 @@ from ..errors import CollisionError, ExecutionError, PlanError, StatebridgeError
 
 from ..tensors.meta import TensorMeta
 from ..tensors.patterns import describe_keys, did_you_mean
-from .base import Candidates, Carry, Group, Piece, Pieces, Tensors, Transform, cut
+from .base import Candidates, Carry, Group, Piece, Pieces, Tensors, Transform, WholeOf, cut
 
 V = TypeVar("V")
 
@@ -119,6 +119,8 @@ class Composition:
     consumed: list[str]  # keys of the starting state some step read
     collisions: list[str] = field(default_factory=list)  # what on_collision="warn" let through
     overwritten: list[str] = field(default_factory=list)  # source keys lost to those collisions
+    #: with ``compose(..., carried=True)``: every group that writes, in write order, untouched tensors' included
+    ordered: list[Group] = field(default_factory=list)
 
 
 class Composite(Transform):
@@ -147,6 +149,7 @@ def compose(
     where: str = "steps",
     on_collision: str = "error",
     lineage: Mapping[str, Lineage] | None = None,
+    carried: bool = False,
 ) -> Composition:
     """Plan ``steps`` in sequence against ``metas`` and merge dependent groups.
 
@@ -155,11 +158,12 @@ def compose(
     and each collision is recorded in :attr:`Composition.collisions`.
     ``lineage`` continues an enclosing composition's (a composite step's own
     steps are traced back to the true sources); by default each key is its own source.
+    ``carried`` also lists every group in write order in :attr:`Composition.ordered` (a plan's groups).
     """
     composer = _Composer(metas, lineage, on_collision)
     for index, step in enumerate(steps):
         composer.apply(index, f"{where}[{index}] ({step.name})", step)
-    return composer.result()
+    return composer.result(carried)
 
 
 @dataclass
@@ -167,7 +171,9 @@ class _Planned:
     """One step's groups against the state, with what they mean for lineage and drops."""
 
     groups: list[Group]
-    lineage: dict[str, Lineage]  # for every output of ``groups``
+    #: per group, the lineage of its outputs: one for all of them (a flat step's group), or one
+    #: per output (a composite step's merged group, whose outputs have different histories)
+    lineage: list[Lineage | dict[str, Lineage]]
     dropped: list[str]
     overwritten: list[str]
     collisions: list[str]
@@ -199,7 +205,7 @@ class _Composer:
                 raise e.within(label) from None
             return _Planned(
                 nested.groups,
-                {key: nested.lineage[key] for group in nested.groups for key in group.outputs},
+                [{key: nested.lineage[key] for key in group.outputs} for group in nested.groups],
                 nested.dropped,
                 nested.overwritten,
                 [f"{label}: {note}" for note in nested.collisions],
@@ -210,7 +216,7 @@ class _Composer:
             raise e.within(label) from None
         notes: list[str] = []
         groups = _check_step(label, groups, self.state, self.on_collision, notes)
-        planned = _Planned(groups, {}, [], [], notes)
+        planned = _Planned(groups, [], [], [], notes)
         lineage = self.lineage
         joined: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[str, ...]] = {}  # one ops tuple per distinct history
         for group in groups:
@@ -231,16 +237,18 @@ class _Composer:
                 after = Lineage(sources, _union(lineage[k].ops for k in inputs) + tuple(group.ops))
             if not group.outputs:
                 (planned.overwritten if OVERWRITTEN in group.ops else planned.dropped).extend(sources)
-            for key in group.outputs:
-                planned.lineage[key] = after
+            planned.lineage.append(after)
         return planned
 
     def apply(self, index: int, label: str, step: Transform) -> None:
         planned = self._plan(label, step)
-        state, producer, lineage, live_lineage = self.state, self.producer, self.lineage, planned.lineage
+        state, producer, lineage = self.state, self.producer, self.lineage
         # Pass 1: read every group's inputs against the state before this step
         # (so a step may swap names), merging the components that feed each group.
-        pending: list[tuple[Group, _Stage | _Component, list[Pieces | None] | None]] = []
+        # ``units[i]`` is what group i joined: its own stage (it read source tensors only), or a
+        # component, with the source bytes of each output in ``origins[i]``.
+        units: list[_Stage | _Component] = []
+        origins: dict[int, list[Pieces | None]] = {}
         for gi, group in enumerate(planned.groups):
             stage = _Stage(index, gi, label, group)
             comp = None
@@ -251,7 +259,7 @@ class _Composer:
             if comp is None:  # reads source tensors only: the stage stands for itself until a later step reads it
                 self.consumed.extend(group.inputs)
                 self.units.append(stage)
-                pending.append((group, stage, None))
+                units.append(stage)
                 continue
             for key in group.inputs:
                 if key not in producer:
@@ -259,9 +267,10 @@ class _Composer:
                     comp.live[key] = _SOURCE
                     self.consumed.append(key)
             comp.stages.append(stage)
-            pending.append((group, comp, [_origin(group, key, comp.live) for key in group.outputs]))
-        for group, unit, _ in pending:
-            live = unit.root().live if type(unit) is _Component else None
+            units.append(comp)
+            origins[gi] = [_origin(group, key, comp.live) for key in group.outputs]
+        for gi, group in enumerate(planned.groups):
+            live = units[gi].root().live if gi in origins else None  # type: ignore[union-attr]
             for key in group.inputs:
                 if live is not None:
                     producer.pop(key, None)
@@ -269,18 +278,20 @@ class _Composer:
                 state.pop(key, None)
                 lineage.pop(key, None)
         # Pass 2: the groups' outputs join the state.
-        for group, unit, origins in pending:
-            if origins is None:
+        for gi, (group, after) in enumerate(zip(planned.groups, planned.lineage)):
+            shared = after if type(after) is Lineage else None
+            if gi not in origins:
+                unit = units[gi]
                 for key, meta in group.outputs.items():
                     state[key] = meta
-                    lineage[key] = live_lineage[key]
+                    lineage[key] = shared or after[key]  # type: ignore[index]
                     producer[key] = unit
                 continue
-            comp = unit.root()  # type: ignore[union-attr]
+            comp = units[gi].root()  # type: ignore[union-attr]
             live = comp.live
-            for (key, meta), origin in zip(group.outputs.items(), origins):
+            for (key, meta), origin in zip(group.outputs.items(), origins[gi]):
                 state[key] = meta
-                lineage[key] = live_lineage[key]
+                lineage[key] = shared or after[key]  # type: ignore[index]
                 producer[key] = comp
                 live[key] = origin
         self.dropped.extend(planned.dropped)
@@ -302,47 +313,57 @@ class _Composer:
         self.promoted.add(id(stage))
         return comp
 
-    def result(self) -> Composition:
+    def result(self, carried: bool = False) -> Composition:
+        """The composition; with ``carried``, :attr:`Composition.ordered` lists every group in write order,
+        a rename-to-itself group for each tensor no step touched included."""
         # every component that consumed something, those whose outputs were all dropped included
-        units: list[tuple[float, str, Group]] = []
-        order = self.order
+        order, state = self.order, self.state
+        groups: list[Group] = []
+        positions: list[float] = []
         for unit in self.units:
             if type(unit) is _Stage:
                 if id(unit) in self.promoted:
                     continue
                 group = _stage_group(unit, order)
-                position = order[group.inputs[0]] if group.inputs else float("inf")
-                units.append((position, next(iter(group.outputs), ""), group))
-                continue
-            comp = unit.root()  # type: ignore[union-attr]
-            if comp is not unit:
-                continue  # merged into another component, which is in the list too
-            outputs = {k: self.state[k] for k in comp.live}
-            if len(comp.inputs) > 1:
-                comp.inputs.sort(key=order.__getitem__)  # read in storage order, however the steps were nested
-            position = order[comp.inputs[0]] if comp.inputs else float("inf")
-            units.append((position, next(iter(outputs), ""), _merged_group(comp, outputs)))
-        units.sort(key=lambda u: (u[0], u[1]))
+            else:
+                comp = unit.root()  # type: ignore[union-attr]
+                if comp is not unit:
+                    continue  # merged into another component, which is in the list too
+                if len(comp.inputs) > 1:
+                    comp.inputs.sort(key=order.__getitem__)  # read in storage order, however the steps were nested
+                group = _merged_group(comp, {k: state[k] for k in comp.live})
+            groups.append(group)
+            positions.append(order[group.inputs[0]] if group.inputs else float("inf"))
+        # storage order of the first input, ties (groups of no input) by first output; usually already so
+        if any(a >= b for a, b in zip(positions, positions[1:])):
+            ranked = sorted(range(len(groups)), key=lambda i: (positions[i], next(iter(groups[i].outputs), "")))
+            groups, positions = [groups[i] for i in ranked], [positions[i] for i in ranked]
         final: dict[str, TensorMeta] = {}
-        pending = iter(units)
-        unit = next(pending, None)
-        for key, at in self.order.items():
-            while unit is not None and unit[0] <= at:
-                final.update(unit[2].outputs)
-                unit = next(pending, None)
-            if key in self.state and key not in self.producer:
-                final[key] = self.state[key]
-        while unit is not None:
-            final.update(unit[2].outputs)
-            unit = next(pending, None)
+        ordered: list[Group] = []
+        at_group, count = 0, len(groups)
+        for key, at in order.items():
+            while at_group < count and positions[at_group] <= at:
+                if groups[at_group].outputs:  # a drop writes nothing: not a group of the plan
+                    final.update(groups[at_group].outputs)
+                    ordered.append(groups[at_group])
+                at_group += 1
+            if key in state and key not in self.producer:
+                final[key] = state[key]
+                if carried:
+                    ordered.append(Group.rename(key, key, state[key]))
+        for group in groups[at_group:]:
+            if group.outputs:
+                final.update(group.outputs)
+                ordered.append(group)
         return Composition(
-            groups=[u[2] for u in units],
+            groups=groups,
             metas=final,
             lineage={k: self.lineage[k] for k in final},
             dropped=self.dropped,
             consumed=self.consumed,
             collisions=self.collisions,
             overwritten=self.overwritten,
+            ordered=ordered if carried else [],
         )
 
 
@@ -403,10 +424,8 @@ def _declared(group: Group, key: str) -> Pieces | None:
 def _stage_group(stage: _Stage, order: Mapping[str, int]) -> Group:
     """The group to run for a stage that read only source tensors and whose outputs no later step read."""
     group = stage.group
-    if type(group.compute) is Carry and len(group.inputs) == 1 and group.pieces and len(group.outputs) == 1:
-        pieces = group.pieces.get(group.compute.target)
-        if pieces is not None and len(pieces) == 1 and pieces[0].key == group.inputs[0]:
-            return group  # a rename of a source tensor: nothing to check or order, and no copy to keep
+    if type(group.compute) is Carry and type(group.pieces) is WholeOf and group.pieces.source == group.inputs[0]:
+        return group  # a rename of a source tensor (Group.rename): nothing to check or order, and no copy to keep
     inputs = group.inputs if len(group.inputs) < 2 else tuple(sorted(group.inputs, key=order.__getitem__))
     pieces = group.pieces
     if pieces is not None and (len(pieces) != len(group.outputs) or any(_declared(group, k) is None for k in group.outputs)):
