@@ -355,6 +355,11 @@ class _Composer:
             if group.outputs:
                 final.update(group.outputs)
                 ordered.append(group)
+        # the composer is done: its per-key tables give their memory to the lineage built next
+        # (a plan of 200,000 tensors peaks here)
+        self.producer.clear()
+        self.state.clear()
+        self.order.clear()
         return Composition(
             groups=groups,
             metas=final,
