@@ -40,7 +40,7 @@ class Lineage(NamedTuple):
     ops: tuple[str, ...] = ()
 
 
-#: builds a Lineage without the named tuple's Python-level ``__new__``
+#: builds a named tuple (a Lineage, a _Stage) without its Python-level ``__new__``
 _new_lineage = tuple.__new__
 
 
@@ -249,16 +249,17 @@ class _Composer:
         # component, with the source bytes of each output in ``origins[i]``.
         units: list[_Stage | _Component] = []
         origins: dict[int, list[Pieces | None]] = {}
+        consumed, all_units, new_tuple = self.consumed.extend, self.units.append, _new_lineage
         for gi, group in enumerate(planned.groups):
-            stage = _Stage(index, gi, label, group)
+            stage = new_tuple(_Stage, (index, gi, label, group))
             comp = None
             for key in group.inputs:
                 if key in producer:
                     other = self._component(producer[key])
                     comp = other.root() if comp is None else _merge(comp, other, producer)
             if comp is None:  # reads source tensors only: the stage stands for itself until a later step reads it
-                self.consumed.extend(group.inputs)
-                self.units.append(stage)
+                consumed(group.inputs)
+                all_units(stage)
                 units.append(stage)
                 continue
             for key in group.inputs:
@@ -269,14 +270,16 @@ class _Composer:
             comp.stages.append(stage)
             units.append(comp)
             origins[gi] = [_origin(group, key, comp.live) for key in group.outputs]
+        forget_state, forget_lineage = state.pop, lineage.pop
         for gi, group in enumerate(planned.groups):
-            live = units[gi].root().live if gi in origins else None  # type: ignore[union-attr]
-            for key in group.inputs:
-                if live is not None:
+            if gi in origins:
+                live = units[gi].root().live  # type: ignore[union-attr]
+                for key in group.inputs:
                     producer.pop(key, None)
                     live.pop(key, None)
-                state.pop(key, None)
-                lineage.pop(key, None)
+            for key in group.inputs:
+                forget_state(key, None)
+                forget_lineage(key, None)
         # Pass 2: the groups' outputs join the state.
         for gi, (group, after) in enumerate(zip(planned.groups, planned.lineage)):
             shared = after if type(after) is Lineage else None

@@ -31,9 +31,12 @@ def type_changes(plan: Plan) -> list[Finding]:
     changes: dict[tuple[str, str], list[str]] = {}
     for key, meta in plan.outputs.items():
         sources = plan.lineage[key].sources if key in plan.lineage else ()
-        if len(sources) != 1 or sources[0] not in metas:
+        if len(sources) != 1:
             continue
-        before, after = type_name(metas[sources[0]]), type_name(meta)
+        source = metas.get(sources[0])
+        if source is None or source is meta:  # a tensor carried or renamed keeps its meta, and its type
+            continue
+        before, after = type_name(source), type_name(meta)
         if before != after:
             changes.setdefault((before, after), []).append(key)
     return [
