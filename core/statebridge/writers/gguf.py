@@ -46,9 +46,11 @@ hyperparameters, tokenizer arrays...), except its ``statebridge.*`` fields, its
 with ``general.file_type`` kept when every quantized tensor kept its type
 and no output was computed from a quantized one (``dequantized``), recomputed
 for the tensors written otherwise; every
-``metadata`` entry as a GGUF string (``general.alignment`` as the UINT32 the
+``metadata`` string entry as a GGUF string (``general.alignment`` as the UINT32 the
 format requires); then typed values given with ``fields=`` as
-:class:`~statebridge.readers.gguf.GGUFField` values or plain Python values.  The
+:class:`~statebridge.readers.gguf.GGUFField` values or plain Python values.  A run's
+``metadata:`` edits (:mod:`statebridge.writers.metadata`) set typed values there, keeping
+a carried field's type, and delete carried fields (``null``).  The
 output holds no timestamps: the same inputs give the same bytes.
 """
 
