@@ -103,7 +103,7 @@ def test_the_lineage_is_compact_json_of_the_changed_tensors_only():
 
 
 class Stamp(sb.Transform):
-    """A transform of the caller's own, with a parameter JSON has no type for (a date)."""
+    """A transform of the caller's own, with a parameter JSON has no type for (a date) and one named ``steps``."""
 
     name = "stamp_for_test"
     version = "3"
@@ -111,6 +111,7 @@ class Stamp(sb.Transform):
     class Params(sb.Params):
         pattern: str
         when: datetime.date
+        steps: int = 2  # a parameter of that name, not nested steps
 
     def plan(self, metas):
         return []
@@ -126,7 +127,7 @@ def test_the_canonical_form_names_each_step_its_version_provider_and_json_parame
         "plugin": "statebridge.transforms.composite",
         "params": {
             "steps": [
-                {"transform": "stamp_for_test", "version": "3", "plugin": __name__, "params": {"pattern": "a", "when": "2026-12-02"}},
+                {"transform": "stamp_for_test", "version": "3", "plugin": __name__, "params": {"pattern": "a", "when": "2026-12-02", "steps": 2}},
                 {"transform": "rename", "version": "1", "plugin": "core 1.0", "params": {"mapping": None, "pattern": "a", "to": "b", "strict": True}},
             ]
         },
@@ -143,3 +144,36 @@ def test_the_fingerprint_is_the_sha256_of_the_canonical_document():
     edits = {"hidden_size": 8}
     with_edits = json.dumps({**document, "config_edits": edits}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert fingerprint(pipeline, providers, edits) == hashlib.sha256(with_edits.encode()).hexdigest()
+
+
+def test_a_parameter_holding_a_lone_surrogate_still_has_a_fingerprint():
+    """The step refuses such a key with its own message later; the fingerprint must not crash first."""
+    pipeline = sb.Sequential(steps=[sb.Rename(pattern="a\udc80", to="b")])
+    document = {"statebridge": __version__, "pipeline": canonical(pipeline, {})}
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert fingerprint(pipeline, {}) == hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+FOUR = {"a.w": torch.ones(2), "b.w": torch.ones(2), "c.w": torch.ones(2), "d.w": torch.ones(2)}
+
+
+def test_dropped_tensors_count_as_handled_for_coverage():
+    plan = sb.plan(FOUR, [sb.Drop(keys=["a.w", "b.w"])], require={"coverage": 0.5})
+    assert [f.level for f in plan.findings] == ["info"]
+    plan = sb.plan(FOUR, [sb.Drop(keys=["a.w"]), sb.Rename(pattern="b.w", to="e.w")], require={"coverage": 0.5})
+    assert [f.level for f in plan.findings] == ["info"]
+
+
+def test_a_coverage_below_the_requirement_is_one_error_naming_the_check_and_the_keys():
+    with pytest.raises(PlanError) as caught:
+        sb.plan(FOUR, [sb.Drop(keys=["a.w"])], require={"coverage": 0.5})
+    assert str(caught.value) == (
+        "the plan failed its checks:\n"
+        "  error (coverage): coverage 0.250 < required 0.5: 3 source tensors pass through untouched: b.w, c.w, d.w"
+    )
+
+
+def test_no_missing_without_a_spec_says_what_spec_it_needs():
+    assert message(lambda: sb.plan(FOUR, None, require={"no_missing": True})) == (
+        "no_missing and no_extra need a target spec: expect: a checkpoint, a module or a key list"
+    )
