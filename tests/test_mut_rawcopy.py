@@ -81,3 +81,15 @@ def test_early_writeback_takes_offsets_past_two_gib(tmp_path):
         assert function(fd, 3 << 30, 4096, rawcopy._SYNC_FILE_RANGE_WRITE) == 0
     finally:
         os.close(fd)
+
+
+def test_a_short_pwrite_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    """``pwrite`` may write less than asked (a signal, a file size limit): the rest follows at the right offset."""
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real(fd, data[:7], offset))
+    fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT)
+    try:
+        rawcopy.write_at(fd, bytes(range(100)), 50)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "out.bin").read_bytes() == bytes(50) + bytes(range(100))

@@ -1,0 +1,84 @@
+"""The target policy's verdicts, checked where mutation testing found the suite blind (docs/testing.md, Score).
+
+What the dry run prints and a run reports about an existing target is compared whole: how many
+files a previous output holds, whether ``--overwrite`` was needed, and which entry of a folder
+makes it one statebridge did not write (a symbolic link, even to a statebridge file, is never
+trusted; the companion files a provenance lists are).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import statebridge as sb
+from statebridge.errors import ConfigError
+from statebridge.execute.targets import TargetPolicy, Verdict
+from statebridge.tensors.provenance import COMPANIONS_KEY, FINGERPRINT_KEY
+
+STATE = {"a": torch.arange(6, dtype=torch.float32), "b": torch.ones(3, 2)}
+
+
+def verdict(target: Path, overwrite: bool = False) -> Verdict:
+    return TargetPolicy(target, folder=True, source=sb.DictSource(STATE), overwrite=overwrite).check()
+
+
+def refusal(target: Path) -> str:
+    with pytest.raises(ConfigError) as caught:
+        verdict(target)
+    return str(caught.value)
+
+
+def ours(path: Path, **metadata: str) -> Path:
+    """A safetensors file carrying statebridge's provenance (and ``metadata``)."""
+    save_file({"w": torch.ones(2)}, path, metadata={FINGERPRINT_KEY: "0" * 64, **metadata})
+    return path
+
+
+def test_the_verdict_on_a_new_target_and_on_previous_outputs_counts_their_files(tmp_path):
+    assert str(verdict(tmp_path / "new")) == f"{tmp_path / 'new'} (new)"
+    one = tmp_path / "one"
+    sb.run(STATE, None, one, progress=False)
+    assert [p.name for p in one.iterdir()] == ["model.safetensors"]
+    assert str(verdict(one)) == f"{one} exists (a folder statebridge wrote, 1 file); the run replaces it"
+    three = tmp_path / "three"
+    sb.run(STATE, None, three, shard_size=30, progress=False)
+    assert len(list(three.iterdir())) == 3  # two shards and the index
+    assert str(verdict(three)) == f"{three} exists (a folder statebridge wrote, 3 files); the run replaces it"
+
+
+def test_the_verdict_says_when_overwrite_was_needed(tmp_path):
+    target = tmp_path / "user"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    assert str(verdict(target, overwrite=True)) == (
+        f"{target} exists (a folder holding 'notes.txt', which statebridge did not write); "
+        "the run replaces it, as --overwrite allows"
+    )
+
+
+def test_a_link_to_a_statebridge_file_inside_a_folder_is_not_trusted(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    ours(target / "model.safetensors")
+    os.symlink(ours(tmp_path / "elsewhere.safetensors"), target / "extra.safetensors")
+    assert refusal(target) == (
+        f"target {target} is a folder holding 'extra.safetensors', which statebridge did not write; refusing to "
+        "replace it: choose another target, or pass --overwrite (overwrite: true in a config, overwrite=True in "
+        "Python) to replace it"
+    )
+
+
+def test_the_companions_a_provenance_lists_belong_to_the_output(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    ours(target / "model.safetensors", **{COMPANIONS_KEY: '["config.json"]'})
+    (target / "config.json").write_text("{}")
+    assert str(verdict(target)) == f"{target} exists (a folder statebridge wrote, 2 files); the run replaces it"
+    (target / "tokenizer.json").write_text("{}")  # not listed
+    assert "a folder holding 'tokenizer.json', which statebridge did not write" in refusal(target)
+
