@@ -82,3 +82,47 @@ def test_the_companions_a_provenance_lists_belong_to_the_output(tmp_path):
     (target / "tokenizer.json").write_text("{}")  # not listed
     assert "a folder holding 'tokenizer.json', which statebridge did not write" in refusal(target)
 
+
+
+def test_a_link_to_a_folder_inside_a_folder_is_not_trusted(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    ours(target / "model.safetensors")
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", target / "more", target_is_directory=True)
+    assert "a folder holding 'more', which statebridge did not write" in refusal(target)
+
+
+@pytest.mark.parametrize("index", ["[1]", '{"metadata": {}}', '{"metadata": [1]}', '{"weight_map": {}}'])
+def test_an_index_without_statebridge_provenance_is_foreign(tmp_path, index):
+    target = tmp_path / "out"
+    target.mkdir()
+    ours(target / "model-00001-of-00001.safetensors")
+    (target / "model.safetensors.index.json").write_text(index)
+    assert "a folder holding 'model.safetensors.index.json', which statebridge did not write" in refusal(target)
+
+
+def test_a_torch_suffix_is_never_recognised_even_over_a_statebridge_file(tmp_path):
+    """docs/trust.md: torch files carry no provenance, so an existing ``.pt`` needs ``overwrite`` whatever it holds."""
+    target = ours(tmp_path / "model.pt")
+    assert refusal(target) == (
+        f"target {target} is a file statebridge did not write (torch files carry no provenance to tell); refusing "
+        "to replace it: choose another target, or pass --overwrite (overwrite: true in a config, overwrite=True in "
+        "Python) to replace it"
+    )
+
+
+def test_a_folder_that_cannot_be_listed_is_one_line_naming_it(tmp_path, monkeypatch):
+    """A subfolder ``os.walk`` cannot open (EACCES for a user who may not read it) is an error, not skipped."""
+    target = tmp_path / "out"
+    (target / "locked").mkdir(parents=True)
+    ours(target / "model.safetensors")
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(target / "locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert refusal(target) == f"target {target}: cannot list it: Permission denied"
