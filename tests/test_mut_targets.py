@@ -126,3 +126,33 @@ def test_a_folder_that_cannot_be_listed_is_one_line_naming_it(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "scandir", scandir)
     assert refusal(target) == f"target {target}: cannot list it: Permission denied"
+
+
+_OVERWRITE = "pass --overwrite (overwrite: true in a config, overwrite=True in Python) to replace it"
+
+
+def test_a_file_of_someone_else_and_a_fifo_are_named_for_what_they_are(tmp_path):
+    foreign = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(2)}, foreign)
+    assert refusal(foreign) == (
+        f"target {foreign} is a file statebridge did not write; refusing to replace it: choose another target, or {_OVERWRITE}"
+    )
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert refusal(fifo) == (
+        f"target {fifo} is neither a regular file nor a folder; refusing to replace it: choose another target, or {_OVERWRITE}"
+    )
+
+
+def test_a_target_that_cannot_be_looked_at_is_one_line_naming_it(tmp_path):
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "file" / "out"
+    assert refusal(target) == f"target {target}: cannot look at it: Not a directory"
+
+
+def test_an_in_place_conversion_says_it_replaces_the_source_as_overwrite_allows(tmp_path):
+    source = tmp_path / "model.safetensors"
+    save_file(STATE, source)
+    with sb.open_source(source) as opened:
+        found = TargetPolicy(source, folder=False, source=opened, named=source, overwrite=True).check()
+    assert str(found) == f"{source} exists (the source, a file statebridge did not write); the run replaces it, as --overwrite allows"
