@@ -156,3 +156,28 @@ def test_an_in_place_conversion_says_it_replaces_the_source_as_overwrite_allows(
     with sb.open_source(source) as opened:
         found = TargetPolicy(source, folder=False, source=opened, named=source, overwrite=True).check()
     assert str(found) == f"{source} exists (the source, a file statebridge did not write); the run replaces it, as --overwrite allows"
+
+
+def _policy_on_folder(tmp_path: Path, target: Path) -> TargetPolicy:
+    folder = tmp_path / "ckpt"
+    folder.mkdir(exist_ok=True)
+    save_file(STATE, folder / "model.safetensors")
+    return TargetPolicy(target, folder=True, source=sb.open_source(folder), named=folder)
+
+
+def test_a_target_beside_a_source_folder_is_new_and_one_inside_or_around_it_is_refused_exactly(tmp_path):
+    beside = tmp_path / "out"
+    assert str(_policy_on_folder(tmp_path, beside).check()) == f"{beside} (new)"
+    inside = tmp_path / "ckpt" / "out"
+    with pytest.raises(ConfigError) as caught:
+        _policy_on_folder(tmp_path, inside).check()
+    assert str(caught.value) == (
+        f"target {inside} lies inside the source folder {tmp_path / 'ckpt'}; writing there would change the "
+        "input: choose a target outside it"
+    )
+    with pytest.raises(ConfigError) as caught:
+        _policy_on_folder(tmp_path, tmp_path).check()
+    assert str(caught.value) == (
+        f"target {tmp_path} contains the source {tmp_path / 'ckpt' / 'model.safetensors'}; replacing it would "
+        "delete the input: choose a target outside it"
+    )
