@@ -49,6 +49,8 @@ mutation: venv
 	ln -sfn ../../core $(MUTATION_DIR)/src
 	ln -sfn ../../tests $(MUTATION_DIR)/tests
 	ln -sfn ../../pyproject.toml $(MUTATION_DIR)/pyproject.toml
+	ln -sfn ../../docs $(MUTATION_DIR)/docs
+	ln -sfn ../../README.md $(MUTATION_DIR)/README.md
 	cd $(MUTATION_DIR) && $(abspath $(PY)) -m mutmut run $(if $(MUTATION_JOBS),--max-children $(MUTATION_JOBS)) $(foreach m,$(MUTATE),'$(m)')
 	cd $(MUTATION_DIR) && $(abspath $(PY)) -m mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
 
