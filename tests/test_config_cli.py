@@ -95,7 +95,15 @@ def test_cli_inverse_round_trip(configs, capsys, llama_sd):
         ("source: a\nsteps:\n  - rename: {mapping: {a: b}}\n    cast: {dtype: fp16}\n", "steps[0]: a step is a mapping with exactly one transform name"),
         ("source: a\nsoruce: b\n", "soruce: Extra inputs are not permitted"),
         ("source: a\nsteps:\n  - rename: {mapping: {a: b}}\n  - concat: {inputs: [a], output: b, dim: zero}\n", "steps[1]: concat.dim: Input should be a valid integer"),
-        ("source: a\nsteps:\n  - renamee: {mapping: {a: b}}\n", "unknown transform 'renamee'; did you mean 'rename'"),
+        ("source: a\nsteps:\n  - renamee: {mapping: {a: b}}\n", "steps[0]: unknown transform 'renamee'; did you mean 'rename'"),
+        (
+            "source: a\nsteps:\n  - rename: {mapping: {a: b}}\n  - sequential: {steps: [{nosuch: {}}]}\n",
+            "steps[1]: sequential.steps[0]: unknown transform 'nosuch'",
+        ),
+        (
+            "source: a\nfrom: v1\nto: v2\nversions: {v1: {}, v2: {}}\nrules:\n  - {from: v1, to: v2, steps: [{nosuch: {}}]}\n",
+            "rule v1->v2: steps[0]: unknown transform 'nosuch'",
+        ),
         ("source: a\nsteps:\n  - rename: {pattern: 're:(', to: x}\n", "pattern 're:(' is not a valid regular expression"),
         ("source: a\nshard_size: 2 parsecs\n", "cannot read size '2 parsecs'"),
     ],

@@ -121,7 +121,10 @@ class TransformCatalog(Catalog[type]):
         if not isinstance(spec, Mapping) or len(spec) != 1:
             raise ConfigError(f"{where}: a step is a mapping with exactly one transform name, e.g. {{rename: {{...}}}}; got {spec!r}")
         ((name, params),) = spec.items()
-        cls = self.get(name)
+        try:
+            cls = self.get(name)
+        except UnknownTransformError as e:
+            raise e.within(where) from None
         if params is not None and not isinstance(params, Mapping):
             raise ConfigError(f"{where} ({name}): parameters must be a mapping, got {params!r}")
         try:
