@@ -269,3 +269,19 @@ def test_generated_checkpoint_is_deterministic(tmp_path):
     write_llama(tmp_path / "a", LlamaShape(layers=3), shard_size=30_000)
     write_llama(tmp_path / "b", LlamaShape(layers=3), shard_size=30_000)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
+
+
+def test_a_zero_byte_tensor_renamed_by_several_steps_is_written(tmp_path):
+    """A zero-byte tensor's pieces are an empty tuple: composition must not take them for a source tensor's marker."""
+    from safetensors.torch import save_file
+
+    source = tmp_path / "z.safetensors"
+    save_file({"e": torch.zeros(0, 4), "x": torch.ones(2)}, str(source))
+    steps = [{"rename": {"mapping": {"e": "f"}}}, {"rename": {"mapping": {"f": "g"}}}, {"rename": {"mapping": {"g": "h"}}}]
+    plan = sb.plan(source, steps)
+    assert plan.lineage["h"].sources == ("e",)
+    report = sb.run(source, steps, tmp_path / "out.safetensors")
+    written = load_file(str(tmp_path / "out.safetensors"))
+    assert set(written) == {"h", "x"} and written["h"].shape == (0, 4)
+    assert torch.equal(written["x"], torch.ones(2))
+    assert report.stats.tensors_copied_raw == 2

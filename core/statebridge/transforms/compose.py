@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import groupby
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar, cast
 
 from ..errors import CollisionError, ExecutionError, PlanError, StatebridgeError
 
@@ -67,14 +67,17 @@ class _Stage(NamedTuple):
 
 
 #: ``_Component.live`` value of a source tensor a component read and still holds: its bytes are
-#: the whole source tensor (no Piece is built for it: most tensors of a large plan are just that)
-_SOURCE: Pieces = ()
+#: the whole source tensor (no Piece is built for it: most tensors of a large plan are just that).
+#: A unique object, compared by identity: an empty tuple would be CPython's one empty tuple,
+#: which is also what a zero-byte tensor's pieces are.
+_SOURCE: Pieces = cast("Pieces", object())
 
 
 class _Component:
     """Groups of different steps that feed each other, merged as the steps are applied.
 
-    Plain slots, not a dataclass: a plan of 200,000 tensors builds one per tensor.
+    Built only when a step reads what an earlier step wrote; a group that reads source
+    tensors only stands for itself (its :class:`_Stage`) until then.
     """
 
     __slots__ = ("stages", "inputs", "live", "merged_into")
