@@ -435,7 +435,7 @@ def _declared(group: Group, key: str) -> Pieces | None:
 def _stage_group(stage: _Stage, order: Mapping[str, int]) -> Group:
     """The group to run for a stage that read only source tensors and whose outputs no later step read."""
     group = stage.group
-    if type(group.compute) is Carry and type(group.pieces) is WholeOf and group.pieces.source == group.inputs[0]:
+    if type(group.compute) is Carry and type(group.pieces) is WholeOf and group.inputs == (group.pieces.source,):
         return group  # a rename of a source tensor (Group.rename): nothing to check or order, and no copy to keep
     inputs = group.inputs if len(group.inputs) < 2 else tuple(sorted(group.inputs, key=order.__getitem__))
     pieces = group.pieces
