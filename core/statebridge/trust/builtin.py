@@ -17,8 +17,7 @@ if TYPE_CHECKING:
 @hookimpl
 def validate_plan(plan: Any) -> Iterable[Finding]:
     """Report what the plan changes that a reader of the config might not expect."""
-    from ..writers import metadata
-    from . import companions, coverage, quantized
+    from . import companions, coverage, metadata, quantized
     from .findings import Finding
 
     findings = coverage.findings(plan)

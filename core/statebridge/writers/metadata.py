@@ -27,32 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..tensors.provenance import MetadataValue, user_metadata
-from ..trust.findings import Finding
 
 if TYPE_CHECKING:
     from gguf import GGUFValueType
 
-    from ..planning.plan import Plan
     from ..readers.gguf import GGUFField
     from .base import Writer
     from .gguf import GGUFWriter
-
-CHECK = "plan.metadata"
-
-
-def findings(plan: Plan) -> list[Finding]:
-    """The metadata the plan's options set and delete, as one info finding (run by the core's ``validate_plan``)."""
-    edits = user_metadata(plan.options.get("metadata"))
-    sets = [f"{key}={_short(value)}" for key, value in edits.items() if value is not None]
-    deletes = [key for key, value in edits.items() if value is None]
-    parts = ([f"sets {', '.join(sets)}"] if sets else []) + ([f"deletes {', '.join(deletes)}"] if deletes else [])
-    return [Finding("info", "metadata: " + "; ".join(parts), CHECK)] if parts else []
-
-
-def _short(value: MetadataValue, most: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= most else text[: most - 3] + "..."
-
 
 def edit_metadata(writer: Writer, metadata: Mapping[str, object] | None) -> None:
     """Set and delete ``metadata``'s fields on ``writer``, after it took in what the source carries (``carry``).
