@@ -43,8 +43,9 @@ print(time.perf_counter() - started)
 SB_PLAN = """
 import sys, time
 import statebridge as sb
+plan = sb.plan  # statebridge imports its API when first asked for it: an import, outside the timed part
 started = time.perf_counter()
-plan = sb.plan(sys.argv[1], [{"rename": {"pattern": "model.**", "to": "**"}}])
+plan = plan(sys.argv[1], [{"rename": {"pattern": "model.**", "to": "**"}}])
 print(time.perf_counter() - started)
 assert len(plan.outputs) == int(sys.argv[2]), len(plan.outputs)
 """

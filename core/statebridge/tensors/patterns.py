@@ -51,6 +51,15 @@ class KeyPattern:
                 out.append(re.escape(part))
         return re.compile("".join(out))
 
+    @cached_property
+    def affixes(self) -> tuple[str, str] | None:
+        """(prefix, suffix) of a glob whose one wildcard is ``**``, which then matches exactly the keys
+        that start with the prefix and end with the suffix, with at least one character between."""
+        if self.is_regex or self.text.count("*") != 2 or "**" not in self.text:
+            return None
+        prefix, suffix = self.text.split("**")
+        return prefix, suffix
+
     @property
     def is_regex(self) -> bool:
         return self.text.startswith(REGEX_PREFIX)
@@ -73,7 +82,7 @@ class KeyPattern:
             except (re.error, IndexError) as e:
                 raise ConfigError(f"target {target!r} refers to a group that {self.text!r} does not have: {e}") from None
         else:
-            literals, clean = _template(target)
+            literals, clean = template(target)
             captures = match.groups()
             if len(literals) != len(captures) + 1:
                 raise ConfigError(
@@ -94,7 +103,7 @@ class KeyPattern:
 
 
 @lru_cache(maxsize=256)
-def _template(target: str) -> tuple[tuple[str, ...], bool]:
+def template(target: str) -> tuple[tuple[str, ...], bool]:
     """A glob target's text between its wildcards (``a.*.b`` -> ``("a.", ".b")``), split once per target,
     and whether that text can be part of a key (see :func:`key_problem`)."""
     literals = tuple(re.split(r"\*\*|\*", target))

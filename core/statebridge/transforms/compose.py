@@ -22,16 +22,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import groupby
-from typing import NamedTuple, TypeVar, cast
+from operator import lt
+from types import MappingProxyType
+from typing import NamedTuple, cast
 
 from ..errors import CollisionError, ExecutionError, PlanError, StatebridgeError
 
 from ..tensors.meta import TensorMeta
 from ..tensors.patterns import describe_keys, did_you_mean
 from .base import Candidates, Carry, Group, Piece, Pieces, Tensors, Transform, WholeOf, cut
-
-V = TypeVar("V")
-
 
 class Lineage(NamedTuple):
     """Which source tensors, through which operations, made one tensor."""
@@ -203,7 +202,7 @@ class _Composer:
     def _plan(self, label: str, step: Transform) -> _Planned:
         if isinstance(step, Composite):
             try:
-                nested = step.composition(_ReadOnly(self.state), _ReadOnly(self.lineage), self.on_collision)
+                nested = step.composition(MappingProxyType(self.state), MappingProxyType(self.lineage), self.on_collision)
             except StatebridgeError as e:
                 raise e.within(label) from None
             return _Planned(
@@ -213,8 +212,8 @@ class _Composer:
                 nested.overwritten,
                 [f"{label}: {note}" for note in nested.collisions],
             )
-        try:
-            groups = list(step.plan(_ReadOnly(self.state)))
+        try:  # a read-only view of the state, so a transform cannot edit what it plans against
+            groups = list(step.plan(MappingProxyType(self.state)))
         except StatebridgeError as e:
             raise e.within(label) from None
         notes: list[str] = []
@@ -326,11 +325,14 @@ class _Composer:
         order, state = self.order, self.state
         groups: list[Group] = []
         positions: list[float] = []
+        promoted = self.promoted
         for unit in self.units:
             if type(unit) is _Stage:
-                if id(unit) in self.promoted:
+                if promoted and id(unit) in promoted:
                     continue
-                group = _stage_group(unit, order)
+                group = unit.group  # type: ignore[union-attr]
+                if not (type(group.compute) is Carry and type(group.pieces) is WholeOf and group.inputs == (group.pieces.source,)):
+                    group = _stage_group(unit, order)  # type: ignore[arg-type]
             else:
                 comp = unit.root()  # type: ignore[union-attr]
                 if comp is not unit:
@@ -341,7 +343,7 @@ class _Composer:
             groups.append(group)
             positions.append(order[group.inputs[0]] if group.inputs else float("inf"))
         # storage order of the first input, ties (groups of no input) by first output; usually already so
-        if any(a >= b for a, b in zip(positions, positions[1:])):
+        if not all(map(lt, positions, positions[1:])):
             ranked = sorted(range(len(groups)), key=lambda i: (positions[i], next(iter(groups[i].outputs), "")))
             groups, positions = [groups[i] for i in ranked], [positions[i] for i in ranked]
         final: dict[str, TensorMeta] = {}
@@ -433,10 +435,11 @@ def _declared(group: Group, key: str) -> Pieces | None:
 
 
 def _stage_group(stage: _Stage, order: Mapping[str, int]) -> Group:
-    """The group to run for a stage that read only source tensors and whose outputs no later step read."""
+    """The group to run for a stage that read only source tensors and whose outputs no later step read.
+
+    (A rename of one source tensor, ``Group.rename``, is its own group: ``result`` takes it as it is.)
+    """
     group = stage.group
-    if type(group.compute) is Carry and type(group.pieces) is WholeOf and group.inputs == (group.pieces.source,):
-        return group  # a rename of a source tensor (Group.rename): nothing to check or order, and no copy to keep
     inputs = group.inputs if len(group.inputs) < 2 else tuple(sorted(group.inputs, key=order.__getitem__))
     pieces = group.pieces
     if pieces is not None and (len(pieces) != len(group.outputs) or any(_declared(group, k) is None for k in group.outputs)):
@@ -504,19 +507,3 @@ def _run_stages(by_step: Sequence[Sequence[_Stage]], outputs: Sequence[str], ten
 
 def _union(parts) -> tuple[str, ...]:
     return tuple(dict.fromkeys(item for part in parts for item in part))
-
-
-class _ReadOnly(Mapping[str, V]):
-    """A read-only view of the state (or its lineage), so a transform cannot edit what it plans against."""
-
-    def __init__(self, data: Mapping[str, V]) -> None:
-        self._data = data
-
-    def __getitem__(self, key: str) -> V:
-        return self._data[key]
-
-    def __iter__(self):
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)

@@ -27,9 +27,15 @@ def validate_plan(plan: Any) -> Iterable[Finding]:
     findings.extend(Finding("warning", message, "core.collision") for message in plan.collisions)
     if plan.dropped:
         findings.append(Finding("info", f"{len(plan.dropped)} source tensors are dropped on purpose", "core.dropped"))
-    for key, ops in plan.changed.items():
-        if any(op.startswith("adapt_shapes") for op in ops):
-            findings.append(Finding("warning", "; ".join(op for op in ops if op.startswith("adapt_shapes")), "core.adapt_shapes", key))
+    adapted: dict[tuple[str, ...], str] = {}  # per distinct history (plans share one per step): its adapt_shapes ops
+    for key, lineage in plan.lineage.items():
+        ops = lineage.ops
+        if ops:
+            note = adapted.get(ops)
+            if note is None:
+                note = adapted[ops] = "; ".join(op for op in ops if op.startswith("adapt_shapes"))
+            if note:
+                findings.append(Finding("warning", note, "core.adapt_shapes", key))
     return findings
 
 

@@ -6,6 +6,7 @@ from ..errors import ConfigError
 from ..planning.plan import Plan
 from ..tensors.meta import TensorMeta, dtype_name
 from ..tensors.patterns import describe_keys
+from ..transforms.base import Carry
 from ..writers.base import Writer
 from .findings import Finding
 
@@ -29,16 +30,20 @@ def type_changes(plan: Plan) -> list[Finding]:
     """
     metas = plan.source.metas()
     changes: dict[tuple[str, str], list[str]] = {}
-    for key, meta in plan.outputs.items():
-        sources = plan.lineage[key].sources if key in plan.lineage else ()
-        if len(sources) != 1:
+    for group in plan.groups:
+        if type(group.compute) is Carry:  # a tensor carried or renamed keeps its meta, and its type
             continue
-        source = metas.get(sources[0])
-        if source is None or source is meta:  # a tensor carried or renamed keeps its meta, and its type
-            continue
-        before, after = type_name(source), type_name(meta)
-        if before != after:
-            changes.setdefault((before, after), []).append(key)
+        for key in group.outputs:
+            meta = plan.outputs[key]
+            sources = plan.lineage[key].sources if key in plan.lineage else ()
+            if len(sources) != 1:
+                continue
+            source = metas.get(sources[0])
+            if source is None or source is meta:
+                continue
+            before, after = type_name(source), type_name(meta)
+            if before != after:
+                changes.setdefault((before, after), []).append(key)
     return [
         Finding("info", f"type change {before} -> {after}: {len(keys)} tensors, {describe_keys(keys)}", TYPES_CHECK)
         for (before, after), keys in changes.items()
