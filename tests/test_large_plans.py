@@ -63,18 +63,22 @@ def test_two_hundred_thousand_tensors_are_planned_from_the_header_without_torch(
 
 
 def test_run_plans_once(tmp_path, monkeypatch):
-    """``statebridge run`` composes the pipeline once (it planned twice, doubling time and memory)."""
+    """``statebridge run`` composes the pipeline, and builds its writer, once (it planned twice, doubling time and memory)."""
     source = tmp_path / "many.safetensors"
     count = write_many_tensors(source, 2_000, layers=4)
     config = tmp_path / "rename.yaml"
     config.write_text('steps:\n  - rename: {pattern: "model.**", to: "**"}\n')
-    calls = []
+    calls, writers = [], []
     compose = planning.compose
     monkeypatch.setattr(planning, "compose", lambda *a, **k: calls.append(1) or compose(*a, **k))
+    from statebridge import api
     from statebridge.cli import main
 
+    target_writer = api.target_writer
+    monkeypatch.setattr(api, "target_writer", lambda *a, **k: writers.append(1) or target_writer(*a, **k))
     assert main(["run", str(config), "--source", str(source), "--target", str(tmp_path / "out.safetensors"), "--no-progress"]) == 0
     assert len(calls) == 1
+    assert len(writers) == 1  # the writer that priced the plan writes it: its layout and lineage are built once
     assert len(sb.open_source(tmp_path / "out.safetensors").metas()) == count
 
 

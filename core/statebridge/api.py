@@ -170,7 +170,14 @@ class RunReport:
         return "\n".join(lines)
 
 
-def run(source: SourceLike | Plan, pipeline: PipelineLike, target: str | os.PathLike[str], **options: Any) -> RunReport:
+def run(
+    source: SourceLike | Plan,
+    pipeline: PipelineLike,
+    target: str | os.PathLike[str],
+    *,
+    writer: Writer | None = None,
+    **options: Any,
+) -> RunReport:
     """Stream ``source`` through ``pipeline`` into ``target``, atomically.
 
     ``options`` are :class:`~statebridge.options.RunOptions` (the keys of a
@@ -196,6 +203,10 @@ def run(source: SourceLike | Plan, pipeline: PipelineLike, target: str | os.Path
     arguments and does a share of the work (see :mod:`statebridge.execute.distributed`);
     ``distributed=False`` converts in this process alone, ``True`` also shares
     the work over a process group the caller initialised.
+
+    ``writer``: the one :func:`target_writer` made for this plan, target and
+    output options, when the caller has made it already (the command line makes
+    it to show the estimate first): a plan of 200,000 tensors spends seconds on it.
     """
     settings: RunOptions = validated(RunOptions, options)
     target = Path(target)
@@ -204,7 +215,8 @@ def run(source: SourceLike | Plan, pipeline: PipelineLike, target: str | os.Path
     gates = Gates(installed().gates, settings.gates)
     with built.source, session(settings.distributed) as ranks:
         identity = built.source.identity()  # what is read from here on must be these files
-        writer = target_writer(built, target, format=settings.format, shard_size=settings.shard_size, metadata=settings.metadata)
+        if writer is None or writer.path != target:
+            writer = target_writer(built, target, format=settings.format, shard_size=settings.shard_size, metadata=settings.metadata)
         writer.durable = settings.durable
         policy = TargetPolicy(target, writer.writes_folder, built.source, named=source, overwrite=settings.overwrite)
         agree = {  # what every rank of a distributed run must have in common before any write

@@ -177,7 +177,7 @@ def run(config: str, verbose: bool, as_json: bool, dry_run: bool, inverse: bool,
             click.echo("dry run: nothing was written")
         return
     try:
-        report = run_plan(built, None, settings.target, **settings.options())
+        report = run_plan(built, None, settings.target, writer=writer, **settings.options())
     except SourceError as e:  # a source that failed or changed while streaming: the run failed (exit 1)
         raise ExecutionError(str(e)) from None
     if speaks:
