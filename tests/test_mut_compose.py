@@ -285,3 +285,76 @@ def test_the_json_plan_names_each_field(source: Path) -> None:
     assert data["dropped"] == ["v"] and data["new"] == [] and data["unmapped"] == []
     assert data["estimate"] is None and data["model_folder"] is None
     assert any("dropped on purpose" in f for f in data["findings"])
+
+
+def test_lineage_follows_every_input_and_keeps_earlier_ops(source: Path) -> None:
+    from statebridge.transforms.rename import Identity
+
+    plan = sb.plan(source, [Concat(inputs=["v", "w"], output="vw", dim=0)])
+    assert plan.lineage["vw"].sources == ("v", "w") and plan.lineage["vw"].ops == ("concat(dim=0)",)
+    plan = sb.plan(source, [Cast(pattern="w", dtype="float16"), Identity(keys=["w"])])
+    assert plan.lineage["w"].ops == ("cast(dtype=float16, integers=False)",)  # a step that changes nothing keeps the history
+
+
+def test_a_source_tensor_joined_with_a_renamed_one_is_raw_and_mapped(source: Path) -> None:
+    plan = sb.plan(source, [Rename(mapping={"v": "v1"}), Concat(inputs=["v1", "w"], output="vw", dim=0)])
+    group = _only_group(plan, "vw")
+    assert dict(group.pieces) == {"vw": (Piece("v", 0, 24), Piece("w", 0, 48))}
+    assert sorted(plan.mapped) == ["v", "w"] and plan.unmapped == []
+
+
+def test_raw_spans_of_a_split_are_its_parts_of_the_source_file(source: Path) -> None:
+    plan = sb.plan(source, [Split(input="w", outputs=["w0", "w1"], dim=0)])
+    group = _only_group(plan, "w0")
+    whole = plan.source.raw_span("w")
+    spans = plan.raw_spans(group)
+    assert [(s.offset, s.length) for s in spans["w0"]] == [(whole.offset, 24)]
+    assert [(s.offset, s.length) for s in spans["w1"]] == [(whole.offset + 24, 24)]
+    assert _span_bytes(plan, group, "w1") == W[2:].numpy().tobytes()
+
+
+def test_raw_spans_of_a_group_carrying_two_whole_tensors_cover_both(source: Path) -> None:
+    both = Group(
+        inputs=("w", "v"), outputs={"a": METAS["w"], "b": METAS["v"]}, compute=lambda t: {"a": t["w"], "b": t["v"]},
+        pieces={"a": (Piece("w", 0, 48),), "b": (Piece("v", 0, 24),)},
+    )
+    plan = sb.plan(source, [_Groups(both)])
+    spans = plan.raw_spans(_only_group(plan, "a"))
+    assert spans["a"] == [plan.source.raw_span("w")] and spans["b"] == [plan.source.raw_span("v")]
+
+
+def test_a_piece_past_the_end_of_its_tensor_is_never_copied_raw(source: Path) -> None:
+    meta = TensorMeta((4, 3), "float32")
+    past = Group(inputs=("w",), outputs={"a": meta}, compute=lambda t: {"a": t["w"]}, pieces={"a": (Piece("w", 24, 48),)})
+    plan = sb.plan(source, [_Groups(past)])
+    assert plan.raw_spans(_only_group(plan, "a")) == {}
+
+
+def test_the_text_plan_names_each_section(source: Path) -> None:
+    fresh = Group(inputs=(), outputs={"fresh": TensorMeta((2,), "float32")}, compute=lambda t: {"fresh": torch.zeros(2)})
+    plan = sb.plan(source, [Cast(pattern="w", dtype="float16"), {"drop": {"keys": ["v"]}}, _Groups(fresh)])
+    assert plan.render().splitlines()[1:] == [
+        "  2 source tensors, 2 target tensors, 2 groups, 1 mapped, 0 unmapped, 1 dropped, 1 new",
+        "  reads 48 B, writes 32 B, largest group 72 B",
+        "  dropped (1):",
+        "    v",
+        "  new (1):",
+        "    fresh",
+        "  changes:",
+        "    cast(dtype=float16, integers=False):",
+        "      w",
+        "  info (plan.types): type change F32 -> F16: 1 tensors, w",
+        "  info (core.dropped): 1 source tensors are dropped on purpose",
+    ]
+    assert plan.render().splitlines()[0] == f"plan for {plan.source.name}: 3 steps, fingerprint {plan.fingerprint[:16]}"
+    assert plan.counts() == {"source tensors": 2, "target tensors": 2, "groups": 2, "mapped": 1, "unmapped": 0, "dropped": 1, "new": 1}
+
+
+def test_the_text_plan_lists_unchanged_tensors_folded_unless_verbose(tmp_path: Path) -> None:
+    path = tmp_path / "layers.safetensors"
+    save_file({f"layers.{i}.w": torch.zeros(2) for i in range(3)} | {"x": torch.zeros(2)}, str(path))
+    plan = sb.plan(path, [Rename(mapping={"x": "y"})])
+    text = plan.render()
+    assert "  unchanged (no step touched them) (3):\n    layers.{0..2}.w" in text
+    assert "    rename:\n      y" in text
+    assert "    layers.0.w\n    layers.1.w\n    layers.2.w" in plan.render(verbose=True)
