@@ -1,0 +1,165 @@
+"""PEFT's merge arithmetic, operation for operation, on plain tensors.
+
+Each function here mirrors a piece of ``peft/tuners/lora`` (0.21): ``get_delta_weight`` of
+``Linear``, ``Embedding`` and ``_ConvNd``, their ``merge`` (``safe_merge`` or not), the DoRA
+variants' ``merge_unsafe``/``merge_safe``, and ``add_weighted_adapter``'s ``cat`` and
+``linear`` combinations.  The same torch operations in the same order give the same bits:
+the tests compare against ``merge_and_unload`` with ``torch.equal``.  The one deliberate
+difference is DoRA's zero-norm rows, where PEFT divides by zero and writes NaN: there the
+factor is 1 (the row of ``W + ΔW`` is zero, so the merged row is zero too) and the rows are
+counted for the merge report.
+
+Dtypes follow PEFT's default path: ``PeftModel.from_pretrained`` upcasts float16/bfloat16
+adapter weights to float32 (``autocast_adapter_dtype=True``), so the delta is float32, and a
+Linear or Conv merge ``W += ΔW`` rounds once into the base dtype.  PEFT's Embedding merge
+and every ``safe_merge`` round ΔW into the base dtype first (``ΔW.to(W.dtype)``), and so do we.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .adapter import LoraModule
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Factors:
+    """One adapter's matrices for one module, as PEFT holds them after loading (float32)."""
+
+    module: LoraModule
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    magnitude: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """PEFT's ``autocast_adapter_dtype``: float16 and bfloat16 adapter weights become float32."""
+    import torch
+
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def delta_weight(f: Factors, base_shape: tuple[int, ...]) -> torch.Tensor:
+    """``get_delta_weight``: ``s·B·A`` shaped like the base weight (Linear, Conv1D, Embedding, Conv1d/2d)."""
+    import torch.nn.functional as F
+
+    a, b = f.a, f.b
+    if f.module.kind == "embedding":
+        return (b @ a).T * f.scaling
+    if len(base_shape) == 2:
+        out = b @ a
+        return (out.T if f.module.fan_in_fan_out else out) * f.scaling
+    if tuple(base_shape[2:4]) == (1, 1):
+        return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * f.scaling
+    conv = F.conv1d if len(base_shape) == 3 else F.conv2d
+    return conv(a.transpose(0, 1), b).transpose(0, 1) * f.scaling
+
+
+def merge_one(weight: torch.Tensor, exact: torch.Tensor, f: Factors, safe: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``weight`` with adapter ``f`` merged as PEFT's ``merge`` does.
+
+    ``exact`` is the same weight carried in float32 without rounding; returns the merged
+    weight, the new exact one (for the report's rounding error) and how many DoRA rows had
+    zero norm.
+    """
+    delta = delta_weight(f, tuple(weight.shape))
+    if f.magnitude is None:
+        out = weight.clone()
+        if safe or f.module.kind == "embedding":
+            out += delta.to(weight.dtype)
+        else:
+            out += delta
+        return out, exact + delta, 0
+    merged, zero_rows = dora(weight, delta, f)
+    return merged.to(weight.dtype), merged, zero_rows
+
+
+def dora(weight: torch.Tensor, delta: torch.Tensor, f: Factors) -> tuple[torch.Tensor, int]:
+    """DoRA's ``merge_unsafe`` (``merge_safe`` is the same for one adapter): ``m/‖W + ΔW‖ · (W + ΔW)``.
+
+    The norm is of the unmerged base plus ΔW, as PEFT computes it (#3609).  Rows whose
+    norm is zero keep a factor of 1 (PEFT: NaN) and are counted.
+    """
+    import torch
+
+    kind = f.module.kind
+    fifo = f.module.fan_in_fan_out or kind == "embedding"  # PEFT's DoraEmbeddingLayer has fan_in_fan_out=True
+    if weight.dim() == 2:
+        oriented = (weight.T if fifo else weight) + 1 * (delta.T if fifo else delta)
+        norm = torch.linalg.norm(oriented, dim=1).to(oriented.dtype)
+    else:
+        summed = weight + 1 * delta
+        norm = summed.norm(p=2, dim=tuple(range(1, summed.dim())), keepdim=True).transpose(1, 0)
+    factor = f.magnitude / norm
+    zero = norm == 0
+    zero_rows = int(zero.sum())
+    if zero_rows:
+        factor = torch.where(zero, torch.ones_like(factor), factor)
+    if weight.dim() == 2:
+        factor = factor.view(-1, 1)
+        factor = factor.T if fifo else factor
+    else:
+        factor = factor.view(-1, *(1,) * (weight.dim() - 1))
+    return factor * (weight + delta), zero_rows  # the caller casts to the base dtype
+
+
+def merge_bias(bias: torch.Tensor, f: Factors, safe: bool) -> torch.Tensor:
+    """``lora_bias``: the base bias plus ``s·lora_B.bias`` (``merge``'s in-place add, or safe_merge's copy)."""
+    assert f.bias is not None
+    if safe:
+        return (bias + f.bias * f.scaling).to(bias.dtype)
+    out = bias.clone()
+    out += f.bias * f.scaling
+    return out
+
+
+def combine_cat(parts: list[tuple[Factors, float]], rank: int, use_rslora: bool) -> Factors:
+    """``add_weighted_adapter(combination_type="cat")``: ``A = [w_i·s_i·A_i]``, ``B = [B_i]``, padded to ``rank``.
+
+    The new adapter has ``r = lora_alpha = rank`` (the sum of the adapters' ranks) and
+    keeps the first adapter's ``use_rslora``, so its scaling is 1 or ``sqrt(rank)``.
+    """
+    import torch
+
+    a = torch.cat([f.a * weight * f.scaling for f, weight in parts], dim=0)
+    b = torch.cat([f.b for f, _ in parts], dim=1)
+    new_a = torch.zeros((rank, *a.shape[1:]), dtype=parts[0][0].a.dtype)
+    new_b = torch.zeros((b.shape[0], rank, *b.shape[2:]), dtype=parts[0][0].b.dtype)
+    new_a[: a.shape[0]] = a
+    new_b[:, : b.shape[1]] = b
+    return Factors(parts[0][0].module, new_a, new_b, _new_scaling(rank, use_rslora))
+
+
+def combine_linear(parts: list[tuple[Factors, float]], rank: int, use_rslora: bool) -> Factors:
+    """``add_weighted_adapter(combination_type="linear")``: ``A = Σ ±sqrt(|w_i·s_i|)·A_i``, ``B = Σ sqrt(|w_i·s_i|)·B_i``.
+
+    PEFT's own caveat holds: this is not ``Σ w_i·ΔW_i`` (the cross terms stay); ``cat`` is.
+    """
+    import torch
+
+    weights_a, weights_b = [], []
+    for f, weight in parts:
+        scaled = weight * f.scaling
+        sign = 1 if scaled >= 0 else -1
+        weights_a.append(math.sqrt(abs(scaled)) * sign)
+        weights_b.append(math.sqrt(abs(scaled)))
+    dtype = parts[0][0].a.dtype
+    mixed = []
+    for tensors, weights in (([f.a for f, _ in parts], weights_a), ([f.b for f, _ in parts], weights_b)):
+        stacked = torch.stack(tensors, dim=0)
+        w = torch.tensor(weights)
+        w = w.view(w.shape + (1,) * (stacked.dim() - w.dim()))
+        mixed.append((stacked * w).sum(dim=0).to(dtype))
+    return Factors(parts[0][0].module, mixed[0], mixed[1], _new_scaling(rank, use_rslora))
+
+
+def _new_scaling(rank: int, use_rslora: bool) -> float:
+    """The combined adapter's scaling: ``lora_alpha = r = rank``, with the first adapter's rsLoRA setting."""
+    return rank / math.sqrt(rank) if use_rslora else rank / rank
