@@ -20,9 +20,11 @@ import statebridge
 
 @statebridge.hookimpl
 def register_transforms(register):
+    from .extract import LoraExtract
     from .transforms import LoraMerge
 
     register(LoraMerge)
+    register(LoraExtract)
 
 
 @click.group()
@@ -90,10 +92,10 @@ def merge(base: str, adapter: str, out: str, more: tuple[str, ...], weights: tup
               help="drop singular values at or below this fraction of the largest")
 @click.option("--energy", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="per module, the smallest rank keeping this fraction of the squared singular values")
-@click.option("--alpha", type=float, default=None, help="lora_alpha of the adapter (default: the rank, scaling 1)")
-@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@click.option("--fan-in-fan-out", is_flag=True, help="the weights are stored (in, out), as GPT-2's Conv1D")
+@click.option("--overwrite", is_flag=True, help="replace the adapter in OUT")
 @click.option("--json", "as_json", is_flag=True, help="print the extraction report as JSON")
-def extract(base: str, tuned: str, out: str, rank: int, threshold: float, energy: float | None, alpha: float | None,
+def extract(base: str, tuned: str, out: str, rank: int, threshold: float, energy: float | None, fan_in_fan_out: bool,
             overwrite: bool, as_json: bool) -> None:
     """Extract a PEFT LoRA adapter folder OUT from the difference TUNED - BASE.
 
@@ -103,8 +105,8 @@ def extract(base: str, tuned: str, out: str, rank: int, threshold: float, energy
     """
     from .extract import extract_adapter
 
-    summary = extract_adapter(base, tuned, out, rank=rank, threshold=threshold, energy=energy, alpha=alpha,
-                              overwrite=overwrite)
+    summary = extract_adapter(base, tuned, out, rank=rank, threshold=threshold, energy=energy,
+                              fan_in_fan_out=fan_in_fan_out, overwrite=overwrite)
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.render())
 
 
