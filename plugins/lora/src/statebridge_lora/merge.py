@@ -62,12 +62,11 @@ def delta_weight(f: Factors, base_shape: tuple[int, ...]) -> torch.Tensor:
     return conv(a.transpose(0, 1), b).transpose(0, 1) * f.scaling
 
 
-def merge_one(weight: torch.Tensor, exact: torch.Tensor, f: Factors, safe: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+def merge_one(weight: torch.Tensor, f: Factors, safe: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``weight`` with adapter ``f`` merged as PEFT's ``merge`` does.
 
-    ``exact`` is the same weight carried in float32 without rounding; returns the merged
-    weight, the new exact one (for the report's rounding error) and how many DoRA rows had
-    zero norm.
+    Returns the merged weight; ΔW (plain LoRA) or the float32 merged weight before its cast
+    (DoRA), for the report's rounding error; and how many DoRA rows had zero norm.
     """
     delta = delta_weight(f, tuple(weight.shape))
     if f.magnitude is None:
@@ -76,7 +75,7 @@ def merge_one(weight: torch.Tensor, exact: torch.Tensor, f: Factors, safe: bool)
             out += delta.to(weight.dtype)
         else:
             out += delta
-        return out, exact + delta, 0
+        return out, delta, 0
     merged, zero_rows = dora(weight, delta, f)
     return merged.to(weight.dtype), merged, zero_rows
 
@@ -84,18 +83,19 @@ def merge_one(weight: torch.Tensor, exact: torch.Tensor, f: Factors, safe: bool)
 def dora(weight: torch.Tensor, delta: torch.Tensor, f: Factors) -> tuple[torch.Tensor, int]:
     """DoRA's ``merge_unsafe`` (``merge_safe`` is the same for one adapter): ``m/‖W + ΔW‖ · (W + ΔW)``.
 
-    The norm is of the unmerged base plus ΔW, as PEFT computes it (#3609).  Rows whose
-    norm is zero keep a factor of 1 (PEFT: NaN) and are counted.
+    The norm is of the unmerged base plus ΔW, as PEFT computes it (#3609).  PEFT adds
+    ``W + 1·ΔW`` twice, for the norm and for the product; once is the same bits (``1·x`` is
+    ``x``, and the transposed view has the strides PEFT's sum has), and one float32 copy of
+    the weight less.  Rows whose norm is zero keep a factor of 1 (PEFT: NaN) and are counted.
     """
     import torch
 
-    kind = f.module.kind
-    fifo = f.module.fan_in_fan_out or kind == "embedding"  # PEFT's DoraEmbeddingLayer has fan_in_fan_out=True
+    fifo = f.module.fan_in_fan_out or f.module.kind == "embedding"  # PEFT's DoraEmbeddingLayer has fan_in_fan_out=True
+    summed = weight + delta
     if weight.dim() == 2:
-        oriented = (weight.T if fifo else weight) + 1 * (delta.T if fifo else delta)
+        oriented = summed.T if fifo else summed
         norm = torch.linalg.norm(oriented, dim=1).to(oriented.dtype)
     else:
-        summed = weight + 1 * delta
         norm = summed.norm(p=2, dim=tuple(range(1, summed.dim())), keepdim=True).transpose(1, 0)
     factor = f.magnitude / norm
     zero = norm == 0
@@ -107,7 +107,8 @@ def dora(weight: torch.Tensor, delta: torch.Tensor, f: Factors) -> tuple[torch.T
         factor = factor.T if fifo else factor
     else:
         factor = factor.view(-1, *(1,) * (weight.dim() - 1))
-    return factor * (weight + delta), zero_rows  # the caller casts to the base dtype
+    summed *= factor  # PEFT: factor * (W + ΔW); the product is the same either way round
+    return summed, zero_rows  # the caller casts to the base dtype
 
 
 def merge_bias(bias: torch.Tensor, f: Factors, safe: bool) -> torch.Tensor:

@@ -178,14 +178,20 @@ class LoraMerge(sb.Transform):
             if len(adapters) > 1 and p.combination != "sequential":
                 combine = merge.combine_cat if p.combination == "cat" else merge.combine_linear
                 parts = [(combine(parts, rank, rslora), 1.0)]
-            out, exact, zero_rows = weight, weight.float() if weight.dtype != torch.float64 else weight, 0
+            out, zero_rows, increments, exact = weight, 0, None, None
             for f, _ in parts:
-                out, exact, rows = merge.merge_one(out, exact, f, p.safe_merge)
+                out, second, rows = merge.merge_one(out, f, p.safe_merge)
                 zero_rows += rows
+                if f.magnitude is not None:
+                    exact = second  # DoRA: one adapter, merged in float32 before the cast
+                else:
+                    increments = second if increments is None else increments + second
             if p.safe_merge and not torch.isfinite(out).all():
                 raise sb.ExecutionError(f"{key!r}: the merged weight has NaN or infinite values (safe_merge)")
+            if exact is None and increments is not None:
+                exact = _Sum(weight, increments)
             self.records[key] = record(key, "dora" if any(f.magnitude is not None for f, _ in parts) else "lora",
-                                       tensors[key], out, exact, zero_rows)
+                                       weight, out, exact, zero_rows)
             return {key: out}
 
         return compute
@@ -212,7 +218,7 @@ class LoraMerge(sb.Transform):
 
         def compute(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out = load(adapter, [adapter_key])[adapter_key].to(tensors[key].dtype)
-            self.records[key] = record(key, "replaced", tensors[key], out, out, 0)
+            self.records[key] = record(key, "replaced", tensors[key], out, None)
             return {key: out}
 
         return sb.Group(inputs=(key,), outputs={key: meta}, compute=compute,
@@ -288,20 +294,54 @@ def factors(adapter: Adapter, module: LoraModule, weight: float, sequential: boo
     )
 
 
-def record(key: str, how: str, base: torch.Tensor, out: torch.Tensor, exact: torch.Tensor, zero_rows: int) -> MergeRecord:
-    """The :class:`MergeRecord` of ``key``: relative change and the rounding of ``exact`` into ``out``'s dtype."""
+class _Sum:
+    """``base + increments`` in float32, made a block of rows at a time (the whole would be one more float32 copy)."""
+
+    def __init__(self, base: torch.Tensor, increments: torch.Tensor) -> None:
+        self.base, self.increments = base, increments
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.base[rows].float() + self.increments[rows]
+
+
+#: elements per block when the report's norms are summed a block of rows at a time
+BLOCK = 1 << 22
+
+
+def record(key: str, how: str, base: torch.Tensor, out: torch.Tensor, exact: torch.Tensor | _Sum | None,
+           zero_rows: int = 0) -> MergeRecord:
+    """The :class:`MergeRecord` of ``key``: ‖out − base‖/‖base‖ and the rounding of ``exact`` into ``out``.
+
+    ``exact`` is None where there was no rounding (a float32 or float64 base, or a tensor
+    copied from the adapter).  Sums of squares are taken in float64 over blocks of rows, so
+    the report costs a few blocks of memory, not copies of the weight.
+    """
     import torch
 
-    w = base.float()
-    change = torch.linalg.vector_norm(out.float() - w)
-    diff = (exact.float() - out.float()).abs()
-    norm_w, norm_e = float(torch.linalg.vector_norm(w)), float(torch.linalg.vector_norm(exact.float()))
+    flat = base.dim() < 2
+    b, o = (base.reshape(-1), out.reshape(-1)) if flat else (base, out)
+    e = exact.reshape(-1) if flat and isinstance(exact, torch.Tensor) else exact
+    if out.dtype in (torch.float32, torch.float64):
+        e = None
+    step = max(1, BLOCK // max(1, b[0].numel() if b.dim() else 1)) if b.numel() else 1
+    sums = torch.zeros(4, dtype=torch.float64)  # |out - base|², |base|², |exact - out|², |exact|²
+    worst = 0.0
+    for start in range(0, b.shape[0] if b.dim() else 1, step):
+        rows = slice(start, start + step)
+        w, m = b[rows].double(), o[rows].double()
+        sums[0] += (m - w).pow(2).sum()
+        sums[1] += w.pow(2).sum()
+        if e is not None:
+            x = e[rows].double()
+            err = x - m
+            sums[2] += err.pow(2).sum()
+            sums[3] += x.pow(2).sum()
+            worst = max(worst, float(err.abs().max())) if err.numel() else worst
+    change, norm, rounding, norm_exact = (float(v) ** 0.5 for v in sums)
     return MergeRecord(
         key=key, how=how,
-        change=float(change) / norm_w if norm_w else (float("inf") if float(change) else 0.0),
-        rounding=float(torch.linalg.vector_norm(diff)) / norm_e if norm_e else 0.0,
-        max_rounding=float(diff.max()) if diff.numel() else 0.0,
+        change=change / norm if norm else (float("inf") if change else 0.0),
+        rounding=rounding / norm_exact if norm_exact else 0.0,
+        max_rounding=worst,
         zero_norm_rows=zero_rows,
     )
-
-
