@@ -1,8 +1,8 @@
 """The statebridge-lora plugin: LoRA adapters at checkpoint level.
 
 Transforms: ``lora_merge`` (fold PEFT LoRA adapters into a base checkpoint, bit for bit as
-``merge_and_unload``) and ``lora_extract`` (a PEFT adapter from the difference of two
-checkpoints).  Commands: ``statebridge lora merge BASE ADAPTER OUT`` and
+``merge_and_unload``), ``lora_extract`` (a PEFT adapter from the difference of two
+checkpoints) and ``lora_layout`` (between ``X.weight`` and ``X.main_weight`` + ``X.lora_A/B``).  Commands: ``statebridge lora merge BASE ADAPTER OUT`` and
 ``statebridge lora extract BASE TUNED OUT --rank R``.
 
 statebridge imports this module at start-up (``statebridge --help`` included), so it stays
@@ -21,10 +21,12 @@ import statebridge
 @statebridge.hookimpl
 def register_transforms(register):
     from .extract import LoraExtract
+    from .layout import LoraLayout
     from .transforms import LoraMerge
 
     register(LoraMerge)
     register(LoraExtract)
+    register(LoraLayout)
 
 
 @click.group()
