@@ -137,6 +137,7 @@ def test_identical_checkpoints_and_mismatches_are_errors(tmp_path: Path) -> None
         extract_adapter(str(base), str(other), str(tmp_path / "ad"), rank=4)
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch and transformers: about 5 s
 def test_command_writes_an_adapter_folder(tmp_path: Path) -> None:
     base = llama(tmp_path / "base")
     tuned, expected = tune(base, tmp_path / "tuned", full_rank_changes)

@@ -62,22 +62,46 @@ def delta_weight(f: Factors, base_shape: tuple[int, ...]) -> torch.Tensor:
     return conv(a.transpose(0, 1), b).transpose(0, 1) * f.scaling
 
 
-def merge_one(weight: torch.Tensor, f: Factors, safe: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+@dataclass
+class Merged:
+    """One merge step: the merged weight, and what the report needs from it.
+
+    ``exact`` is the float32 result before its cast into a float16/bfloat16 weight's dtype
+    (None for float32 and float64 weights, where nothing is rounded); ``update`` is ΔW as
+    PEFT computes it for plain LoRA (None for DoRA, whose change is the whole rescaled row);
+    ``zero_rows`` counts DoRA rows whose norm was zero.
+    """
+
+    out: torch.Tensor
+    exact: torch.Tensor | None
+    update: torch.Tensor | None
+    zero_rows: int = 0
+
+
+def merge_one(weight: torch.Tensor, f: Factors, safe: bool) -> Merged:
     """``weight`` with adapter ``f`` merged as PEFT's ``merge`` does.
 
-    Returns the merged weight; ΔW (plain LoRA) or the float32 merged weight before its cast
-    (DoRA), for the report's rounding error; and how many DoRA rows had zero norm.
+    PEFT's ``W += ΔW`` on a half-precision ``W`` computes ``float(W) + ΔW`` in float32 and
+    rounds once, so building that sum and casting it gives the same bits and keeps the
+    unrounded sum for the report's rounding error.
     """
+    import torch
+
     delta = delta_weight(f, tuple(weight.shape))
+    rounds = weight.dtype not in (torch.float32, torch.float64)
     if f.magnitude is None:
-        out = weight.clone()
+        exact = weight.float() + delta if rounds else None
         if safe or f.module.kind == "embedding":
+            out = weight.clone()
             out += delta.to(weight.dtype)
+        elif exact is not None:
+            out = exact.to(weight.dtype)
         else:
+            out = weight.clone()
             out += delta
-        return out, delta, 0
+        return Merged(out, exact, delta)
     merged, zero_rows = dora(weight, delta, f)
-    return merged.to(weight.dtype), merged, zero_rows
+    return Merged(merged.to(weight.dtype), merged if rounds else None, None, zero_rows)
 
 
 def dora(weight: torch.Tensor, delta: torch.Tensor, f: Factors) -> tuple[torch.Tensor, int]:

@@ -178,20 +178,16 @@ class LoraMerge(sb.Transform):
             if len(adapters) > 1 and p.combination != "sequential":
                 combine = merge.combine_cat if p.combination == "cat" else merge.combine_linear
                 parts = [(combine(parts, rank, rslora), 1.0)]
-            out, zero_rows, increments, exact = weight, 0, None, None
-            for f, _ in parts:
-                out, second, rows = merge.merge_one(out, f, p.safe_merge)
-                zero_rows += rows
-                if f.magnitude is not None:
-                    exact = second  # DoRA: one adapter, merged in float32 before the cast
-                else:
-                    increments = second if increments is None else increments + second
+            steps = []
+            for f, _ in parts:  # one step, or several with combination: sequential
+                steps.append(merge.merge_one(steps[-1].out if steps else weight, f, p.safe_merge))
+            out = steps[-1].out
             if p.safe_merge and not torch.isfinite(out).all():
                 raise sb.ExecutionError(f"{key!r}: the merged weight has NaN or infinite values (safe_merge)")
-            if exact is None and increments is not None:
-                exact = _Sum(weight, increments)
-            self.records[key] = record(key, "dora" if any(f.magnitude is not None for f, _ in parts) else "lora",
-                                       weight, out, exact, zero_rows)
+            how = "dora" if steps[-1].update is None else "lora"
+            self.records[key] = record(key, how, weight, out, steps[-1].exact,
+                                       steps[0].update if len(steps) == 1 else None,
+                                       sum(s.zero_rows for s in steps))
             return {key: out}
 
         return compute
@@ -294,54 +290,47 @@ def factors(adapter: Adapter, module: LoraModule, weight: float, sequential: boo
     )
 
 
-class _Sum:
-    """``base + increments`` in float32, made a block of rows at a time (the whole would be one more float32 copy)."""
-
-    def __init__(self, base: torch.Tensor, increments: torch.Tensor) -> None:
-        self.base, self.increments = base, increments
-
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        return self.base[rows].float() + self.increments[rows]
+#: elements per block where the report forms a difference (a block of rows at a time)
+BLOCK = 1 << 20
 
 
-#: elements per block when the report's norms are summed a block of rows at a time
-BLOCK = 1 << 22
+def record(key: str, how: str, base: torch.Tensor, out: torch.Tensor, exact: torch.Tensor | None,
+           update: torch.Tensor | None = None, zero_rows: int = 0) -> MergeRecord:
+    """The :class:`MergeRecord` of ``key``: ‖ΔW‖/‖W‖ and the rounding of ``exact`` into ``out``.
 
-
-def record(key: str, how: str, base: torch.Tensor, out: torch.Tensor, exact: torch.Tensor | _Sum | None,
-           zero_rows: int = 0) -> MergeRecord:
-    """The :class:`MergeRecord` of ``key``: ‖out − base‖/‖base‖ and the rounding of ``exact`` into ``out``.
-
-    ``exact`` is None where there was no rounding (a float32 or float64 base, or a tensor
-    copied from the adapter).  Sums of squares are taken in float64 over blocks of rows, so
-    the report costs a few blocks of memory, not copies of the weight.
+    ΔW is ``update`` (plain LoRA: PEFT's float32 delta) or else ``out − base``; ``exact`` is the
+    float32 result of the last merge before its cast (None where nothing was rounded: a
+    float32 or float64 base, a tensor copied from the adapter).  Norms are float32, taken a
+    block of rows at a time where a difference must be formed, so the report costs a few
+    blocks of memory and about a third of the merge's time.
     """
     import torch
 
-    flat = base.dim() < 2
-    b, o = (base.reshape(-1), out.reshape(-1)) if flat else (base, out)
-    e = exact.reshape(-1) if flat and isinstance(exact, torch.Tensor) else exact
-    if out.dtype in (torch.float32, torch.float64):
-        e = None
-    step = max(1, BLOCK // max(1, b[0].numel() if b.dim() else 1)) if b.numel() else 1
-    sums = torch.zeros(4, dtype=torch.float64)  # |out - base|², |base|², |exact - out|², |exact|²
-    worst = 0.0
-    for start in range(0, b.shape[0] if b.dim() else 1, step):
-        rows = slice(start, start + step)
-        w, m = b[rows].double(), o[rows].double()
-        sums[0] += (m - w).pow(2).sum()
-        sums[1] += w.pow(2).sum()
-        if e is not None:
-            x = e[rows].double()
-            err = x - m
-            sums[2] += err.pow(2).sum()
-            sums[3] += x.pow(2).sum()
-            worst = max(worst, float(err.abs().max())) if err.numel() else worst
-    change, norm, rounding, norm_exact = (float(v) ** 0.5 for v in sums)
+    def norm(t: torch.Tensor) -> float:
+        return float(torch.linalg.vector_norm(t, dtype=torch.float32))
+
+    def blocks(t: torch.Tensor) -> list[torch.Tensor]:
+        flat = t.reshape(-1) if t.dim() < 2 else t
+        step = max(1, BLOCK // max(1, flat[0].numel())) if flat.dim() > 1 else BLOCK
+        return list(flat.split(step)) if flat.numel() else []
+
+    base_norm = norm(base)
+    if update is not None:
+        change = norm(update)
+    else:
+        change = sum(norm(o.float() - w.float()) ** 2 for o, w in zip(blocks(out), blocks(base))) ** 0.5
+    rounding = worst = 0.0
+    if exact is not None:
+        squares = 0.0
+        for x, o in zip(blocks(exact), blocks(out)):
+            err = x - o.float()
+            squares += norm(err) ** 2
+            low, high = torch.aminmax(err)
+            worst = max(worst, -float(low), float(high))
+        exact_norm = norm(exact)
+        rounding = squares ** 0.5 / exact_norm if exact_norm else 0.0
     return MergeRecord(
         key=key, how=how,
-        change=change / norm if norm else (float("inf") if change else 0.0),
-        rounding=rounding / norm_exact if norm_exact else 0.0,
-        max_rounding=worst,
-        zero_norm_rows=zero_rows,
+        change=change / base_norm if base_norm else (float("inf") if change else 0.0),
+        rounding=rounding, max_rounding=worst, zero_norm_rows=zero_rows,
     )
