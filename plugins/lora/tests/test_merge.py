@@ -55,9 +55,23 @@ def test_linear_lora_on_every_projection_is_bitwise_peft(base: Path, tmp_path: P
     assert load_file(tmp_path / "out/model.safetensors")["model.norm.weight"].equal(load_file(base / "model.safetensors")["model.norm.weight"])
 
 
-def test_safe_merge_is_bitwise_peft_safe_merge(base: Path, tmp_path: Path) -> None:
-    adapter = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_safe_merge_is_bitwise_peft_safe_merge(base: Path, tmp_path: Path, dora: bool) -> None:
+    adapter = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, use_dora=dora,
+                           target_modules=["q_proj", "down_proj", "embed_tokens"])
     check(base, adapter, tmp_path / "out", logits=False, safe_merge=True)
+
+
+def test_safe_merge_refuses_a_broken_adapter_naming_the_tensor(base: Path, tmp_path: Path) -> None:
+    def broken(model) -> None:
+        model.base_model.model.model.layers[1].mlp.down_proj.lora_B["default"].weight.data[0, 0] = float("nan")
+
+    adapter = make_adapter(base, tmp_path / "ad", r=2, lora_alpha=2, target_modules=["down_proj"], perturb=broken)
+    with pytest.raises(sb.ExecutionError, match="'model.layers.1.mlp.down_proj.weight': the merged weight has NaN"):
+        our_merge(base, tmp_path / "out", adapter=str(adapter), safe_merge=True)
+    assert not (tmp_path / "out").exists()
+    ours, _ = our_merge(base, tmp_path / "out", adapter=str(adapter))  # without safe_merge: PEFT's NaN, as PEFT
+    assert ours["model.layers.1.mlp.down_proj.weight"][0].isnan().all()
 
 
 def test_rslora_is_bitwise_peft(base: Path, tmp_path: Path) -> None:
