@@ -47,19 +47,23 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
 
 
 def delta_weight(f: Factors, base_shape: tuple[int, ...]) -> torch.Tensor:
-    """``get_delta_weight``: ``s·B·A`` shaped like the base weight (Linear, Conv1D, Embedding, Conv1d/2d)."""
+    """``get_delta_weight``: ``s·B·A`` shaped like the base weight (Linear, Conv1D, Embedding, Conv1d/2d).
+
+    PEFT multiplies by ``s`` into a new tensor; multiplying in place gives the same values
+    (and, for the transposed cases, the same strides) without a second float32 copy.
+    """
     import torch.nn.functional as F
 
     a, b = f.a, f.b
     if f.module.kind == "embedding":
-        return (b @ a).T * f.scaling
+        return (b @ a).mul_(f.scaling).T
     if len(base_shape) == 2:
-        out = b @ a
-        return (out.T if f.module.fan_in_fan_out else out) * f.scaling
+        out = (b @ a).mul_(f.scaling)
+        return out.T if f.module.fan_in_fan_out else out
     if tuple(base_shape[2:4]) == (1, 1):
-        return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * f.scaling
+        return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).mul_(f.scaling).unsqueeze(2).unsqueeze(3)
     conv = F.conv1d if len(base_shape) == 3 else F.conv2d
-    return conv(a.transpose(0, 1), b).transpose(0, 1) * f.scaling
+    return conv(a.transpose(0, 1), b).mul_(f.scaling).transpose(0, 1)
 
 
 @dataclass
@@ -67,14 +71,14 @@ class Merged:
     """One merge step: the merged weight, and what the report needs from it.
 
     ``exact`` is the float32 result before its cast into a float16/bfloat16 weight's dtype
-    (None for float32 and float64 weights, where nothing is rounded); ``update`` is ΔW as
-    PEFT computes it for plain LoRA (None for DoRA, whose change is the whole rescaled row);
-    ``zero_rows`` counts DoRA rows whose norm was zero.
+    (None for float32 and float64 weights, where nothing is rounded); ``update_norm`` is ‖ΔW‖
+    as PEFT computes ΔW for plain LoRA (None for DoRA, whose change is the whole rescaled
+    row); ``zero_rows`` counts DoRA rows whose norm was zero.
     """
 
     out: torch.Tensor
     exact: torch.Tensor | None
-    update: torch.Tensor | None
+    update_norm: float | None
     zero_rows: int = 0
 
 
@@ -82,40 +86,44 @@ def merge_one(weight: torch.Tensor, f: Factors, safe: bool) -> Merged:
     """``weight`` with adapter ``f`` merged as PEFT's ``merge`` does.
 
     PEFT's ``W += ΔW`` on a half-precision ``W`` computes ``float(W) + ΔW`` in float32 and
-    rounds once, so building that sum and casting it gives the same bits and keeps the
-    unrounded sum for the report's rounding error.
+    rounds once, so forming that sum (in ΔW's own buffer: addition commutes) and casting it
+    gives the same bits and keeps the unrounded sum for the report's rounding error.  At
+    most the weight, ΔW in float32 and the result are held at once.
     """
     import torch
 
     delta = delta_weight(f, tuple(weight.shape))
     rounds = weight.dtype not in (torch.float32, torch.float64)
     if f.magnitude is None:
-        exact = weight.float() + delta if rounds else None
+        update = float(torch.linalg.vector_norm(delta))
         if safe or f.module.kind == "embedding":
             out = weight.clone()
             out += delta.to(weight.dtype)
-        elif exact is not None:
-            out = exact.to(weight.dtype)
-        else:
-            out = weight.clone()
-            out += delta
-        return Merged(out, exact, delta)
-    merged, zero_rows = dora(weight, delta, f)
+            return Merged(out, delta.add_(weight) if rounds else None, update)
+        if rounds:
+            exact = delta.add_(weight)
+            return Merged(exact.to(weight.dtype), exact, update)
+        out = weight.clone()
+        out += delta
+        return Merged(out, None, update)
+    summed = weight + delta  # W first: the sum takes W's strides, as PEFT's does, and the norm sums in its order
+    del delta
+    merged, zero_rows = dora(weight, summed, f)
     return Merged(merged.to(weight.dtype), merged if rounds else None, None, zero_rows)
 
 
-def dora(weight: torch.Tensor, delta: torch.Tensor, f: Factors) -> tuple[torch.Tensor, int]:
+def dora(weight: torch.Tensor, summed: torch.Tensor, f: Factors) -> tuple[torch.Tensor, int]:
     """DoRA's ``merge_unsafe`` (``merge_safe`` is the same for one adapter): ``m/‖W + ΔW‖ · (W + ΔW)``.
 
-    The norm is of the unmerged base plus ΔW, as PEFT computes it (#3609).  PEFT adds
-    ``W + 1·ΔW`` twice, for the norm and for the product; once is the same bits (``1·x`` is
-    ``x``, and the transposed view has the strides PEFT's sum has), and one float32 copy of
-    the weight less.  Rows whose norm is zero keep a factor of 1 (PEFT: NaN) and are counted.
+    ``summed`` is ``W + ΔW`` (consumed: it becomes the result).  The norm is of the unmerged
+    base plus ΔW, as PEFT computes it (#3609).  PEFT adds ``W + 1·ΔW`` twice, for the norm and
+    for the product; once is the same bits (``1·x`` is ``x``; the sum has the strides PEFT's
+    has, so the norm adds in the same order) and two float32 copies of the weight less.  Rows
+    whose norm is zero keep a factor of 1 (PEFT: NaN) and are counted.
     """
     import torch
 
     fifo = f.module.fan_in_fan_out or f.module.kind == "embedding"  # PEFT's DoraEmbeddingLayer has fan_in_fan_out=True
-    summed = weight + delta
     if weight.dim() == 2:
         oriented = summed.T if fifo else summed
         norm = torch.linalg.norm(oriented, dim=1).to(oriented.dtype)

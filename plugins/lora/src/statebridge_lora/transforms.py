@@ -184,9 +184,9 @@ class LoraMerge(sb.Transform):
             out = steps[-1].out
             if p.safe_merge and not torch.isfinite(out).all():
                 raise sb.ExecutionError(f"{key!r}: the merged weight has NaN or infinite values (safe_merge)")
-            how = "dora" if steps[-1].update is None else "lora"
+            how = "dora" if steps[-1].update_norm is None else "lora"
             self.records[key] = record(key, how, weight, out, steps[-1].exact,
-                                       steps[0].update if len(steps) == 1 else None,
+                                       steps[0].update_norm if len(steps) == 1 else None,
                                        sum(s.zero_rows for s in steps))
             return {key: out}
 
@@ -295,10 +295,10 @@ BLOCK = 1 << 20
 
 
 def record(key: str, how: str, base: torch.Tensor, out: torch.Tensor, exact: torch.Tensor | None,
-           update: torch.Tensor | None = None, zero_rows: int = 0) -> MergeRecord:
+           update_norm: float | None = None, zero_rows: int = 0) -> MergeRecord:
     """The :class:`MergeRecord` of ``key``: ‖ΔW‖/‖W‖ and the rounding of ``exact`` into ``out``.
 
-    ΔW is ``update`` (plain LoRA: PEFT's float32 delta) or else ``out − base``; ``exact`` is the
+    ‖ΔW‖ is ``update_norm`` (plain LoRA: of PEFT's float32 delta) or else ‖out − base‖; ``exact`` is the
     float32 result of the last merge before its cast (None where nothing was rounded: a
     float32 or float64 base, a tensor copied from the adapter).  Norms are float32, taken a
     block of rows at a time where a difference must be formed, so the report costs a few
@@ -315,8 +315,8 @@ def record(key: str, how: str, base: torch.Tensor, out: torch.Tensor, exact: tor
         return list(flat.split(step)) if flat.numel() else []
 
     base_norm = norm(base)
-    if update is not None:
-        change = norm(update)
+    if update_norm is not None:
+        change = update_norm
     else:
         change = sum(norm(o.float() - w.float()) ** 2 for o, w in zip(blocks(out), blocks(base))) ** 0.5
     rounding = worst = 0.0
