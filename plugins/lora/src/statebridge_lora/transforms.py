@@ -302,7 +302,8 @@ def record(key: str, how: str, base: torch.Tensor, out: torch.Tensor, exact: tor
     float32 result of the last merge before its cast (None where nothing was rounded: a
     float32 or float64 base, a tensor copied from the adapter).  Norms are float32, taken a
     block of rows at a time where a difference must be formed, so the report costs a few
-    blocks of memory and about a third of the merge's time.
+    blocks of memory and, on a bfloat16 base, about the time of the merge itself (a float32
+    base has nothing rounded: two norms).
     """
     import torch
 
@@ -323,7 +324,7 @@ def record(key: str, how: str, base: torch.Tensor, out: torch.Tensor, exact: tor
     if exact is not None:
         squares = 0.0
         for x, o in zip(blocks(exact), blocks(out)):
-            err = x - o.float()
+            err = o.to(torch.float32, copy=True).sub_(x)  # out - exact: half the time of x - o.float()
             squares += norm(err) ** 2
             low, high = torch.aminmax(err)
             worst = max(worst, -float(low), float(high))
