@@ -310,3 +310,19 @@ def test_command_errors_are_one_line(base: Path, tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "no adapter_config.json" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_planning_a_merge_never_imports_torch(base: Path, tmp_path: Path) -> None:
+    """The plan reads headers and JSON only: a dry run of a lora_merge config imports no torch."""
+    import subprocess
+
+    adapter = make_adapter(base, tmp_path / "ad", r=2, lora_alpha=2, target_modules=["q_proj"])
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"source: {base}\ntarget: {tmp_path / 'out'}\nsteps:\n  - lora_merge: {{adapter: {adapter}}}\n")
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "statebridge", "run", str(config), "--dry-run"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    modules = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "statebridge_lora.transforms" in modules and "torch" not in modules
+    assert "lora_merge(ad r=2 s=1)" in done.stdout
