@@ -240,13 +240,27 @@ def test_cat_is_the_weighted_sum_of_the_deltas(base: Path, tmp_path: Path) -> No
         torch.testing.assert_close(both[key], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_sequential_is_merge_and_unload_of_both(base: Path, tmp_path: Path) -> None:
-    a, b = _two_adapters(base, tmp_path)
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.5, -2.0)])
+def test_sequential_is_merge_and_unload_of_both_scaled_by_set_scale(base: Path, tmp_path: Path, weights) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    a, b = _two_adapters(base, tmp_path, use_rslora=True)
     model = PeftModel.from_pretrained(load_model(base), a, adapter_name="a")
     model.load_adapter(b, adapter_name="b")
+    for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+        layer.set_scale("a", weights[0])
+        layer.set_scale("b", weights[1])
     reference = {k: v.detach() for k, v in model.merge_and_unload(adapter_names=["a", "b"]).state_dict().items()}
-    ours, _ = our_merge(base, tmp_path / "out", adapters=[{"path": str(a)}, {"path": str(b)}], combination="sequential")
+    ours, _ = our_merge(base, tmp_path / "out", combination="sequential",
+                        adapters=[{"path": str(a), "weight": weights[0]}, {"path": str(b), "weight": weights[1]}])
     assert differences(ours, reference) == []
+
+
+def test_a_tensor_two_adapters_replace_is_an_error(base: Path, tmp_path: Path) -> None:
+    a = make_adapter(base, tmp_path / "a", r=2, lora_alpha=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    b = make_adapter(base, tmp_path / "b", r=2, lora_alpha=2, target_modules=["v_proj"], modules_to_save=["lm_head"])
+    with pytest.raises(sb.PlanError, match="'lm_head.weight' is replaced by two adapters"):
+        sb.plan(base, [LoraMerge(adapters=[{"path": str(a)}, {"path": str(b)}])])
 
 
 def test_linear_refuses_adapters_of_different_ranks(base: Path, tmp_path: Path) -> None:

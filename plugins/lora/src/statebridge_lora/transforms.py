@@ -107,7 +107,7 @@ class LoraMerge(sb.Transform):
                 by_module.setdefault(module.base_key, []).append((i, module))
             for key, adapter_key in adapter.replaced.items():
                 if key in replaced:
-                    raise sb.PlanError(f"{key!r} is replaced by two adapters ({refs[replaced[key][0]].path} and {ref_path(refs, i)}); "
+                    raise sb.PlanError(f"{key!r} is replaced by two adapters ({refs[replaced[key][0]].path} and {refs[i].path}); "
                                        "PEFT cannot combine modules_to_save either")
                 replaced[key] = (i, adapter_key)
         missing = sorted({k for k in by_module if k not in metas} | {k for k in replaced if k not in metas})
@@ -178,17 +178,18 @@ class LoraMerge(sb.Transform):
             if len(adapters) > 1 and p.combination != "sequential":
                 combine = merge.combine_cat if p.combination == "cat" else merge.combine_linear
                 parts = [(combine(parts, rank, rslora), 1.0)]
-            steps = []
+            step, zero_rows = None, 0
             for f, _ in parts:  # one step, or several with combination: sequential
-                steps.append(merge.merge_one(steps[-1].out if steps else weight, f, p.safe_merge))
-            out = steps[-1].out
-            if p.safe_merge and not torch.isfinite(out).all():
+                step = merge.merge_one(weight if step is None else step.out, f, p.safe_merge)
+                zero_rows += step.zero_rows
+            assert step is not None
+            if p.safe_merge and not torch.isfinite(step.out).all():
                 raise sb.ExecutionError(f"{key!r}: the merged weight has NaN or infinite values (safe_merge)")
-            how = "dora" if steps[-1].update_norm is None else "lora"
-            self.records[key] = record(key, how, weight, out, steps[-1].exact,
-                                       steps[0].update_norm if len(steps) == 1 else None,
-                                       sum(s.zero_rows for s in steps))
-            return {key: out}
+            how = "dora" if step.update_norm is None else "lora"
+            # several steps: |dW| is measured on the result, the rounding is the last step's
+            self.records[key] = record(key, how, weight, step.out, step.exact,
+                                       step.update_norm if len(parts) == 1 else None, zero_rows)
+            return {key: step.out}
 
         return compute
 
@@ -232,10 +233,6 @@ class LoraMerge(sb.Transform):
             "lora_merge report", ["tensor", "merge", "|dW|/|W|", "cast error (rel)", "cast error (max)", "zero-norm rows"],
             rows, notes, {"records": [r.__dict__ for r in sorted(self.records.values(), key=lambda r: r.key)]},
         )
-
-
-def ref_path(refs: list[AdapterRef], i: int) -> str:
-    return str(refs[i].path)
 
 
 def check_shapes(module: LoraModule, adapter: Adapter, key: str, meta: sb.TensorMeta) -> None:
