@@ -53,6 +53,27 @@ def test_full_rank_extraction_merges_back_to_the_tuned_weights(tmp_path: Path) -
     assert "16 tensors unchanged (left out)" in report.render()
 
 
+def test_a_layer_whose_bias_changed_too_is_saved_whole(tmp_path: Path) -> None:
+    """PEFT puts no LoRA on a module in modules_to_save: such a layer's weight goes whole, with its bias."""
+    base = llama(tmp_path / "base", attention_bias=True)
+
+    def weight_and_bias(w: dict[str, torch.Tensor]) -> None:
+        w["model.layers.0.self_attn.v_proj.weight"] += 0.05 * torch.randn_like(w["model.layers.0.self_attn.v_proj.weight"])
+        w["model.layers.0.self_attn.v_proj.bias"] += 0.1
+        w["model.layers.1.self_attn.k_proj.weight"] += 0.05 * torch.randn_like(w["model.layers.1.self_attn.k_proj.weight"])
+
+    tuned, expected = tune(base, tmp_path / "tuned", weight_and_bias)
+    extract_adapter(str(base), str(tuned), str(tmp_path / "ad"), rank=64)
+    config = json.loads((tmp_path / "ad/adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.1.self_attn.k_proj"]
+    assert config["modules_to_save"] == ["model.layers.0.self_attn.v_proj"]
+    merged = peft_merged(base, tmp_path / "ad")
+    for key in ("model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.v_proj.bias"):
+        assert torch.equal(merged[key], expected[key])
+    torch.testing.assert_close(merged["model.layers.1.self_attn.k_proj.weight"], expected["model.layers.1.self_attn.k_proj.weight"],
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_energy_target_chooses_each_module_rank(tmp_path: Path) -> None:
     base = llama(tmp_path / "base")
 

@@ -229,7 +229,12 @@ def survey(base: str | os.PathLike[str], tuned: str | os.PathLike[str], step: Lo
             else:
                 lost.append(key)
             del old, new
-    return Survey(ranks, save, unchanged, lost)
+    # PEFT never puts LoRA on a module it saves whole (modules_to_save wins): a LoRA target whose
+    # bias (or another tensor) changed too is saved whole, weight included
+    for module in {module_of(k) for k in save} & set(ranks):
+        del ranks[module]
+        save.append(f"{module}.weight")
+    return Survey(ranks, [k for k in metas if k in set(save)], unchanged, lost)
 
 
 def adapter_config(step: LoraExtract, survey: Survey, base: str) -> dict[str, Any]:
@@ -270,11 +275,16 @@ def extract_adapter(base: str, tuned: str, out: str, *, rank: int, threshold: fl
         raise sb.PlanError(f"{tuned} holds the same tensors as {base}: there is nothing to extract")
     step = LoraExtract(base=str(base), rank=rank, fan_in_fan_out=fan_in_fan_out, ranks=found.ranks, save=found.save)
     built = sb.plan(tuned, [step])
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:
         sb.run(built, None, folder / "adapter_model.safetensors", overwrite=overwrite, progress=False)
-    except sb.SourceError as e:
-        raise sb.ExecutionError(str(e)) from None
+    except BaseException as e:
+        if created:
+            folder.rmdir()  # the run left nothing in it: leave nothing either
+        if isinstance(e, sb.SourceError):
+            raise sb.ExecutionError(str(e)) from None
+        raise
     config = folder / "adapter_config.json"
     staged = folder / ".adapter_config.json.tmp"
     staged.write_text(json.dumps(adapter_config(step, found, base), indent=2, sort_keys=True) + "\n")
