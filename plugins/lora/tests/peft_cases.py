@@ -8,6 +8,7 @@ on a fresh base, then ``merge_and_unload()`` (PEFT's default path) or its unmerg
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+)
 
 import statebridge as sb
 from statebridge_lora.transforms import LoraMerge
@@ -40,10 +43,22 @@ def gpt2(path: Path) -> Path:
     return path
 
 
+def bert(path: Path) -> Path:
+    """A two-layer BERT sequence classifier folder (keys under ``bert.``, a ``classifier`` head)."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                        max_position_embeddings=32, num_labels=3)
+    BertForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+MODELS = {"gpt2": GPT2LMHeadModel, "bert": BertForSequenceClassification, "llama": LlamaForCausalLM}
+
+
 def load_model(path: Path) -> nn.Module:
     """The transformers model of folder ``path``, in eval mode."""
-    cls = GPT2LMHeadModel if "gpt2" in (path / "config.json").read_text() else LlamaForCausalLM
-    return cls.from_pretrained(path).eval()
+    kind = json.loads((path / "config.json").read_text())["model_type"]
+    return MODELS[kind].from_pretrained(path).eval()
 
 
 def make_adapter(base: Path, out: Path, seed: int = 1, perturb: Callable[[nn.Module], None] | None = None,

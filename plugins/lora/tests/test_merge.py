@@ -18,7 +18,7 @@ from statebridge_lora.transforms import LoraMerge
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peft_cases import (  # noqa: E402
-    TOKENS, ConvNet, convnet, differences, gpt2, llama, load_model, make_adapter, merged_logits, our_merge,
+    TOKENS, ConvNet, bert, convnet, differences, gpt2, llama, load_model, make_adapter, merged_logits, our_merge,
     peft_logits, peft_merged,
 )
 
@@ -130,6 +130,15 @@ def test_gpt2_conv1d_dora(base_gpt2: Path, tmp_path: Path) -> None:
     adapter = make_adapter(base_gpt2, tmp_path / "ad", r=4, lora_alpha=8, fan_in_fan_out=True, use_dora=True,
                            target_modules=["c_attn", "c_fc"])
     check(base_gpt2, adapter, tmp_path / "out")
+
+
+def test_bert_classifier_with_its_task_head_saved(tmp_path: Path) -> None:
+    """task_type SEQ_CLS makes PEFT save the classifier whole (modules_to_save) beside LoRA on query and value."""
+    base = bert(tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, task_type="SEQ_CLS", target_modules=["query", "value"])
+    step = check(base, adapter, tmp_path / "out")
+    assert step.records["classifier.weight"].how == "replaced" and step.records["classifier.weight"].change > 0
+    assert step.records["bert.encoder.layer.1.attention.self.value.weight"].how == "lora"
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
