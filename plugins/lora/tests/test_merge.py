@@ -289,6 +289,16 @@ def test_other_peft_types_are_refused_naming_the_type(base: Path, tmp_path: Path
         sb.plan(base, [LoraMerge(adapter=str(adapter))])
 
 
+def test_an_adapter_of_a_residual_base_is_warned_about(base: Path, tmp_path: Path) -> None:
+    adapter = make_adapter(base, tmp_path / "ad", r=2, lora_alpha=2, target_modules=["q_proj"])
+    assert [f for f in sb.plan(base, [LoraMerge(adapter=str(adapter))]).findings if f.check == "lora.residual_init"] == []
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa_niter_4"}))
+    (finding,) = [f for f in sb.plan(base, [sb.Sequential([LoraMerge(adapter=str(adapter))])]).findings
+                  if f.check == "lora.residual_init"]
+    assert finding.level == "warning" and "'pissa_niter_4'" in finding.message and str(adapter) in finding.message
+
+
 def test_modules_that_match_no_base_tensor_are_an_error_naming_them(base: Path, base_gpt2: Path, tmp_path: Path) -> None:
     adapter = make_adapter(base, tmp_path / "ad", r=2, lora_alpha=2, target_modules=["q_proj"])
     with pytest.raises(sb.PlanError, match=r"match no base tensor: model\.layers\.0\.self_attn\.q_proj\.weight, "

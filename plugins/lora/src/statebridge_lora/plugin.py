@@ -12,6 +12,8 @@ light: the transforms, pydantic and torch are imported inside the hooks and comm
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 
 import click
 
@@ -27,6 +29,43 @@ def register_transforms(register):
     register(LoraMerge)
     register(LoraExtract)
     register(LoraLayout)
+
+
+#: initialisations that change the base weights themselves: the adapter belongs to a residual base
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def _steps(transform: object) -> Iterator[object]:
+    """``transform`` and, for composites (sequential, parallel, scope), every step inside it."""
+    yield transform
+    for step in getattr(transform, "steps", None) or ():
+        yield from _steps(step)
+
+
+@statebridge.hookimpl
+def validate_plan(plan) -> list[statebridge.Finding]:
+    """Warn when an adapter was initialised by PiSSA, OLoRA, CorDA or LoftQ without conversion.
+
+    Those initialisations subtract the adapter's start from the base weights, so the adapter
+    merges correctly only into that residual base (PEFT's answer is wrong on the original
+    base too), unless it was saved with ``path_initial_model_for_weight_conversion``, which
+    makes it a plain LoRA adapter and records ``init_lora_weights: true``.
+    """
+    from .adapter import read_config
+    from .transforms import LoraMerge
+
+    findings = []
+    for step in _steps(plan.pipeline):
+        if not isinstance(step, LoraMerge):
+            continue
+        for ref in step.refs():
+            init = read_config(Path(ref.path)).get("init_lora_weights")
+            if isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS):
+                findings.append(statebridge.Finding(
+                    "warning", f"adapter {ref.path} was initialised with {init!r}: it merges correctly only into the "
+                    "residual base it was trained on (or convert it with PEFT's path_initial_model_for_weight_conversion)",
+                    check="lora.residual_init"))
+    return findings
 
 
 @click.group()
