@@ -265,6 +265,26 @@ def test_sequential_is_merge_and_unload_of_both_scaled_by_set_scale(base: Path, 
     assert differences(ours, reference) == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sequential_dora_adapters_replay_peft_unmerge_and_merge(tmp_path: Path, dtype: torch.dtype) -> None:
+    """PEFT #3608/#3609: each DoRA adapter's norm comes from the unmerged base, which PEFT rebuilds by unmerging."""
+    base = llama(tmp_path / "base", dtype=dtype)
+    targets = ["q_proj", "down_proj", "embed_tokens"]
+    a = make_adapter(base, tmp_path / "a", seed=1, r=4, lora_alpha=8, use_dora=True, target_modules=targets)
+    b = make_adapter(base, tmp_path / "b", seed=2, r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"])
+    c = make_adapter(base, tmp_path / "c", seed=3, r=4, lora_alpha=4, use_dora=True, target_modules=targets)
+    model = PeftModel.from_pretrained(load_model(base), a, adapter_name="a")
+    model.load_adapter(b, adapter_name="b")
+    model.load_adapter(c, adapter_name="c")
+    reference = {k: v.detach() for k, v in model.merge_and_unload(adapter_names=["a", "b", "c"]).state_dict().items()}
+    ours, step = our_merge(base, tmp_path / "out", combination="sequential",
+                           adapters=[{"path": str(a)}, {"path": str(b)}, {"path": str(c)}])
+    assert differences(ours, reference) == []
+    assert step.records["model.layers.0.self_attn.q_proj.weight"].how == "dora"
+    with pytest.raises(sb.PlanError, match="does not combine DoRA magnitudes; use combination: sequential"):
+        sb.plan(base, [LoraMerge(adapters=[{"path": str(a)}, {"path": str(b)}])])
+
+
 def test_a_tensor_two_adapters_replace_is_an_error(base: Path, tmp_path: Path) -> None:
     a = make_adapter(base, tmp_path / "a", r=2, lora_alpha=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
     b = make_adapter(base, tmp_path / "b", r=2, lora_alpha=2, target_modules=["v_proj"], modules_to_save=["lm_head"])

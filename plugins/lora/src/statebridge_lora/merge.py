@@ -121,24 +121,7 @@ def dora(weight: torch.Tensor, summed: torch.Tensor, f: Factors) -> tuple[torch.
     has, so the norm adds in the same order) and two float32 copies of the weight less.  Rows
     whose norm is zero keep a factor of 1 (PEFT: NaN) and are counted.
     """
-    import torch
-
-    fifo = f.module.fan_in_fan_out or f.module.kind == "embedding"  # PEFT's DoraEmbeddingLayer has fan_in_fan_out=True
-    if weight.dim() == 2:
-        oriented = summed.T if fifo else summed
-        norm = torch.linalg.norm(oriented, dim=1).to(oriented.dtype)
-    else:
-        norm = summed.norm(p=2, dim=tuple(range(1, summed.dim())), keepdim=True).transpose(1, 0)
-    factor = f.magnitude / norm
-    zero = norm == 0
-    zero_rows = int(zero.sum())
-    if zero_rows:
-        factor = torch.where(zero, torch.ones_like(factor), factor)
-    if weight.dim() == 2:
-        factor = factor.view(-1, 1)
-        factor = factor.T if fifo else factor
-    else:
-        factor = factor.view(-1, *(1,) * (weight.dim() - 1))
+    factor, zero_rows = _dora_factor(f, _dora_norm(summed, f), weight.dim())
     summed *= factor  # PEFT: factor * (W + ΔW); the product is the same either way round
     return summed, zero_rows  # the caller casts to the base dtype
 
@@ -196,3 +179,100 @@ def combine_linear(parts: list[tuple[Factors, float]], rank: int, use_rslora: bo
 def _new_scaling(rank: int, use_rslora: bool) -> float:
     """The combined adapter's scaling: ``lora_alpha = r = rank``, with the first adapter's rsLoRA setting."""
     return rank / math.sqrt(rank) if use_rslora else rank / rank
+
+
+class Layer:
+    """PEFT's merge of several adapters into one layer, step for step: ``merge_and_unload(adapter_names=[...])``.
+
+    PEFT merges the adapters in turn.  A DoRA adapter needs the norm of the *unmerged* base
+    (PEFT #3609), so before merging it PEFT unmerges the adapters already merged (plain LoRA:
+    ``W -= ΔW.to(dtype)``; DoRA: ``W / factor − ΔW``), takes the norm from the weight it gets
+    back, and merges them again, carrying on from that rebuilt weight.  In float32, and more
+    so in bfloat16, the rebuilt weight differs from the original in the last bits; this class
+    does the same unmerges and merges in the same order, so the result has PEFT's bits.  It
+    replaces the weight rather than changing it in place, so the base tensor is never written.
+    """
+
+    def __init__(self, weight: torch.Tensor, factors: dict[str, Factors], safe: bool) -> None:
+        self.weight, self.factors, self.safe = weight, factors, safe
+        self.merged: list[str] = []
+        self.norms: dict[str, torch.Tensor] = {}
+        self.unmerged_base: torch.Tensor | None = None
+        #: the float32 result of the last merge before its cast (for the report), and the DoRA rows with zero norm
+        self.exact: torch.Tensor | None = None
+        self.zero_rows = 0
+
+    def merge(self, names: list[str]) -> None:
+        for name in names:
+            f = self.factors[name]
+            w = self.weight
+            delta = delta_weight(f, tuple(w.shape))
+            if f.magnitude is None:
+                out = w.clone()
+                if self.safe or f.module.kind == "embedding":
+                    out += delta.to(w.dtype)
+                else:
+                    out += delta
+                self.exact = w.float() + delta
+            else:
+                norm = self._with_unmerged_base(lambda base: _dora_norm(base + delta, f))
+                factor, zero = _dora_factor(f, norm, w.dim())
+                self.zero_rows += zero
+                self.norms[name] = norm
+                self.exact = factor * (self.weight + delta)  # the weight as the replay rebuilt it
+                out = self.exact.to(w.dtype)
+            self.weight = out
+            self.merged.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged:
+            name = self.merged.pop()
+            f = self.factors[name]
+            delta = delta_weight(f, tuple(self.weight.shape))
+            if f.magnitude is None:
+                self.weight = self.weight - delta.to(self.weight.dtype)
+            else:
+                factor, _ = _dora_factor(f, self.norms.pop(name), self.weight.dim())
+                self.weight = (self.weight / factor - delta).to(self.weight.dtype)
+
+    def _with_unmerged_base(self, use):
+        """``use(base)`` with the merged adapters taken out of the weight, then merged back (PEFT's ``_unmerged_base_weight``)."""
+        if self.unmerged_base is not None:
+            return use(self.unmerged_base)
+        merged = self.merged[:]
+        try:
+            if merged:
+                self.unmerge()
+            self.unmerged_base = self.weight
+            return use(self.unmerged_base)
+        finally:
+            again = [name for name in merged if name not in self.merged]
+            if again:
+                self.merge(again)
+            self.unmerged_base = None
+
+
+def _dora_norm(summed: torch.Tensor, f: Factors) -> torch.Tensor:
+    """DoRA's ``get_weight_norm`` of ``W + ΔW`` (``summed``, added with W first, as PEFT adds them)."""
+    import torch
+
+    fifo = f.module.fan_in_fan_out or f.module.kind == "embedding"
+    if summed.dim() == 2:
+        oriented = summed.T if fifo else summed
+        return torch.linalg.norm(oriented, dim=1).to(oriented.dtype)
+    return summed.norm(p=2, dim=tuple(range(1, summed.dim())), keepdim=True).transpose(1, 0)
+
+
+def _dora_factor(f: Factors, norm: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
+    """``magnitude / norm`` shaped to multiply the weight; zero-norm rows get 1 (PEFT: inf or NaN), counted."""
+    import torch
+
+    factor = f.magnitude / norm
+    zero = norm == 0
+    zero_rows = int(zero.sum())
+    if zero_rows:
+        factor = torch.where(zero, torch.ones_like(factor), factor)
+    if dim == 2:
+        factor = factor.view(-1, 1)
+        return (factor.T if f.module.fan_in_fan_out or f.module.kind == "embedding" else factor), zero_rows
+    return factor.view(-1, *(1,) * (dim - 1)), zero_rows

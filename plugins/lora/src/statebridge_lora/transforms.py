@@ -106,7 +106,8 @@ class LoraMerge(sb.Transform):
             for name, module in adapter.modules.items():
                 by_module.setdefault(module.base_key, []).append((i, module))
             for key, adapter_key in adapter.replaced.items():
-                if key in replaced:
+                # a base layer several adapters saved (PEFT's save_embedding_layers): the last one loaded wins, as in PEFT
+                if key in replaced and not (".base_layer." in adapter_key and ".base_layer." in replaced[key][1]):
                     raise sb.PlanError(f"{key!r} is replaced by two adapters ({refs[replaced[key][0]].path} and {refs[i].path}); "
                                        "PEFT cannot combine modules_to_save either")
                 replaced[key] = (i, adapter_key)
@@ -132,8 +133,9 @@ class LoraMerge(sb.Transform):
             return
         names = [str(a.path) for a in adapters]
         for adapter in adapters:
-            if adapter.use_dora:
-                raise sb.PlanError(f"adapter {str(adapter.path)!r} is DoRA: merge DoRA adapters one per lora_merge step")
+            if adapter.use_dora and self.params.combination != "sequential":
+                raise sb.PlanError(f"adapter {str(adapter.path)!r} is DoRA: PEFT's add_weighted_adapter does not combine "
+                                   "DoRA magnitudes; use combination: sequential")
             if any(m.bias for m in adapter.modules.values()):
                 raise sb.PlanError(f"adapter {str(adapter.path)!r} has lora_bias: merge it in its own lora_merge step")
         if len({a.config.get("fan_in_fan_out", False) for a in adapters}) > 1:
@@ -178,18 +180,19 @@ class LoraMerge(sb.Transform):
             if len(adapters) > 1 and p.combination != "sequential":
                 combine = merge.combine_cat if p.combination == "cat" else merge.combine_linear
                 parts = [(combine(parts, rank, rslora), 1.0)]
-            step, zero_rows = None, 0
-            for f, _ in parts:  # one step, or several with combination: sequential
-                step = merge.merge_one(weight if step is None else step.out, f, p.safe_merge)
-                zero_rows += step.zero_rows
-            assert step is not None
-            if p.safe_merge and not torch.isfinite(step.out).all():
+            how = "dora" if any(f.magnitude is not None for f, _ in parts) else "lora"
+            if len(parts) == 1:
+                step = merge.merge_one(weight, parts[0][0], p.safe_merge)
+                out, exact, update_norm, zero_rows = step.out, step.exact, step.update_norm, step.zero_rows
+            else:  # sequential: PEFT's unmerges and merges, in its order; |dW| is measured on the result
+                layer = merge.Layer(weight, {str(i): f for i, (f, _) in enumerate(parts)}, p.safe_merge)
+                layer.merge([str(i) for i in range(len(parts))])
+                rounds = weight.dtype not in (torch.float32, torch.float64)
+                out, exact, update_norm, zero_rows = layer.weight, layer.exact if rounds else None, None, layer.zero_rows
+            if p.safe_merge and not torch.isfinite(out).all():
                 raise sb.ExecutionError(f"{key!r}: the merged weight has NaN or infinite values (safe_merge)")
-            how = "dora" if step.update_norm is None else "lora"
-            # several steps: |dW| is measured on the result, the rounding is the last step's
-            self.records[key] = record(key, how, weight, step.out, step.exact,
-                                       step.update_norm if len(parts) == 1 else None, zero_rows)
-            return {key: step.out}
+            self.records[key] = record(key, how, weight, out, exact, update_norm, zero_rows)
+            return {key: out}
 
         return compute
 
