@@ -379,3 +379,19 @@ def test_planning_a_merge_never_imports_torch(base: Path, tmp_path: Path) -> Non
     modules = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "statebridge_lora.transforms" in modules and "torch" not in modules
     assert "lora_merge(ad r=2 s=1)" in done.stdout
+
+
+def test_sharded_model_folder_in_sharded_folder_out_byte_identical_runs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    load_model(llama(tmp_path / "plain")).save_pretrained(base, max_shard_size="40KB")
+    assert (base / "model.safetensors.index.json").is_file()
+    adapter = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=LINEAR, use_dora=True)
+    for out in ("one", "two"):
+        sb.run(base, [LoraMerge(adapter=str(adapter))], tmp_path / out, progress=False, shard_size=40_000)
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert "model.safetensors.index.json" in files and len([f for f in files if f.endswith(".safetensors")]) > 1
+    assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
+    reference = peft_merged(base, adapter)
+    merged = load_model(tmp_path / "one").state_dict()
+    assert [k for k in reference if not torch.equal(merged[k], reference[k])] == []
