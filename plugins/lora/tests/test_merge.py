@@ -51,6 +51,8 @@ def test_linear_lora_on_every_projection_is_bitwise_peft(base: Path, tmp_path: P
     for key, r in step.records.items():  # |dW|/|W|, measured here from the files
         expected = torch.linalg.vector_norm(ours[key] - base_w[key]) / torch.linalg.vector_norm(base_w[key])
         assert r.change == pytest.approx(float(expected), rel=1e-4), key
+    as_json = json.loads(json.dumps(step.report().to_dict()))
+    assert len(as_json["rows"]) == 14 and as_json["records"][0]["key"] == "model.layers.0.mlp.down_proj.weight"
     # only the adapted tensors were computed: the norms and embeddings are the base's bytes
     assert load_file(tmp_path / "out/model.safetensors")["model.norm.weight"].equal(load_file(base / "model.safetensors")["model.norm.weight"])
 

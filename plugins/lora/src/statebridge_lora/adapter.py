@@ -36,6 +36,7 @@ PARTS = {
     ".lora_embedding_A": "A",
     ".lora_embedding_B": "B",
     ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",  # how some PEFT versions name it
 }
 
 #: LoRA variants whose merge is not ``W + s·B·A`` (or DoRA): refused by name rather than merged wrongly
