@@ -2,8 +2,9 @@
 
 Each function here mirrors a piece of ``peft/tuners/lora`` (0.21): ``get_delta_weight`` of
 ``Linear``, ``Embedding`` and ``_ConvNd``, their ``merge`` (``safe_merge`` or not), the DoRA
-variants' ``merge_unsafe``/``merge_safe``, and ``add_weighted_adapter``'s ``cat`` and
-``linear`` combinations.  The same torch operations in the same order give the same bits:
+variants' ``merge_unsafe``/``merge_safe``, ``add_weighted_adapter``'s ``cat`` and ``linear``
+combinations, and (:class:`Layer`) the unmerge-and-merge-again that ``merge`` does before a
+DoRA adapter when others are merged already.  The same torch operations in the same order give the same bits:
 the tests compare against ``merge_and_unload`` with ``torch.equal``.  The one deliberate
 difference is DoRA's zero-norm rows, where PEFT divides by zero and writes NaN: there the
 factor is 1 (the row of ``W + ΔW`` is zero, so the merged row is zero too) and the rows are
