@@ -180,6 +180,8 @@ def test_bf16_base_equals_peft_default_path(tmp_path: Path, dora: bool) -> None:
     ours, step = our_merge(base, tmp_path / "out", adapter=str(adapter))
     assert differences(ours, {k: v.detach() for k, v in reference.merge_and_unload().state_dict().items()}) == []
     assert ours["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    quiet, silent = our_merge(base, tmp_path / "quiet", adapter=str(adapter), report=False)  # PEFT's in-place add
+    assert silent.records == {} and all(torch.equal(quiet[k], ours[k]) for k in ours)
     # the report measures the one rounding into bfloat16: against the same merge done in float32 by PEFT
     exact = PeftModel.from_pretrained(load_model(base).float(), adapter).merge_and_unload().state_dict()
     for key, r in step.records.items():

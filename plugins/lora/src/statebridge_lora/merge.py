@@ -83,20 +83,21 @@ class Merged:
     zero_rows: int = 0
 
 
-def merge_one(weight: torch.Tensor, f: Factors, safe: bool) -> Merged:
+def merge_one(weight: torch.Tensor, f: Factors, safe: bool, keep_exact: bool = True) -> Merged:
     """``weight`` with adapter ``f`` merged as PEFT's ``merge`` does.
 
     PEFT's ``W += ΔW`` on a half-precision ``W`` computes ``float(W) + ΔW`` in float32 and
     rounds once, so forming that sum (in ΔW's own buffer: addition commutes) and casting it
-    gives the same bits and keeps the unrounded sum for the report's rounding error.  At
-    most the weight, ΔW in float32 and the result are held at once.
+    gives the same bits and keeps the unrounded sum for the report's rounding error (without
+    ``keep_exact``, PEFT's own in-place add, one pass fewer).  At most the weight, ΔW in
+    float32 and the result are held at once.
     """
     import torch
 
     delta = delta_weight(f, tuple(weight.shape))
-    rounds = weight.dtype not in (torch.float32, torch.float64)
+    rounds = keep_exact and weight.dtype not in (torch.float32, torch.float64)
     if f.magnitude is None:
-        update = float(torch.linalg.vector_norm(delta))
+        update = float(torch.linalg.vector_norm(delta)) if keep_exact else None
         if safe or f.module.kind == "embedding":
             out = weight.clone()
             out += delta.to(weight.dtype)

@@ -92,10 +92,11 @@ def _run(base: str, step: statebridge.Transform, out: str, overwrite: bool) -> s
 @click.option("--combination", type=click.Choice(["cat", "linear", "sequential"]), default="cat", show_default=True,
               help="how several adapters combine: PEFT's add_weighted_adapter cat or linear, or merged in turn")
 @click.option("--safe-merge", is_flag=True, help="PEFT's safe_merge arithmetic; non-finite merged weights are an error")
+@click.option("--no-report", is_flag=True, help="skip the merge report (measuring each tensor costs about the merge's time)")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print the run and the merge report as JSON")
 def merge(base: str, adapter: str, out: str, more: tuple[str, ...], weights: tuple[float, ...], combination: str,
-          safe_merge: bool, overwrite: bool, as_json: bool) -> None:
+          safe_merge: bool, no_report: bool, overwrite: bool, as_json: bool) -> None:
     """Merge the PEFT LoRA ADAPTER folder into BASE, writing OUT.
 
     BASE is any checkpoint statebridge reads; a model folder gives a model folder
@@ -110,18 +111,19 @@ def merge(base: str, adapter: str, out: str, more: tuple[str, ...], weights: tup
         raise statebridge.ConfigError(f"{len(weights)} --weight values for {len(paths)} adapters")
     full = [*weights, *[1.0] * (len(paths) - len(weights))]
     if len(paths) == 1 and full[0] == 1.0:
-        step = LoraMerge(adapter=adapter, safe_merge=safe_merge)
+        step = LoraMerge(adapter=adapter, safe_merge=safe_merge, report=not no_report)
     else:
         step = LoraMerge(adapters=[{"path": p, "weight": w} for p, w in zip(paths, full)],
-                         combination=combination, safe_merge=safe_merge)
+                         combination=combination, safe_merge=safe_merge, report=not no_report)
     report = _run(base, step, out, overwrite)
-    merged = step.report()
+    merged = None if no_report else step.report()
     if as_json:
         click.echo(json.dumps({"target": str(report.target), "files": [str(f) for f in report.files],
-                               "merge": merged.to_dict()}, indent=2))
+                               "merge": merged.to_dict() if merged else None}, indent=2))
     else:
         click.echo(report.render())
-        click.echo(merged.render())
+        if merged:
+            click.echo(merged.render())
 
 
 @lora.command()

@@ -77,6 +77,7 @@ class LoraMerge(sb.Transform):
         adapters: list[AdapterRef] | None = None
         combination: Literal["cat", "linear", "sequential"] = "cat"
         safe_merge: bool = False
+        report: bool = True  # measure each merged tensor for the merge report (about the merge's own time again)
 
         @model_validator(mode="after")
         def _one_source(self) -> "LoraMerge.Params":
@@ -182,7 +183,7 @@ class LoraMerge(sb.Transform):
                 parts = [(combine(parts, rank, rslora), 1.0)]
             how = "dora" if any(f.magnitude is not None for f, _ in parts) else "lora"
             if len(parts) == 1:
-                step = merge.merge_one(weight, parts[0][0], p.safe_merge)
+                step = merge.merge_one(weight, parts[0][0], p.safe_merge, keep_exact=p.report)
                 out, exact, update_norm, zero_rows = step.out, step.exact, step.update_norm, step.zero_rows
             else:  # sequential: PEFT's unmerges and merges, in its order; |dW| is measured on the result
                 layer = merge.Layer(weight, {str(i): f for i, (f, _) in enumerate(parts)}, p.safe_merge)
@@ -191,7 +192,8 @@ class LoraMerge(sb.Transform):
                 out, exact, update_norm, zero_rows = layer.weight, layer.exact if rounds else None, None, layer.zero_rows
             if p.safe_merge and not torch.isfinite(out).all():
                 raise sb.ExecutionError(f"{key!r}: the merged weight has NaN or infinite values (safe_merge)")
-            self.records[key] = record(key, how, weight, out, exact, update_norm, zero_rows)
+            if p.report:
+                self.records[key] = record(key, how, weight, out, exact, update_norm, zero_rows)
             return {key: out}
 
         return compute
@@ -218,7 +220,8 @@ class LoraMerge(sb.Transform):
 
         def compute(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out = load(adapter, [adapter_key])[adapter_key].to(tensors[key].dtype)
-            self.records[key] = record(key, "replaced", tensors[key], out, None)
+            if self.params.report:
+                self.records[key] = record(key, "replaced", tensors[key], out, None)
             return {key: out}
 
         return sb.Group(inputs=(key,), outputs={key: meta}, compute=compute,
