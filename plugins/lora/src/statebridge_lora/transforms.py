@@ -45,7 +45,8 @@ class AdapterRef(sb.Params):
 class MergeRecord:
     """What merging did to one tensor, for the merge report.
 
-    ``change`` is ‖merged − W‖/‖W‖ (float32); ``rounding`` is ‖exact − merged‖/‖exact‖, the
+    ``change`` is ‖ΔW‖/‖W‖ (float32; ΔW is PEFT's delta for one plain LoRA adapter, else
+    merged − W); ``rounding`` is ‖exact − merged‖/‖exact‖, the
     relative error of the cast of the float32 result back to the base dtype (0 for a float32
     base), ``max_rounding`` its largest element; ``zero_norm_rows`` counts DoRA rows whose
     norm was zero (PEFT writes NaN there; they are kept as they are, zero).
