@@ -115,6 +115,20 @@ def test_lora_bias_is_merged_into_the_base_bias(tmp_path: Path) -> None:
     check(base, adapter, tmp_path / "out")
 
 
+def test_trained_biases_bias_lora_only_replace_the_base_biases(tmp_path: Path) -> None:
+    base = llama(tmp_path / "base", attention_bias=True)
+
+    def train_biases(model) -> None:
+        for name, p in model.named_parameters():
+            if name.endswith("q_proj.base_layer.bias"):
+                p.data.add_(0.5)
+
+    adapter = make_adapter(base, tmp_path / "ad", r=2, lora_alpha=4, bias="lora_only", target_modules=["q_proj"],
+                           perturb=train_biases)
+    step = check(base, adapter, tmp_path / "out")
+    assert step.records["model.layers.1.self_attn.q_proj.bias"].how == "replaced"
+
+
 def test_adapter_saved_as_a_torch_pickle(base: Path, tmp_path: Path) -> None:
     adapter = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["k_proj"], safe_serialization=False)
     assert (adapter / "adapter_model.bin").is_file()
