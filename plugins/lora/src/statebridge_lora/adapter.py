@@ -16,12 +16,17 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import statebridge as sb
+
+if TYPE_CHECKING:
+    import torch
 
 #: every key PEFT saves starts with this: PeftModel.base_model (LoraModel) .model (the wrapped model)
 PREFIX = "base_model.model."
@@ -90,6 +95,21 @@ class Adapter:
     modules: dict[str, LoraModule] = field(default_factory=dict)
     #: base key -> adapter key whose tensor replaces it (modules_to_save, saved biases and base layers)
     replaced: dict[str, str] = field(default_factory=dict)
+    _source: sb.Source | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors ``keys`` of the adapter, copied out of the file's map.
+
+        The weights file is opened on first use and kept open while this object lives
+        (groups computed in worker threads share it), so a torch pickle is not parsed again
+        for every group; it is closed when the adapter (and the plan holding it) goes.
+        """
+        with self._lock:
+            if self._source is None:
+                self._source = sb.open_source(self.weights)
+                weakref.finalize(self, self._source.close)
+            return {k: self._source.load(k).clone() for k in keys}
 
     @property
     def use_dora(self) -> bool:

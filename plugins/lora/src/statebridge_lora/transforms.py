@@ -16,7 +16,6 @@ Config form::
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,7 +175,7 @@ class LoraMerge(sb.Transform):
 
             weight = tensors[key]
             if replacement is not None:  # the adapter saved this base layer (an embedding): PEFT loads it over the base's
-                weight = load(adapters[replacement[0]], [replacement[1]])[replacement[1]].to(weight.dtype)
+                weight = adapters[replacement[0]].load([replacement[1]])[replacement[1]].to(weight.dtype)
             parts = [(factors(adapters[i], module, refs[i].weight, sequential=len(adapters) == 1 or p.combination == "sequential"),
                       refs[i].weight) for i, module in found]
             if len(adapters) > 1 and p.combination != "sequential":
@@ -220,7 +219,7 @@ class LoraMerge(sb.Transform):
                                f"as {list(saved.shape)}")
 
         def compute(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            out = load(adapter, [adapter_key])[adapter_key].to(tensors[key].dtype)
+            out = adapter.load([adapter_key])[adapter_key].to(tensors[key].dtype)
             if self.params.report:
                 self.records[key] = record(key, "replaced", tensors[key], out, None)
             return {key: out}
@@ -266,17 +265,6 @@ def check_shapes(module: LoraModule, adapter: Adapter, key: str, meta: sb.Tensor
                            f"values for {b[0]} output features")
 
 
-def load(adapter: Adapter, keys: list[str]) -> dict[str, torch.Tensor]:
-    """Tensors ``keys`` of ``adapter``, read through statebridge's readers and copied out of the file's map."""
-    with _OPEN:
-        with sb.open_source(adapter.weights) as source:
-            return {k: source.load(k).clone() for k in keys}
-
-
-#: one adapter file opened at a time: worker threads computing groups share them
-_OPEN = threading.Lock()
-
-
 def factors(adapter: Adapter, module: LoraModule, weight: float, sequential: bool) -> Factors:
     """``module``'s matrices as PEFT holds them (float32), scaled as ``set_scale(weight)`` would when ``sequential``."""
     import math
@@ -284,7 +272,7 @@ def factors(adapter: Adapter, module: LoraModule, weight: float, sequential: boo
     from .merge import Factors, upcast
 
     keys = [k for k in (module.a, module.b, module.magnitude, module.bias) if k is not None]
-    t = {k: upcast(v) for k, v in load(adapter, keys).items()}
+    t = {k: upcast(v) for k, v in adapter.load(keys).items()}
     scaling = module.scaling
     if sequential and weight != 1.0:
         scaling = weight * module.alpha / (math.sqrt(module.r) if adapter.use_rslora else module.r)
