@@ -261,14 +261,22 @@ def test_sequential_steps_chain_into_one_group_per_component(llama_sd):
     assert out["layers.0.attention.qkv.weight"].dtype == torch.bfloat16
 
 
-def test_config_form_steps_and_unknown_names():
+def test_config_form_steps_and_unknown_names(monkeypatch):
+    from statebridge.plugins import reset_plugins
+
     state = {"a": torch.zeros(1)}
     assert "b" in apply(state, [{"rename": {"mapping": {"a": "b"}}}])
     with pytest.raises(UnknownTransformError) as e:
         sb.plan(state, [{"renmae": {"mapping": {"a": "b"}}}])
     assert "did you mean 'rename'" in str(e.value)
-    with pytest.raises(UnknownTransformError, match=r"pip install 'statebridge\[lora\]'"):
-        sb.plan(state, [{"sequential": {"steps": [{"lora_merge": {}}]}}])
+    monkeypatch.setenv("STATEBRIDGE_DISABLE_PLUGINS", "lora")  # a reserved name whose plugin is not loaded
+    reset_plugins()
+    try:
+        with pytest.raises(UnknownTransformError, match=r"pip install 'statebridge\[lora\]'"):
+            sb.plan(state, [{"sequential": {"steps": [{"lora_merge": {}}]}}])
+    finally:
+        monkeypatch.delenv("STATEBRIDGE_DISABLE_PLUGINS")
+        reset_plugins()
     with pytest.raises(ConfigError, match=r"steps\[0\]: rename.pattern|'pattern' needs 'to'"):
         sb.plan(state, [{"rename": {"pattern": "a"}}])
 

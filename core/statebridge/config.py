@@ -263,7 +263,7 @@ def _resolve_step_paths(step: Any, base: Path, where: str) -> Any:
     for field_name, info in transforms.get(name).Params.model_fields.items():
         key = info.alias or field_name
         if key in params:
-            annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+            annotation = _annotation(info)
             label = f"{where}: {name}.{key}"
             params[key] = _resolve_paths(annotation, params[key], lambda value, label=label: _resolve(value, base, label))
     if isinstance(params.get("steps"), list):
@@ -281,7 +281,17 @@ def _resolve_paths(annotation: Any, value: Any, resolve: Callable[[str], str]) -
             return [_resolve_paths(items[0], item, resolve) for item in value]
         if isinstance(value, Mapping) and get_origin(arm) in (dict, Mapping) and len(items) == 2:
             return {k: _resolve_paths(items[1], item, resolve) for k, item in value.items()}
+        if isinstance(value, Mapping) and isinstance(arm, type) and issubclass(arm, BaseModel):
+            return {**value, **{  # a nested params model (``adapters: [{path, weight}]``): its own path fields
+                key: _resolve_paths(_annotation(info), value[key], resolve)
+                for name, info in arm.model_fields.items() if (key := info.alias or name) in value
+            }}
     return value
+
+
+def _annotation(info: Any) -> Any:
+    """A pydantic field's annotation with its metadata (where :data:`PathParam` leaves its mark)."""
+    return Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
 
 
 def _arms(annotation: Any) -> list[Any]:
