@@ -1,10 +1,75 @@
-"""The statebridge-analysis plugin: analyses.
+"""The statebridge-analysis plugin: ``statebridge lint`` and ``statebridge diff``.
 
-This plugin will provide analyses for ``statebridge analyze`` beyond the core's ``summary``:
-reports that compare states (per-tensor differences, spectra, outliers) and
-describe where a transformation changed a model.
-
-Nothing is implemented yet: the module is registered through the ``statebridge``
-entry point and implements no hook, so ``statebridge plugins`` lists it as installed,
-providing nothing yet, and offers nothing it cannot do.
+statebridge imports this module at start-up (``statebridge --help`` included), so it holds
+only the click commands; their work is imported inside them, and header-only work
+(``diff``, and ``lint`` of safetensors and plain GGUF files without ``--model``) never
+imports torch.
 """
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import click
+
+import statebridge
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--model", metavar="FOLDER_OR_CONFIG", help="check against this model (a folder with config.json, or the file); "
+              "default: CHECKPOINT's own config.json when it is a model folder and transformers is installed")
+@click.option("--no-model", is_flag=True, help="do not check against CHECKPOINT's own config.json")
+@click.option("--write-manifest", "write_to", metavar="FILE", type=click.Path(dir_okay=False),
+              help="write every tensor's sha256 (of its stored bytes), shape and dtype to FILE (JSON)")
+@click.option("--verify", "verify_with", metavar="FILE", type=click.Path(dir_okay=False),
+              help="compare every tensor with the manifest FILE; each one that differs is an error")
+@click.option("--json", "as_json", is_flag=True, help="print the findings as JSON")
+def lint(checkpoint: str, model: str | None, no_model: bool, write_to: str | None, verify_with: str | None, as_json: bool) -> None:
+    """Report what is wrong with CHECKPOINT: NaN/Inf, zero and duplicate tensors, odd layers, mixed dtypes,
+    and, against a model, orphan, missing and untied keys. Reports only, never fixes.
+
+    Reads every tensor once, a few MB at a time. Exits 1 when there are errors (for CI), 0 otherwise.
+    """
+    from .lint import lint as run_lint
+    from .lint import manifest, read_manifest, write_manifest
+
+    if model and no_model:
+        raise statebridge.ConfigError("--model and --no-model contradict each other; give one")
+    recorded = read_manifest(verify_with) if verify_with else None
+    source = statebridge.open_source(checkpoint)
+    expected = None
+    chosen = model or (None if no_model else _own_config(checkpoint))
+    if chosen:
+        from .model import expected_from_config
+
+        expected = expected_from_config(chosen)
+    try:
+        report, scans = run_lint(source, expected, recorded)
+        if write_to:
+            write_manifest(manifest(source, scans), write_to)
+            report.manifest_written = write_to
+    finally:
+        source.close()
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
+    if report.errors:
+        # not ctx.exit(1): statebridge's main runs click with standalone_mode=False, which turns that into a
+        # return value it does not pass on; SystemExit reaches the interpreter
+        sys.stdout.flush()
+        sys.exit(1)
+
+
+def _own_config(checkpoint: str) -> str | None:
+    """CHECKPOINT's folder when it holds a config.json and transformers is installed (found without importing it)."""
+    folder = Path(checkpoint)
+    if folder.is_dir() and (folder / "config.json").is_file() and importlib.util.find_spec("transformers") is not None:
+        return str(folder)
+    return None
+
+
+@statebridge.hookimpl
+def register_commands(register):
+    register(lint)

@@ -1,0 +1,81 @@
+"""What a model expects of a checkpoint: its keys with shapes, and which of them are tied.
+
+The model is built from a ``config.json`` on the meta device through ``transformers`` (no
+weights are allocated, so a 70B config costs nothing): the class its ``architectures`` names,
+else ``AutoModelForCausalLM``, else ``AutoModel``.  Tied weights are read off the module
+itself: parameters that are one object under several names (``lm_head.weight`` and
+``model.embed_tokens.weight`` when the config ties them).  Non-persistent buffers (rotary
+``inv_freq``) are not in ``state_dict()``, so a checkpoint holding them has orphans.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from statebridge.errors import ConfigError, SourceError
+
+
+@dataclass(frozen=True)
+class Expected:
+    """The keys a model loads, with shapes, and its groups of tied names."""
+
+    name: str
+    shapes: dict[str, tuple[int, ...]]
+    #: each group is one tensor under several names; saving keeps any one of them
+    tied: list[tuple[str, ...]]
+
+    def tied_partners(self) -> dict[str, tuple[str, ...]]:
+        return {key: group for group in self.tied for key in group}
+
+
+def config_path(model: str | Path) -> Path:
+    """``model`` as a config file: a folder's ``config.json``, or the file itself."""
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise SourceError(path, "no such model config (give a model folder with config.json, or the config file)")
+    return path
+
+
+def expected_from_config(model: str | Path) -> Expected:
+    """Build the model of ``model`` (a folder or its ``config.json``) on the meta device and list what it expects."""
+    path = config_path(model)
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise ConfigError(f"--model {model}: checking against a model needs transformers and torch ({e})") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SourceError(path, f"is not a readable JSON config: {e}") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path.parent) if path.name == "config.json" else str(path))
+    except Exception as e:  # transformers raises many types for a config it cannot use
+        raise SourceError(path, f"transformers cannot read this config: {type(e).__name__}: {e}") from None
+    classes = [getattr(transformers, a, None) for a in raw.get("architectures") or []]
+    with torch.device("meta"):
+        module = None
+        for cls in [c for c in classes if c is not None]:
+            module = cls(config)
+            break
+        for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+            if module is not None:
+                break
+            try:
+                module = auto.from_config(config)
+            except ValueError:
+                continue
+    if module is None:
+        raise SourceError(path, f"transformers has no model class for model_type {raw.get('model_type')!r}")
+    names: dict[int, list[str]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    state = module.state_dict()
+    shapes = {key: tuple(value.shape) for key, value in state.items()}
+    tied = [tuple(group) for group in names.values() if len(group) > 1]
+    return Expected(f"{type(module).__name__} from {path}", shapes, tied)
