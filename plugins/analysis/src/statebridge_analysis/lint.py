@@ -85,10 +85,12 @@ class LintReport:
     def render(self) -> str:
         """Findings one per line; findings of one check with the same message fold their keys into ranges."""
         lines = [f"{self.source}: {self.tensors} tensors" + (f", checked against {self.model}" if self.model else "")]
-        folded: dict[tuple[str, str, str], list[str]] = {}
-        for f in self.findings:
-            folded.setdefault((f.level, f.check, f.message), []).extend(f.keys)
-        for (level, check, message), keys in folded.items():
+        folded: dict[object, tuple[LintFinding, list[str]]] = {}
+        for i, f in enumerate(self.findings):  # a finding about several keys together (duplicates) stays on its own line
+            line = (f.level, f.check, f.message) if len(f.keys) == 1 else i
+            folded.setdefault(line, (f, []))[1].extend(f.keys)
+        for f, keys in folded.values():
+            level, check, message = f.level, f.check, f.message
             names = ", ".join(compress_keys(list(dict.fromkeys(keys))))
             lines.append(f"  {level:<7} {check:<12} {names}: {message}")
         counts = Counter(f.level for f in self.findings)
@@ -116,7 +118,7 @@ def lint(
             scans[scan.key] = scan
             findings.extend(_values(scan, metas[scan.key]))
     tied = expected.tied_partners() if expected else {}
-    findings.extend(_duplicates(scans, metas, tied))
+    findings.extend(_duplicates(scans, metas, tied, expected is not None))
     findings.extend(_siblings(metas, expected))
     findings.extend(_mixed_dtypes(metas))
     if expected is not None:
@@ -140,7 +142,9 @@ def _values(scan: TensorScan, meta: TensorMeta) -> Iterable[LintFinding]:
         yield LintFinding("warning", "zero", (scan.key,), "every value is zero")
 
 
-def _duplicates(scans: Mapping[str, TensorScan], metas: Mapping[str, TensorMeta], tied: Mapping[str, tuple[str, ...]]) -> Iterable[LintFinding]:
+def _duplicates(
+    scans: Mapping[str, TensorScan], metas: Mapping[str, TensorMeta], tied: Mapping[str, tuple[str, ...]], with_model: bool
+) -> Iterable[LintFinding]:
     """Names with the same bytes, shape and dtype that no model ties.
 
     Constant tensors (all zero, all one: untrained norms and biases) are alike by nature and left
@@ -161,7 +165,7 @@ def _duplicates(scans: Mapping[str, TensorScan], metas: Mapping[str, TensorMeta]
                 "duplicate",
                 tuple(keys),
                 "the same bytes under several names, not tied by the model"
-                + ("" if tied else " (no model given to say which are tied)"),
+                + ("" if with_model else " (no model given to say which are tied)"),
             )
 
 

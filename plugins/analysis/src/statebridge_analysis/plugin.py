@@ -70,6 +70,26 @@ def _own_config(checkpoint: str) -> str | None:
     return None
 
 
+@click.command()
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print every change (and the folded table) as JSON")
+def diff(a: str, b: str, as_json: bool) -> None:
+    """How the tensors of B relate to those of A, from headers alone: unchanged, moved, renamed, merged,
+    split, dtype or shape changed, added, removed; folded by layer pattern.
+
+    A and B are any checkpoints statebridge reads (safetensors, shards, .pt, GGUF). No tensor data is read.
+    """
+    from .diff import DiffReport, Names
+    from .diff import diff as run_diff
+
+    names = Names()
+    with statebridge.open_source(a) as source_a, statebridge.open_source(b) as source_b:
+        report = DiffReport(source_a.name, source_b.name, run_diff(source_a.metas(), source_b.metas(), names), names)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
+
+
 @statebridge.hookimpl
 def register_commands(register):
     register(lint)
+    register(diff)
