@@ -236,3 +236,28 @@ def test_linting_safetensors_without_a_model_never_imports_torch(faulty) -> None
     done = subprocess.run([sys.executable, "-c", code, "lint", str(faulty / "model.safetensors")], capture_output=True, text=True)
     assert done.returncode == 1 and "nan_inf" in done.stdout
     assert done.stdout.splitlines()[-1] == "False"
+
+
+def test_quantized_gguf_blocks_are_hashed_and_their_values_examined_without_torch(tmp_path) -> None:
+    """Q8_0 tensors written by the core: the checksum covers the blocks; a NaN scale shows as 32 NaN values."""
+    state = {"blk.0.ffn_down.weight": torch.randn(4, 64), "blk.0.ffn_up.weight": torch.randn(4, 64), "norm": torch.randn(64)}
+    gguf = tmp_path / "q.gguf"
+    sb.run(state, [{"quantize": {"blk.*.ffn_*.weight": "Q8_0"}}], gguf, progress=False)
+    source = sb.open_source(gguf)
+    assert source.metas()["blk.0.ffn_up.weight"].stored == "Q8_0"
+    manifest = tmp_path / "m.json"
+    done = run_cli(["lint", str(gguf), "--write-manifest", str(manifest)])
+    assert done.returncode == 0 and done.stdout.splitlines()[-2] == "no findings", done.stdout + done.stderr
+    span = source.stored_span("blk.0.ffn_up.weight")
+    assert span.length == 4 * 64 // 32 * 34  # Q8_0: a float16 scale and 32 int8 per block
+    source.close()
+    with open(span.path, "r+b") as f:
+        f.seek(span.offset + 34)  # the second block's scale
+        f.write(b"\x00\x7e")  # float16 NaN
+    code = "import atexit, sys; atexit.register(lambda: print('torch' in sys.modules)); from statebridge.cli import main; sys.exit(main())"
+    done = subprocess.run([sys.executable, "-c", code, "lint", str(gguf), "--verify", str(manifest)], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "False"  # torch was never imported
+    assert any(l.split()[:3] == ["error", "checksum", "blk.0.ffn_up.weight:"] for l in lines), lines
+    assert any(l.split()[:3] == ["error", "nan_inf", "blk.0.ffn_up.weight:"] and "32 NaN and 0 Inf of 256 values, the first at flat index 32" in l for l in lines), lines
