@@ -76,6 +76,8 @@ class Change(NamedTuple):
     confidence: float | None = None
     #: the family templates of ``a`` and ``b`` when the diff paired whole families (saves splitting names again)
     family: tuple[Any, ...] | None = None
+    #: for merges and splits: the dimension joined along
+    dim: int | None = None
 
 
 class Names:
@@ -108,18 +110,22 @@ class DiffReport:
             counts[c.kind] += len(c.b) if c.kind == "added" else len(c.a)
         return {kind: counts.get(kind, 0) for kind in KINDS}
 
-    def folded(self, skip: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
-        """Changes of one kind and detail whose keys differ only in layer numbers, one row each
-        (``model.layers.{0..31}.q.weight -> blk.{0..31}.attn_q.weight``), in the order first seen."""
-        names, memo = self.names, self.names.memo  # every key grouped below is in the memo after names() or diff()
+    def groups(self, skip: frozenset[str] = frozenset()) -> dict[tuple[Any, ...], list[Change]]:
+        """Changes by (kind, detail, A's templates, B's templates): those whose keys differ only in layer numbers."""
+        names = self.names
         groups: dict[tuple[Any, ...], list[Change]] = {}
         for c in self.changes:
             if c.kind in skip:
                 continue
             family = c.family or (tuple(names(k)[0] for k in c.a), tuple(names(k)[0] for k in c.b))
             groups.setdefault((c.kind, c.detail, *family), []).append(c)
+        return groups
+
+    def folded(self, skip: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+        """One row per group of :meth:`groups` (``model.layers.{0..31}.q.weight -> blk.{0..31}.attn_q.weight``), in the order first seen."""
+        memo = self.names.memo  # every key grouped is in the memo after groups()
         rows = []
-        for (kind, detail, templates_a, templates_b), changes in groups.items():
+        for (kind, detail, templates_a, templates_b), changes in self.groups(skip).items():
             confidences = [c.confidence for c in changes if c.confidence is not None]
             rows.append(
                 {
@@ -419,9 +425,9 @@ def _joins(
             used_w.add(whole)
             used_p.update(parts)
             if kind == "merged":
-                changes.append(Change("merged", parts, (whole,), f"concatenated along dim {dim}: sizes {[ma[p].shape[dim] for p in parts]}"))
+                changes.append(Change("merged", parts, (whole,), f"concatenated along dim {dim}: sizes {[ma[p].shape[dim] for p in parts]}", dim=dim))
             else:
-                changes.append(Change("split", (whole,), parts, f"along dim {dim}: sizes {[mb[p].shape[dim] for p in parts]}"))
+                changes.append(Change("split", (whole,), parts, f"along dim {dim}: sizes {[mb[p].shape[dim] for p in parts]}", dim=dim))
     return used_a, used_b
 
 

@@ -74,11 +74,15 @@ def _own_config(checkpoint: str) -> str | None:
 @click.argument("a", type=click.Path())
 @click.argument("b", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="print every change (and the folded table) as JSON")
-def diff(a: str, b: str, as_json: bool) -> None:
+@click.option("--emit-rules", "rules_to", metavar="FILE", type=click.Path(dir_okay=False),
+              help="write a pipeline config (YAML) whose steps turn A into B, to review; "
+              "reads the first layer of each merged or split family to order its parts")
+def diff(a: str, b: str, as_json: bool, rules_to: str | None) -> None:
     """How the tensors of B relate to those of A, from headers alone: unchanged, moved, renamed, merged,
     split, dtype or shape changed, added, removed; folded by layer pattern.
 
-    A and B are any checkpoints statebridge reads (safetensors, shards, .pt, GGUF). No tensor data is read.
+    A and B are any checkpoints statebridge reads (safetensors, shards, .pt, GGUF). No tensor data is read
+    (but for --emit-rules' merges and splits).
     """
     from .diff import DiffReport, Names
     from .diff import diff as run_diff
@@ -86,7 +90,22 @@ def diff(a: str, b: str, as_json: bool) -> None:
     names = Names()
     with statebridge.open_source(a) as source_a, statebridge.open_source(b) as source_b:
         report = DiffReport(source_a.name, source_b.name, run_diff(source_a.metas(), source_b.metas(), names), names)
+        if rules_to:
+            from .emit import emit_rules
+
+            text, problems = emit_rules(report, source_a, source_b)
+            try:
+                Path(rules_to).write_text(text, encoding="utf-8")
+            except OSError as e:
+                raise statebridge.SourceError(rules_to, f"cannot write the rules: {e.strerror or e}") from None
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
+    if rules_to:
+        for problem in problems[:20]:
+            click.echo(f"statebridge: warning: rules in {rules_to}: {problem}", err=True)
+        if len(problems) > 20:
+            click.echo(f"statebridge: warning: rules in {rules_to}: ... and {len(problems) - 20} more differences from B", err=True)
+        if not problems:
+            click.echo(f"rules written to {rules_to}; planned against A, they give B's names, shapes and dtypes", err=True)
 
 
 @statebridge.hookimpl
