@@ -57,9 +57,9 @@ def _run(source: Path, target: Path, steps: list[dict]) -> Path:
 def _report(a: Path, b: Path) -> DiffReport:
     names = Names()
     with sb.open_source(a) as sa, sb.open_source(b) as sb_:
-        changes = diff(sa.metas(), sb_.metas(), names)
-        _every_key_once(changes, sa.metas(), sb_.metas())
-        return DiffReport(str(a), str(b), changes, names)
+        report = DiffReport(str(a), str(b), diff(sa.metas(), sb_.metas(), names), names)
+        _every_key_once(report.changes, sa.metas(), sb_.metas())
+        return report
 
 
 def _every_key_once(changes, ma, mb) -> None:

@@ -94,20 +94,63 @@ class Names:
         return found
 
 
+class FamilyChange(NamedTuple):
+    """A whole family of A paired with one of B (renamed or moved): one object for its thousands of keys."""
+
+    kind: str
+    detail: str
+    confidence: float
+    #: ((A's template,), (B's template,))
+    family: tuple[Any, ...]
+    #: (key of A, key of B), in A's order
+    pairs: list[tuple[str, str]]
+    #: the layer numbers of A's keys and of B's (as text), for folding without splitting the names again
+    numbers: tuple[list[tuple[str, ...]], list[tuple[str, ...]]]
+
+    @property
+    def a(self) -> tuple[str, ...]:
+        """The first pair's key of A (where the family sorts)."""
+        return (self.pairs[0][0],)
+
+    def expand(self) -> Iterable[Change]:
+        return (Change(self.kind, (x,), (y,), self.detail, self.confidence, self.family) for x, y in self.pairs)
+
+
+class _Row:
+    """A folded row being gathered: each side's layer numbers per part, how many changes, the lowest confidence."""
+
+    __slots__ = ("a", "b", "count", "confidence")
+
+    def __init__(self, parts_a: int, parts_b: int) -> None:
+        self.a: list[list[tuple[str, ...]]] = [[] for _ in range(parts_a)]
+        self.b: list[list[tuple[str, ...]]] = [[] for _ in range(parts_b)]
+        self.count = 0
+        self.confidence: float | None = None
+
+    def seen(self, confidence: float | None) -> None:
+        if confidence is not None and (self.confidence is None or confidence < self.confidence):
+            self.confidence = confidence
+
+
 @dataclass
 class DiffReport:
-    """A diff's changes, with the names split once for folding."""
+    """A diff's changes (single keys, joins, and whole families paired at once), with the names split once for folding."""
 
     a: str
     b: str
-    changes: list[Change]
+    items: list[Change | FamilyChange]
     names: Names
+
+    @property
+    def changes(self) -> list[Change]:
+        """Every change key by key (families expanded), in the order of :attr:`items`."""
+        return [c for item in self.items for c in (item.expand() if isinstance(item, FamilyChange) else (item,))]
 
     def counts(self) -> dict[str, int]:
         """Keys per kind, counted on A's side (B's for ``added``)."""
         counts: Counter[str] = Counter()
-        for c in self.changes:
-            counts[c.kind] += len(c.b) if c.kind == "added" else len(c.a)
+        for c in self.items:
+            counts[c.kind] += len(c.pairs) if isinstance(c, FamilyChange) else len(c.b) if c.kind == "added" else len(c.a)
         return {kind: counts.get(kind, 0) for kind in KINDS}
 
     def groups(self, skip: frozenset[str] = frozenset()) -> dict[tuple[Any, ...], list[Change]]:
@@ -122,27 +165,47 @@ class DiffReport:
         return groups
 
     def folded(self, skip: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
-        """One row per group of :meth:`groups` (``model.layers.{0..31}.q.weight -> blk.{0..31}.attn_q.weight``), in the order first seen."""
-        memo = self.names.memo  # every key grouped is in the memo after groups()
-        rows = []
-        for (kind, detail, templates_a, templates_b), changes in self.groups(skip).items():
-            confidences = [c.confidence for c in changes if c.confidence is not None]
-            rows.append(
-                {
-                    "kind": kind,
-                    "a": " + ".join(self._fold(t, [memo[c.a[i]][1] for c in changes]) for i, t in enumerate(templates_a)),
-                    "b": " + ".join(self._fold(t, [memo[c.b[i]][1] for c in changes]) for i, t in enumerate(templates_b)),
-                    "count": len(changes),
-                    "detail": detail,
-                    **({"confidence": min(confidences)} if confidences else {}),
-                }
-            )
-        return rows
+        """One row per group of :meth:`groups` (``model.layers.{0..31}.q.weight -> blk.{0..31}.attn_q.weight``), in the order first seen.
+
+        Gathered from :attr:`items` without expanding families: a family adds its layer numbers in one pass.
+        """
+        names = self.names
+        rows: dict[tuple[Any, ...], _Row] = {}
+        for item in self.items:
+            if item.kind in skip:
+                continue
+            if isinstance(item, FamilyChange):
+                key = (item.kind, item.detail, *item.family)
+                row = rows.get(key) or rows.setdefault(key, _Row(1, 1))
+                row.a[0].extend(item.numbers[0])
+                row.b[0].extend(item.numbers[1])
+                row.count += len(item.pairs)
+            else:
+                family = item.family or (tuple(names(k)[0] for k in item.a), tuple(names(k)[0] for k in item.b))
+                key = (item.kind, item.detail, *family)
+                row = rows.get(key) or rows.setdefault(key, _Row(len(item.a), len(item.b)))
+                for i, k in enumerate(item.a):
+                    row.a[i].append(names(k)[1])
+                for i, k in enumerate(item.b):
+                    row.b[i].append(names(k)[1])
+                row.count += 1
+            row.seen(item.confidence)
+        return [
+            {
+                "kind": kind,
+                "a": " + ".join(self._fold(t, numbers) for t, numbers in zip(templates_a, row.a)),
+                "b": " + ".join(self._fold(t, numbers) for t, numbers in zip(templates_b, row.b)),
+                "count": row.count,
+                "detail": detail,
+                **({"confidence": row.confidence} if row.confidence is not None else {}),
+            }
+            for (kind, detail, templates_a, templates_b), row in rows.items()
+        ]
 
     @staticmethod
     def _fold(template: tuple[str, ...], numbers: list[tuple[str, ...]]) -> str:
         """One family's keys as one pattern: each layer-number position as a value, a range or a list."""
-        columns = [_span(sorted({int(n) for n in column})) for column in zip(*numbers)]
+        columns = [_span(sorted(map(int, {n[j] for n in numbers}))) for j in range(len(template) - 1)]  # dedupe the text first
         return shown(template[0] + "".join(c + piece for c, piece in zip(columns, template[1:])))
 
     def to_dict(self) -> dict[str, Any]:
@@ -213,19 +276,17 @@ class _Family:
         self.members: dict[tuple[str, ...], str] = {}
 
 
-def _families(keys: Iterable[str], names: Names) -> dict[tuple[str, ...], _Family]:
+def _families(keys: Iterable[str]) -> dict[tuple[str, ...], _Family]:
+    """The keys by family; the loop that sees every key of both sides, so no memo and no calls in it."""
     out: dict[tuple[str, ...], _Family] = {}
-    memo, split = names.memo, _NUMBER.split  # inlined names(key): this loop sees every key of both sides
+    split = _NUMBER.split
     for key in keys:
-        found = memo.get(key)
-        if found is None:
-            parts = split(key)
-            found = memo[key] = (tuple(parts[0::2]), tuple(parts[1::2]))
-        template, numbers = found
+        parts = split(key)
+        template = tuple(parts[0::2])
         family = out.get(template)
         if family is None:
             family = out[template] = _Family(template)
-        family.members[numbers] = key
+        family.members[tuple(parts[1::2])] = key
     return out
 
 
@@ -260,13 +321,14 @@ def _aligned(pairs: list[tuple[str, str]], ma: Mapping[str, TensorMeta], mb: Map
     return all(ma[x].shape == mb[y].shape for x, y in pairs)
 
 
-def diff(ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], names: Names | None = None) -> list[Change]:
-    """Every key of ``ma`` and ``mb`` in exactly one :class:`Change`, in A's storage order, then B's (added)."""
+def diff(ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], names: Names | None = None) -> list[Change | FamilyChange]:
+    """Every key of ``ma`` and ``mb`` in exactly one change (a :class:`Change`, or a :class:`FamilyChange` for
+    a family paired whole), ordered by each one's first key of A in A's storage order, then B's (added)."""
     names = names or Names()
-    changes: list[Change] = []
-    fa = _families((k for k in ma if k not in mb), names)
-    fb = _families((k for k in mb if k not in ma), names)
-    claimed = _shifts(fa, fb, ma, mb, names, changes)
+    changes: list[Change | FamilyChange] = []
+    fa = _families(k for k in ma if k not in mb)
+    fb = _families(k for k in mb if k not in ma)
+    claimed = _shifts(fa, fb, ma, mb, changes)
     for key, meta in ma.items():
         other = mb.get(key)
         if other is None or key in claimed:
@@ -283,8 +345,8 @@ def diff(ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], names: Name
     left_a = [k for f in fa.values() for k in f.members.values()]
     left_b = [k for f in fb.values() for k in f.members.values()]
     used_a, used_b = _joins(left_a, left_b, ma, mb, names, changes)
-    fa = _families((k for k in left_a if k not in used_a), names)
-    fb = _families((k for k in left_b if k not in used_b), names)
+    fa = _families(k for k in left_a if k not in used_a)
+    fb = _families(k for k in left_b if k not in used_b)
     _pair_families(fa, fb, ma, mb, changes, min_score=0.3)
     changes.extend(Change("removed", (k,), ()) for f in fa.values() for k in f.members.values())
     changes.extend(Change("added", (), (k,)) for f in fb.values() for k in f.members.values())
@@ -298,7 +360,7 @@ def _transposed(a: TensorMeta, b: TensorMeta) -> str:
     return " (transposed?)" if len(a.shape) > 1 and a.shape == tuple(reversed(b.shape)) else ""
 
 
-def _shifts(fa: dict, fb: dict, ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], names: Names, changes: list[Change]) -> set[str]:
+def _shifts(fa: dict, fb: dict, ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], changes: list) -> set[str]:
     """Families present on both sides whose layer numbers all moved by one shift (``layers.{0..3}`` -> ``{2..5}``).
 
     Their keys are partly common to A and B by name, so the whole family is gathered from both
@@ -308,7 +370,7 @@ def _shifts(fa: dict, fb: dict, ma: Mapping[str, TensorMeta], mb: Mapping[str, T
     both = [t for t in fa if t in fb]
     if not both:
         return claimed
-    all_a, all_b = _families(ma, names), _families(mb, names)  # every key, only when some family is on both sides
+    all_a, all_b = _families(ma), _families(mb)  # every key, only when some family is on both sides
     for template in both:
         whole_a, whole_b = all_a[template], all_b[template]
         shift = _offset(whole_a, whole_b)
@@ -317,10 +379,8 @@ def _shifts(fa: dict, fb: dict, ma: Mapping[str, TensorMeta], mb: Mapping[str, T
         pairs = list(_partners(whole_a, whole_b, shift))
         if not _aligned(pairs, ma, mb):
             continue
-        family, shifted = ((template,), (template,)), _shift_text(shift)
+        _add_family(changes, "moved", _shift_text(shift), 1.0, (whole_a, whole_b), pairs, ma, mb)
         for key, other in pairs:
-            dtype = _dtype_text(ma[key], mb[other])
-            changes.append(Change("moved", (key,), (other,), _join_details(shifted, dtype) if dtype else shifted, 1.0, family))
             claimed.update((key, other))
         del fa[template], fb[template]
     return claimed
@@ -346,7 +406,7 @@ def _signature(family: _Family, metas: Mapping[str, TensorMeta]) -> tuple[Any, .
 
 
 def _pair_families(
-    fa: dict, fb: dict, ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], changes: list[Change], min_score: float
+    fa: dict, fb: dict, ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], changes: list, min_score: float
 ) -> None:
     """Pair A's leftover families with B's: same member count and shapes, layer numbers aligned (maybe shifted), best names first.
 
@@ -382,11 +442,23 @@ def _pair_families(
             done_b.add(j)
             kind = "moved" if _is_move(a.template, b.template) else "renamed"
             confidence = round((1 + score) / 2 if unique else score, 2)
-            shifted, family = _shift_text(shift), ((a.template,), (b.template,))
-            for key, other in pairs:
-                dtype = _dtype_text(ma[key], mb[other])
-                changes.append(Change(kind, (key,), (other,), _join_details(shifted, dtype) if dtype else shifted, confidence, family))
+            _add_family(changes, kind, _shift_text(shift), confidence, (a, b), pairs, ma, mb)
             del fa[a.template], fb[b.template]
+
+
+def _add_family(
+    changes: list, kind: str, detail: str, confidence: float, families: tuple[_Family, _Family], pairs: list[tuple[str, str]],
+    ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta],
+) -> None:
+    """One :class:`FamilyChange` when every pair keeps its element type, else one :class:`Change` per pair (saying which)."""
+    a, b = families
+    family = ((a.template,), (b.template,))
+    if all(ma[x].dtype is mb[y].dtype and ma[x].stored == mb[y].stored for x, y in pairs):
+        changes.append(FamilyChange(kind, detail, confidence, family, pairs, (list(a.members), list(b.members))))
+        return
+    for x, y in pairs:
+        dtype = _dtype_text(ma[x], mb[y])
+        changes.append(Change(kind, (x,), (y,), _join_details(detail, dtype) if dtype else detail, confidence, family))
 
 
 def _is_move(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
@@ -400,7 +472,7 @@ def _is_move(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
 
 
 def _joins(
-    left_a: list[str], left_b: list[str], ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], names: Names, changes: list[Change]
+    left_a: list[str], left_b: list[str], ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], names: Names, changes: list
 ) -> tuple[set[str], set[str]]:
     """Merges (several of A = one of B) and splits (one of A = several of B) among the leftovers, per layer numbers."""
     by_layer_a: dict[tuple[str, ...], list[str]] = defaultdict(list)

@@ -29,9 +29,10 @@ import statebridge
               help="compare every tensor with the manifest FILE; each one that differs is an error")
 @click.option("--json", "as_json", is_flag=True, help="print the findings as JSON")
 def lint(checkpoint: str, model: str | None, no_model: bool, write_to: str | None, verify_with: str | None, as_json: bool) -> None:
-    """Report what is wrong with CHECKPOINT: NaN/Inf, zero and duplicate tensors, odd layers, mixed dtypes,
-    and, against a model, orphan, missing and untied keys. Reports only, never fixes.
+    """Find NaN/Inf, duplicates, odd layers and model mismatches in CHECKPOINT.
 
+    Reports NaN/Inf, all-zero and duplicate tensors, layers unlike their siblings, mixed dtypes,
+    and, against a model, orphan, missing and untied keys. Reports only, never fixes.
     Reads every tensor once, a few MB at a time. Exits 1 when there are errors (for CI), 0 otherwise.
     """
     from .lint import lint as run_lint
@@ -78,8 +79,10 @@ def _own_config(checkpoint: str) -> str | None:
               help="write a pipeline config (YAML) whose steps turn A into B, to review; "
               "reads the first layer of each merged or split family to order its parts")
 def diff(a: str, b: str, as_json: bool, rules_to: str | None) -> None:
-    """How the tensors of B relate to those of A, from headers alone: unchanged, moved, renamed, merged,
-    split, dtype or shape changed, added, removed; folded by layer pattern.
+    """Compare two checkpoints from headers: renames, moves, merges, splits.
+
+    Every tensor of A and B is classified: unchanged, moved, renamed, merged, split, dtype or shape
+    changed, added, removed; the output is folded by layer pattern.
 
     A and B are any checkpoints statebridge reads (safetensors, shards, .pt, GGUF). No tensor data is read
     (but for --emit-rules' merges and splits).
