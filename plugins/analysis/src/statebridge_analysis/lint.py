@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from .model import Expected
 
-LEVELS = ("error", "warning", "info")
+LEVELS = ("error", "warning")
 MANIFEST_FORMAT = "statebridge-manifest"
 
 
@@ -94,7 +94,7 @@ class LintReport:
             names = ", ".join(compress_keys(list(dict.fromkeys(keys))))
             lines.append(f"  {level:<7} {check:<12} {names}: {message}")
         counts = Counter(f.level for f in self.findings)
-        summary = ", ".join(f"{counts.get(level, 0)} {level}{'s' if counts.get(level, 0) != 1 else ''}" for level in LEVELS[:2])
+        summary = ", ".join(f"{counts.get(level, 0)} {level}{'s' if counts.get(level, 0) != 1 else ''}" for level in LEVELS)
         lines.append(summary if self.findings else "no findings")
         if self.manifest_written:
             lines.append(f"manifest written to {self.manifest_written}")
