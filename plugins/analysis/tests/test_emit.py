@@ -91,3 +91,14 @@ def test_what_b_alone_has_is_reported_not_invented(llama, tmp_path) -> None:
     assert done.returncode == 0
     assert "statebridge: warning: rules in " in done.stderr and "extra.bias: only in B" in done.stderr
     assert "# NOTE: extra.bias: only in B; no rule can make it from A" in rules.read_text()
+
+
+def test_a_family_cast_in_one_layer_only_is_renamed_once_and_cast_by_key(llama, tmp_path) -> None:
+    b = tmp_path / "b.safetensors"
+    sb.run(llama, [
+        {"rename": {"pattern": "model.layers.*.mlp.up_proj.weight", "to": "blk.*.ffn_up.weight"}},
+        {"cast": {"dtype": "fp16", "pattern": "blk.1.ffn_up.weight"}},
+    ], b, progress=False)
+    rules = _emit_run_compare(llama, b, tmp_path)
+    assert rules.count("to: blk.*.ffn_up.weight") == 1
+    assert "cast: {pattern: blk.1.ffn_up.weight, dtype: float16}" in rules

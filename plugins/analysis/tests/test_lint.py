@@ -261,3 +261,16 @@ def test_quantized_gguf_blocks_are_hashed_and_their_values_examined_without_torc
     assert lines[-1] == "False"  # torch was never imported
     assert any(l.split()[:3] == ["error", "checksum", "blk.0.ffn_up.weight:"] for l in lines), lines
     assert any(l.split()[:3] == ["error", "nan_inf", "blk.0.ffn_up.weight:"] and "32 NaN and 0 Inf of 256 values, the first at flat index 32" in l for l in lines), lines
+
+
+def test_a_model_folder_transformers_cannot_build_is_linted_alone_with_a_warning(clean, tmp_path) -> None:
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    shutil.copy(clean / "model.safetensors", folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "no-such-architecture", "architectures": ["NoSuchModel"]}))
+    done = run_cli(["lint", str(folder)])
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("statebridge: warning: not checking against ") and "give --model or --no-model" in done.stderr
+    assert done.stdout.splitlines()[0] == f"{folder}: 30 tensors"  # no model named
+    done = run_cli(["lint", str(folder), "--model", str(folder)])  # asked for: an error
+    assert done.returncode == 2 and done.stderr.startswith("statebridge: error: ")

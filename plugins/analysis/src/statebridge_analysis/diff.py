@@ -335,7 +335,7 @@ def diff(ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], names: Name
             continue
         if other.shape != meta.shape:
             changes.append(Change("shape_changed", (key,), (key,), f"{list(meta.shape)} -> {list(other.shape)}" + _transposed(meta, other)))
-        elif other.dtype is not meta.dtype and other.dtype != meta.dtype or other.stored != meta.stored:
+        elif other.dtype != meta.dtype or other.stored != meta.stored:
             changes.append(Change("dtype_changed", (key,), (key,), f"{_kind_of(meta)} -> {_kind_of(other)}"))
         else:
             changes.append(Change("unchanged", (key,), (key,)))

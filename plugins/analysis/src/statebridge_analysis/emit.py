@@ -61,7 +61,9 @@ def emit_rules(report: DiffReport, a: Source, b: Source) -> tuple[str, list[str]
             if changes[0].detail.startswith("layer ") or any(c.detail.startswith("layer ") for c in changes):
                 shifted.update((c.a[0], c.b[0]) for c in changes)
             else:
-                parallel.append({"rename": {"pattern": _glob(templates_a[0]), "to": _glob(templates_b[0])}})
+                rule = {"rename": {"pattern": _glob(templates_a[0]), "to": _glob(templates_b[0])}}
+                if rule not in parallel:  # a family whose members differ in dtype comes in several groups
+                    parallel.append(rule)
         elif kind in ("merged", "split"):
             parallel.append(_join_rule(kind, changes[0], templates_a, templates_b, a, b, ma, mb, notes))
         elif kind == "shape_changed":

@@ -41,20 +41,22 @@ def lint(checkpoint: str, model: str | None, no_model: bool, write_to: str | Non
     if model and no_model:
         raise statebridge.ConfigError("--model and --no-model contradict each other; give one")
     recorded = read_manifest(verify_with) if verify_with else None
-    source = statebridge.open_source(checkpoint)
     expected = None
-    chosen = model or (None if no_model else _own_config(checkpoint))
-    if chosen:
+    if model or (not no_model and _own_config(checkpoint)):
         from .model import expected_from_config
 
-        expected = expected_from_config(chosen)
-    try:
+        try:
+            expected = expected_from_config(model or checkpoint)
+        except statebridge.StatebridgeError as e:
+            if model:
+                raise
+            # found, not asked for: lint the checkpoint alone, and say why
+            click.echo(f"statebridge: warning: not checking against {checkpoint}'s config.json ({e}); give --model or --no-model", err=True)
+    with statebridge.open_source(checkpoint) as source:
         report, scans = run_lint(source, expected, recorded)
         if write_to:
             write_manifest(manifest(source, scans), write_to)
             report.manifest_written = write_to
-    finally:
-        source.close()
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
     if report.errors:
         # not ctx.exit(1): statebridge's main runs click with standalone_mode=False, which turns that into a
@@ -63,12 +65,10 @@ def lint(checkpoint: str, model: str | None, no_model: bool, write_to: str | Non
         sys.exit(1)
 
 
-def _own_config(checkpoint: str) -> str | None:
-    """CHECKPOINT's folder when it holds a config.json and transformers is installed (found without importing it)."""
+def _own_config(checkpoint: str) -> bool:
+    """Whether CHECKPOINT is a folder with a config.json and transformers is installed (found without importing it)."""
     folder = Path(checkpoint)
-    if folder.is_dir() and (folder / "config.json").is_file() and importlib.util.find_spec("transformers") is not None:
-        return str(folder)
-    return None
+    return folder.is_dir() and (folder / "config.json").is_file() and importlib.util.find_spec("transformers") is not None
 
 
 @click.command()
