@@ -102,3 +102,31 @@ def test_a_family_cast_in_one_layer_only_is_renamed_once_and_cast_by_key(llama, 
     rules = _emit_run_compare(llama, b, tmp_path)
     assert rules.count("to: blk.*.ffn_up.weight") == 1
     assert "cast: {pattern: blk.1.ffn_up.weight, dtype: float16}" in rules
+
+
+def test_a_gguf_quantized_and_cast_by_the_core_is_reproduced_block_for_block(llama, tmp_path) -> None:
+    b = tmp_path / "b.gguf"
+    sb.run(llama, [
+        {"rename": {"pattern": "model.layers.*.mlp.gate_proj.weight", "to": "blk.*.ffn_gate.weight"}},
+        {"quantize": {"blk.*.ffn_gate.weight": "Q8_0", "model.layers.*.mlp.up_proj.weight": "Q8_0"}},
+        {"cast": {"dtype": "fp16", "pattern": "model.layers.*.self_attn.*.weight"}},
+    ], b, progress=False)
+    diff = run_cli(["diff", str(llama), str(b), "--json"])
+    details = {(c["kind"], c["detail"]) for c in __import__("json").loads(diff.stdout)["changes"]}
+    assert ("dtype_changed", "float32 -> float32 (stored Q8_0)") in details and ("renamed", "float32 -> float32 (stored Q8_0)") in details
+    assert ("dtype_changed", "float32 -> float16") in details
+    rules = tmp_path / "rules.yaml"
+    done = run_cli(["diff", str(llama), str(b), "--emit-rules", str(rules)])
+    assert "planned against A, they give B's names, shapes and dtypes" in done.stderr, done.stderr
+    assert "quantize: {blk.*.ffn_gate.weight: Q8_0, model.layers.*.mlp.up_proj.weight: Q8_0}" in rules.read_text()
+    out = tmp_path / "out.gguf"
+    done = run_cli(["run", str(rules), "--source", str(llama), "--target", str(out), "--no-progress"])
+    assert done.returncode == 0, done.stderr
+    with sb.open_source(out) as made, sb.open_source(b) as wanted:
+        assert made.metas() == wanted.metas()
+        for key, meta in wanted.metas().items():
+            x, y = made.stored_span(key), wanted.stored_span(key)
+            with open(x.path, "rb") as fx, open(y.path, "rb") as fy:
+                fx.seek(x.offset)
+                fy.seek(y.offset)
+                assert fx.read(x.length) == fy.read(y.length), key  # the stored bytes: blocks for Q8_0

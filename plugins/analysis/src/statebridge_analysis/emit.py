@@ -7,7 +7,8 @@ Built from the diff's folded groups, so each rule covers a whole family of layer
   ``split`` for splits, with globs over the layer numbers; ``rename`` with a glob for each
   renamed or moved family; ``rename`` with a ``mapping`` for families whose layer numbers shifted
   (a glob cannot add to a number);
-- ``cast`` where B's dtype differs, ``transpose`` where B holds the transpose.
+- ``transpose`` where B holds the transpose, ``cast`` where B's dtype differs, ``quantize`` where B
+  stores a tensor in a GGML type (Q8_0, Q4_K, ...) its source is not stored in.
 
 The order in which parts were concatenated cannot be read from headers (q, k and v of
 grouped-query attention: k and v have one size), so for each merge or split family the first
@@ -131,18 +132,31 @@ def _order(parts: tuple[str, ...], whole: str, parts_source: Source, whole_sourc
 
 
 def _casts(changes: list[Change], ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], names: Any) -> list[dict[str, Any]]:
-    """``cast`` rules for B's tensors whose dtype differs from their source's: a glob per family where the whole family casts."""
-    by_family: dict[tuple[tuple[str, ...], str], list[str]] = defaultdict(list)
+    """``cast`` rules for B's tensors whose dtype differs from their source's, then one ``quantize`` rule for
+    those B stores in a GGML type their source does not: a glob per family where the whole family changes."""
+    casts: dict[tuple[tuple[str, ...], str], list[str]] = defaultdict(list)
+    quantized: dict[tuple[tuple[str, ...], str], list[str]] = defaultdict(list)
     for c in changes:
-        if c.kind in ("renamed", "moved", "dtype_changed", "shape_changed") and ma[c.a[0]].dtype != mb[c.b[0]].dtype:
-            by_family[(names(c.b[0])[0], mb[c.b[0]].dtype.name)].append(c.b[0])
+        if c.kind not in ("renamed", "moved", "dtype_changed", "shape_changed"):
+            continue
+        source, target = ma[c.a[0]], mb[c.b[0]]
+        if target.stored and target.stored != source.stored:
+            quantized[(names(c.b[0])[0], target.stored)].append(c.b[0])
+        elif source.dtype != target.dtype:
+            casts[(names(c.b[0])[0], target.dtype.name)].append(c.b[0])
     family_sizes: dict[tuple[str, ...], int] = defaultdict(int)
     for key in mb:
         family_sizes[names(key)[0]] += 1
-    rules = []
-    for (template, dtype), keys in by_family.items():
-        patterns = [_glob(template)] if family_sizes[template] == len(keys) else keys
-        rules.extend({"cast": {"pattern": p, "dtype": dtype}} for p in patterns)
+
+    def patterns(template: tuple[str, ...], keys: list[str]) -> list[str]:
+        return [_glob(template)] if family_sizes[template] == len(keys) else keys
+
+    rules: list[dict[str, Any]] = [
+        {"cast": {"pattern": p, "dtype": dtype}} for (template, dtype), keys in casts.items() for p in patterns(template, keys)
+    ]
+    types = {p: qtype for (template, qtype), keys in quantized.items() for p in patterns(template, keys)}
+    if types:
+        rules.append({"quantize": types})
     return rules
 
 
@@ -170,6 +184,6 @@ def _check(a: Source, steps: list[dict[str, Any]], mb: Mapping[str, TensorMeta])
     problems += [
         f"{k}: the rules make {outputs[k]}, B has {mb[k]}"
         for k in outputs
-        if k in mb and (outputs[k].shape != mb[k].shape or outputs[k].dtype != mb[k].dtype)
+        if k in mb and (outputs[k].shape != mb[k].shape or outputs[k].dtype != mb[k].dtype or outputs[k].stored != mb[k].stored)
     ]
     return problems
