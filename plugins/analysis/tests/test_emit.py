@@ -130,3 +130,14 @@ def test_a_gguf_quantized_and_cast_by_the_core_is_reproduced_block_for_block(lla
                 fx.seek(x.offset)
                 fy.seek(y.offset)
                 assert fx.read(x.length) == fy.read(y.length), key  # the stored bytes: blocks for Q8_0
+
+
+def test_a_transposed_head_and_a_dropped_layer_norm(llama, tmp_path) -> None:
+    b = tmp_path / "b.safetensors"
+    sb.run(llama, [
+        {"transpose": {"pattern": "lm_head.weight"}},
+        {"drop": {"keys": ["model.layers.1.input_layernorm.weight"]}},
+    ], b, progress=False)
+    rules = _emit_run_compare(llama, b, tmp_path)
+    assert "- transpose: {pattern: lm_head.weight}" in rules
+    assert "keys: [model.layers.1.input_layernorm.weight]" in rules  # one layer's: named, not globbed
