@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -207,7 +208,7 @@ def test_diff_reads_headers_only_never_torch_and_is_deterministic(llama, tmp_pat
     outputs = set()
     for seed in ("1", "2"):  # set iteration order changes with the hash seed; the report must not
         done = subprocess.run([sys.executable, "-c", code, "diff", str(llama), str(fused), "--json"],
-                              capture_output=True, text=True, env={**__import__("os").environ, "PYTHONHASHSEED": seed})
+                              capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed})
         assert done.returncode == 0, done.stderr
         body, torch_loaded = done.stdout.rsplit("\n", 2)[:2]
         assert torch_loaded == "False"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -112,7 +113,7 @@ def test_a_gguf_quantized_and_cast_by_the_core_is_reproduced_block_for_block(lla
         {"cast": {"dtype": "fp16", "pattern": "model.layers.*.self_attn.*.weight"}},
     ], b, progress=False)
     diff = run_cli(["diff", str(llama), str(b), "--json"])
-    details = {(c["kind"], c["detail"]) for c in __import__("json").loads(diff.stdout)["changes"]}
+    details = {(c["kind"], c["detail"]) for c in json.loads(diff.stdout)["changes"]}
     assert ("dtype_changed", "float32 -> float32 (stored Q8_0)") in details and ("renamed", "float32 -> float32 (stored Q8_0)") in details
     assert ("dtype_changed", "float32 -> float16") in details
     rules = tmp_path / "rules.yaml"

@@ -223,9 +223,12 @@ def test_a_manifest_verifies_the_same_tensors_in_another_format(clean, tmp_path)
 
 def test_bad_input_is_one_line(tmp_path) -> None:
     (tmp_path / "not.json").write_text("{")
+    (tmp_path / "bad").mkdir()  # transformers refuses it with a message of several lines
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 30, "num_attention_heads": 4}))
     save_file({"a": torch.ones(2)}, tmp_path / "a.safetensors")
     for args in (["lint", str(tmp_path / "nothing")], ["lint", str(tmp_path / "a.safetensors"), "--verify", str(tmp_path / "not.json")],
-                 ["lint", str(tmp_path / "a.safetensors"), "--model", str(tmp_path)]):
+                 ["lint", str(tmp_path / "a.safetensors"), "--model", str(tmp_path)],
+                 ["lint", str(tmp_path / "a.safetensors"), "--model", str(tmp_path / "bad")]):
         done = run_cli(args)
         assert done.returncode == 2, (args, done.stderr)
         assert done.stderr.startswith("statebridge: error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr

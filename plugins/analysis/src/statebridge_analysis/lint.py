@@ -304,7 +304,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     except ValueError as e:
         raise SourceError(path, f"is not a manifest (not JSON: {e})") from None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("tensors"), dict):
-        raise SourceError(path, f"is not a statebridge manifest (written by `statebridge lint --write-manifest`)")
+        raise SourceError(path, "is not a statebridge manifest (written by `statebridge lint --write-manifest`)")
     if data.get("algorithm") != "sha256" or data.get("version") != 1:
         raise SourceError(path, f"manifest version {data.get('version')!r} / {data.get('algorithm')!r} is not known here")
     for key, entry in data["tensors"].items():

@@ -56,22 +56,19 @@ def expected_from_config(model: str | Path) -> Expected:
     try:
         config = transformers.AutoConfig.from_pretrained(str(path.parent) if path.name == "config.json" else str(path))
     except Exception as e:  # transformers raises many types for a config it cannot use
-        raise SourceError(path, f"transformers cannot read this config: {type(e).__name__}: {e}") from None
-    classes = [getattr(transformers, a, None) for a in raw.get("architectures") or []]
+        raise SourceError(path, f"transformers cannot read this config: {_one_line(e)}") from None
+    named = [c for c in (getattr(transformers, a, None) for a in raw.get("architectures") or []) if c is not None]
+    builders = [*named[:1], transformers.AutoModelForCausalLM.from_config, transformers.AutoModel.from_config]
+    module, failures = None, []
     with torch.device("meta"):
-        module = None
-        for cls in [c for c in classes if c is not None]:
-            module = cls(config)
-            break
-        for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
-            if module is not None:
-                break
+        for build in builders:
             try:
-                module = auto.from_config(config)
-            except ValueError:
-                continue
+                module = build(config)
+                break
+            except Exception as e:  # an auto class without this model_type, or a model that cannot be built from it
+                failures.append(f"{getattr(build, '__qualname__', build)}: {_one_line(e)}")
     if module is None:
-        raise SourceError(path, f"transformers has no model class for model_type {raw.get('model_type')!r}")
+        raise SourceError(path, f"transformers cannot build a model of type {raw.get('model_type')!r} from it ({'; '.join(failures)})")
     names: dict[int, list[str]] = {}
     for name, parameter in module.named_parameters(remove_duplicate=False):
         names.setdefault(id(parameter), []).append(name)
@@ -79,3 +76,9 @@ def expected_from_config(model: str | Path) -> Expected:
     shapes = {key: tuple(value.shape) for key, value in state.items()}
     tied = [tuple(group) for group in names.values() if len(group) > 1]
     return Expected(f"{type(module).__name__} from {path}", shapes, tied)
+
+
+def _one_line(error: Exception) -> str:
+    """An exception from transformers as one short line (its messages often span several)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= 300 else text[:297] + "..."
