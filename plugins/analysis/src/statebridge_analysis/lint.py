@@ -158,8 +158,7 @@ def _duplicates(
     for keys in by_content.values():
         if len(keys) < 2:
             continue
-        untied = [k for k in keys if not set(keys) <= set(tied.get(k, (k,)))]
-        if untied:
+        if any(not set(keys) <= set(tied.get(k, (k,))) for k in keys):  # not all of them one tied group
             yield LintFinding(
                 "warning",
                 "duplicate",
