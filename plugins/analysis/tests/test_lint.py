@@ -277,3 +277,28 @@ def test_a_model_folder_transformers_cannot_build_is_linted_alone_with_a_warning
     assert done.stdout.splitlines()[0] == f"{folder}: 30 tensors"  # no model named
     done = run_cli(["lint", str(folder), "--model", str(folder)])  # asked for: an error
     assert done.returncode == 2 and done.stderr.startswith("statebridge: error: ")
+
+
+#: runs the command line, then prints the process's own high-water mark of resident memory (as tests/test_torch_free.py)
+PEAK = """
+import atexit, sys
+def _peak():
+    with open("/proc/self/status") as f:
+        sys.stderr.write(next(line for line in f if line.startswith("VmHWM:")))
+atexit.register(_peak)
+from statebridge.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_a_tensor_larger_than_memory_allows_is_read_a_chunk_at_a_time(tmp_path) -> None:
+    """One 240 MB tensor: lint's peak resident memory stays far below it (chunks of 8 MB), without torch."""
+    x = torch.ones(60_000_000)
+    x[59_999_999] = float("inf")
+    save_file({"big": x}, tmp_path / "big.safetensors")
+    del x
+    done = subprocess.run([sys.executable, "-c", PEAK, "lint", str(tmp_path / "big.safetensors")], capture_output=True, text=True)
+    assert done.returncode == 1 and "0 NaN and 1 Inf of 60000000 values, the first at flat index 59999999" in done.stdout, done.stdout + done.stderr
+    peak_mb = int(next(l for l in done.stderr.splitlines() if l.startswith("VmHWM:")).split()[1]) / 1024
+    assert peak_mb < 120, f"peak RSS {peak_mb:.0f} MB for a 240 MB tensor"
