@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from statebridge.tensors.patterns import shown
 
 if TYPE_CHECKING:
-    from statebridge import TensorMeta
+    from statebridge import Source, TensorMeta
 
 #: a dotted component that is a layer number (as :data:`statebridge.tensors.patterns.NUMBER`), captured
 _NUMBER = re.compile(r"(?<![^.])(0|[1-9]\d{0,17})(?![^.])")
@@ -319,6 +319,12 @@ def _partners(a: _Family, b: _Family, shift: tuple[int, ...]) -> Iterable[tuple[
 
 def _aligned(pairs: list[tuple[str, str]], ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta]) -> bool:
     return all(ma[x].shape == mb[y].shape for x, y in pairs)
+
+
+def compare(a: Source, b: Source) -> DiffReport:
+    """The diff of two opened sources (headers only): what ``statebridge diff A B`` prints."""
+    names = Names()
+    return DiffReport(a.name, b.name, diff(a.metas(), b.metas(), names), names)
 
 
 def diff(ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], names: Names | None = None) -> list[Change | FamilyChange]:

@@ -87,12 +87,10 @@ def diff(a: str, b: str, as_json: bool, rules_to: str | None) -> None:
     A and B are any checkpoints statebridge reads (safetensors, shards, .pt, GGUF). No tensor data is read
     (but for --emit-rules' merges and splits).
     """
-    from .diff import DiffReport, Names
-    from .diff import diff as run_diff
+    from .diff import compare
 
-    names = Names()
     with statebridge.open_source(a) as source_a, statebridge.open_source(b) as source_b:
-        report = DiffReport(source_a.name, source_b.name, run_diff(source_a.metas(), source_b.metas(), names), names)
+        report = compare(source_a, source_b)
         if rules_to:
             from .emit import emit_rules
 
