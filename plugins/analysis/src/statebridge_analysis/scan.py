@@ -70,7 +70,7 @@ class TensorScan:
     zero: bool = False
     #: every element has the same bit pattern (a constant tensor, e.g. freshly initialised norms)
     constant: bool = False
-    #: the values were not examined (a dtype without a known bit layout): only the checksum holds
+    #: whether the values were examined (False for a dtype without a known bit layout: only the checksum holds)
     checked_values: bool = True
 
 
