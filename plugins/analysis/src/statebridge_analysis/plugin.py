@@ -1,10 +1,115 @@
-"""The statebridge-analysis plugin: analyses.
+"""The statebridge-analysis plugin: ``statebridge lint`` and ``statebridge diff``.
 
-This plugin will provide analyses for ``statebridge analyze`` beyond the core's ``summary``:
-reports that compare states (per-tensor differences, spectra, outliers) and
-describe where a transformation changed a model.
-
-Nothing is implemented yet: the module is registered through the ``statebridge``
-entry point and implements no hook, so ``statebridge plugins`` lists it as installed,
-providing nothing yet, and offers nothing it cannot do.
+statebridge imports this module at start-up (``statebridge --help`` included), so it holds
+only the click commands; their work is imported inside them, and header-only work
+(``diff``, and ``lint`` of safetensors and plain GGUF files without ``--model``) never
+imports torch.
 """
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import click
+
+import statebridge
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--model", metavar="FOLDER_OR_CONFIG", help="check against this model (a folder with config.json, or the file); "
+              "default: CHECKPOINT's own config.json when it is a model folder and transformers is installed")
+@click.option("--no-model", is_flag=True, help="do not check against CHECKPOINT's own config.json")
+@click.option("--write-manifest", "write_to", metavar="FILE", type=click.Path(dir_okay=False),
+              help="write every tensor's sha256 (of its stored bytes), shape and dtype to FILE (JSON)")
+@click.option("--verify", "verify_with", metavar="FILE", type=click.Path(dir_okay=False),
+              help="compare every tensor with the manifest FILE; each one that differs is an error")
+@click.option("--json", "as_json", is_flag=True, help="print the findings as JSON")
+def lint(checkpoint: str, model: str | None, no_model: bool, write_to: str | None, verify_with: str | None, as_json: bool) -> None:
+    """Find NaN/Inf, duplicates, odd layers and model mismatches in CHECKPOINT.
+
+    Reports NaN/Inf, all-zero and duplicate tensors, layers unlike their siblings, mixed dtypes,
+    and, against a model, orphan, missing and untied keys. Reports only, never fixes.
+    Reads every tensor once, a few MB at a time. Exits 1 when there are errors (for CI), 0 otherwise.
+    """
+    from .lint import lint as run_lint
+    from .lint import manifest, read_manifest, write_manifest
+
+    if model and no_model:
+        raise statebridge.ConfigError("--model and --no-model contradict each other; give one")
+    recorded = read_manifest(verify_with) if verify_with else None
+    expected = None
+    if model or (not no_model and _own_config(checkpoint)):
+        from .model import expected_from_config
+
+        try:
+            expected = expected_from_config(model or checkpoint)
+        except statebridge.StatebridgeError as e:
+            if model:
+                raise
+            # found, not asked for: lint the checkpoint alone, and say why
+            click.echo(f"statebridge: warning: not checking against {checkpoint}'s config.json ({e}); give --model or --no-model", err=True)
+    with statebridge.open_source(checkpoint) as source:
+        report, scans = run_lint(source, expected, recorded)
+        if write_to:
+            write_manifest(manifest(source, scans), write_to)
+            report.manifest_written = write_to
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
+    if report.errors:
+        # not ctx.exit(1): statebridge's main runs click with standalone_mode=False, which turns that into a
+        # return value it does not pass on; SystemExit reaches the interpreter
+        sys.stdout.flush()
+        sys.exit(1)
+
+
+def _own_config(checkpoint: str) -> bool:
+    """Whether CHECKPOINT is a folder with a config.json and transformers is installed (found without importing it)."""
+    folder = Path(checkpoint)
+    return folder.is_dir() and (folder / "config.json").is_file() and importlib.util.find_spec("transformers") is not None
+
+
+@click.command()
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print every change (and the folded table) as JSON")
+@click.option("--emit-rules", "rules_to", metavar="FILE", type=click.Path(dir_okay=False),
+              help="write a pipeline config (YAML) whose steps turn A into B, to review; "
+              "reads the first layer of each merged or split family to order its parts")
+def diff(a: str, b: str, as_json: bool, rules_to: str | None) -> None:
+    """Compare two checkpoints from headers: renames, moves, merges, splits.
+
+    Every tensor of A and B is classified: unchanged, moved, renamed, merged, split, dtype or shape
+    changed, added, removed; the output is folded by layer pattern.
+
+    A and B are any checkpoints statebridge reads (safetensors, shards, .pt, GGUF). No tensor data is read
+    (but for --emit-rules' merges and splits).
+    """
+    from .diff import compare
+
+    with statebridge.open_source(a) as source_a, statebridge.open_source(b) as source_b:
+        report = compare(source_a, source_b)
+        if rules_to:
+            from .emit import emit_rules
+
+            text, problems = emit_rules(report, source_a, source_b)
+            try:
+                Path(rules_to).write_text(text, encoding="utf-8")
+            except OSError as e:
+                raise statebridge.SourceError(rules_to, f"cannot write the rules: {e.strerror or e}") from None
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
+    if rules_to:
+        for problem in problems[:20]:
+            click.echo(f"statebridge: warning: rules in {rules_to}: {problem}", err=True)
+        if len(problems) > 20:
+            click.echo(f"statebridge: warning: rules in {rules_to}: ... and {len(problems) - 20} more differences from B", err=True)
+        if not problems:
+            click.echo(f"rules written to {rules_to}; planned against A, they give B's names, shapes and dtypes", err=True)
+
+
+@statebridge.hookimpl
+def register_commands(register):
+    register(lint)
+    register(diff)

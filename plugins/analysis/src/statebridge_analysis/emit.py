@@ -1,0 +1,189 @@
+"""``statebridge diff A B --emit-rules FILE``: a pipeline config that turns A into B, for a person to review.
+
+Built from the diff's folded groups, so each rule covers a whole family of layers:
+
+- ``drop`` for what B lacks (a family's glob when all of it goes, else the keys);
+- in one ``parallel`` step (so no rule renames what another wrote): ``concat`` for merges and
+  ``split`` for splits, with globs over the layer numbers; ``rename`` with a glob for each
+  renamed or moved family; ``rename`` with a ``mapping`` for families whose layer numbers shifted
+  (a glob cannot add to a number);
+- ``transpose`` where B holds the transpose, ``cast`` where B's dtype differs, ``quantize`` where B
+  stores a tensor in a GGML type (Q8_0, Q4_K, ...) its source is not stored in.
+
+The order in which parts were concatenated cannot be read from headers (q, k and v of
+grouped-query attention: k and v have one size), so for each merge or split family the first
+layer's tensors are read and the order whose values agree is used; when none agrees (the values
+changed too) the storage order is kept and the rule says so in a comment.
+
+The rules are planned against A before they are written: where the plan's outputs (names,
+shapes, dtypes) differ from B's, the differences are returned for the command to report.
+Tensors only B has cannot be made from A: they are listed as comments.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from .diff import Change, DiffReport
+
+if TYPE_CHECKING:
+    from statebridge import Source, TensorMeta
+
+
+def _glob(template: tuple[str, ...]) -> str:
+    """A family's template as a glob: each layer number a ``*``."""
+    return "*".join(template)
+
+
+def emit_rules(report: DiffReport, a: Source, b: Source) -> tuple[str, list[str]]:
+    """The config text, and the ways its plan's outputs differ from B (empty when they match B's headers)."""
+    ma, mb = a.metas(), b.metas()
+    names = report.names
+    groups = report.groups(skip=frozenset({"unchanged"}))
+    families_a: dict[tuple[str, ...], int] = defaultdict(int)
+    for key in ma:
+        families_a[names(key)[0]] += 1
+    drops: list[str] = []
+    parallel: list[dict[str, Any]] = []
+    after: list[dict[str, Any]] = []
+    notes: list[str] = []
+    shifted: dict[str, str] = {}
+    for (kind, _, templates_a, templates_b), changes in groups.items():
+        if kind == "removed":
+            (template,) = templates_a
+            whole = families_a[template] == len(changes)
+            drops.extend([_glob(template)] if whole else [c.a[0] for c in changes])
+        elif kind in ("renamed", "moved"):
+            if changes[0].detail.startswith("layer ") or any(c.detail.startswith("layer ") for c in changes):
+                shifted.update((c.a[0], c.b[0]) for c in changes)
+            else:
+                rule = {"rename": {"pattern": _glob(templates_a[0]), "to": _glob(templates_b[0])}}
+                if rule not in parallel:  # a family whose members differ in dtype comes in several groups
+                    parallel.append(rule)
+        elif kind in ("merged", "split"):
+            parallel.append(_join_rule(kind, changes[0], templates_a, templates_b, a, b, ma, mb, notes))
+        elif kind == "shape_changed":
+            for c in changes:
+                if ma[c.a[0]].shape == tuple(reversed(mb[c.b[0]].shape)) and len(ma[c.a[0]].shape) == 2:
+                    after.append({"transpose": {"pattern": c.b[0]}})
+                else:
+                    notes.append(f"{c.a[0]}: {c.detail}; no rule reshapes it")
+        elif kind == "added":
+            notes.extend(f"{c.b[0]}: only in B; no rule can make it from A" for c in changes)
+    if shifted:
+        parallel.append({"rename": {"mapping": shifted}})
+    steps: list[dict[str, Any]] = []
+    if drops:
+        steps.append({"drop": {"keys": drops}})
+    if parallel:
+        steps.append(parallel[0] if len(parallel) == 1 else {"parallel": {"steps": parallel}})
+    steps.extend(after)
+    steps.extend(_casts(report.changes, ma, mb, names))
+    text = _render(report, steps, notes)
+    return text, _check(a, steps, mb)
+
+
+def _join_rule(
+    kind: str, first: Change, templates_a: tuple, templates_b: tuple, a: Source, b: Source,
+    ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], notes: list[str],
+) -> dict[str, Any]:
+    """A ``concat`` (merge) or ``split`` rule over a family, its parts in the order the first layer's values show."""
+    dim = first.dim
+    assert dim is not None
+    if kind == "merged":
+        order = _order(first.a, first.b[0], a, b, dim)
+        if order is None:
+            notes.append(f"{first.b[0]}: no order of {', '.join(first.a)} gives its values; storage order kept")
+            order = list(range(len(first.a)))
+        return {"concat": {"inputs": [_glob(templates_a[i]) for i in order], "output": _glob(templates_b[0]), "dim": dim}}
+    order = _order(first.b, first.a[0], b, a, dim)
+    if order is None:
+        notes.append(f"{first.a[0]}: no order of {', '.join(first.b)} gives its values; storage order kept")
+        order = list(range(len(first.b)))
+    return {
+        "split": {
+            "input": _glob(templates_a[0]),
+            "outputs": [_glob(templates_b[i]) for i in order],
+            "dim": dim,
+            "sizes": [mb[first.b[i]].shape[dim] for i in order],
+        }
+    }
+
+
+def _order(parts: tuple[str, ...], whole: str, parts_source: Source, whole_source: Source, dim: int) -> list[int] | None:
+    """The order of ``parts`` whose concatenation along ``dim`` equals ``whole`` (reads these tensors), or None."""
+    tensor = whole_source.load(whole)
+    loaded = [parts_source.load(p) for p in parts]
+    for order in itertools.permutations(range(len(parts))):
+        offset = 0
+        for i in order:
+            size = loaded[i].shape[dim]
+            if not bool((tensor.narrow(dim, offset, size) == loaded[i]).all()):
+                break
+            offset += size
+        else:
+            return list(order)
+    return None
+
+
+def _casts(changes: list[Change], ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], names: Any) -> list[dict[str, Any]]:
+    """``cast`` rules for B's tensors whose dtype differs from their source's, then one ``quantize`` rule for
+    those B stores in a GGML type their source does not: a glob per family where the whole family changes."""
+    casts: dict[tuple[tuple[str, ...], str], list[str]] = defaultdict(list)
+    quantized: dict[tuple[tuple[str, ...], str], list[str]] = defaultdict(list)
+    for c in changes:
+        if c.kind not in ("renamed", "moved", "dtype_changed", "shape_changed"):
+            continue
+        source, target = ma[c.a[0]], mb[c.b[0]]
+        if target.stored and target.stored != source.stored:
+            quantized[(names(c.b[0])[0], target.stored)].append(c.b[0])
+        elif source.dtype != target.dtype:
+            casts[(names(c.b[0])[0], target.dtype.name)].append(c.b[0])
+    family_sizes: dict[tuple[str, ...], int] = defaultdict(int)
+    for key in mb:
+        family_sizes[names(key)[0]] += 1
+
+    def patterns(template: tuple[str, ...], keys: list[str]) -> list[str]:
+        return [_glob(template)] if family_sizes[template] == len(keys) else keys
+
+    rules: list[dict[str, Any]] = [
+        {"cast": {"pattern": p, "dtype": dtype}} for (template, dtype), keys in casts.items() for p in patterns(template, keys)
+    ]
+    types = {p: qtype for (template, qtype), keys in quantized.items() for p in patterns(template, keys)}
+    if types:
+        rules.append({"quantize": types})
+    return rules
+
+
+def _render(report: DiffReport, steps: list[dict[str, Any]], notes: list[str]) -> str:
+    head = [
+        "# Rules that turn A into B, emitted by `statebridge diff A B --emit-rules`: review them before use.",
+        f"# A: {report.a}",
+        f"# B: {report.b}",
+        "# Run: statebridge run THIS_FILE --source A --target OUT",
+    ]
+    head += [f"# NOTE: {n}" for n in notes]
+    return "\n".join(head) + "\n" + yaml.safe_dump({"steps": steps}, sort_keys=False, width=120, default_flow_style=None)
+
+
+def _check(a: Source, steps: list[dict[str, Any]], mb: Mapping[str, TensorMeta]) -> list[str]:
+    """How the plan of ``steps`` on A differs from B's headers (names, shapes, dtypes); empty when it matches."""
+    import statebridge as sb
+
+    try:
+        outputs = sb.plan(a, steps).outputs
+    except sb.StatebridgeError as e:
+        return [f"the rules do not plan against A: {e}"]
+    problems = [f"{k}: only in B" for k in mb if k not in outputs]
+    problems += [f"{k}: the rules make it, B does not have it" for k in outputs if k not in mb]
+    problems += [
+        f"{k}: the rules make {outputs[k]}, B has {mb[k]}"
+        for k in outputs
+        if k in mb and (outputs[k].shape != mb[k].shape or outputs[k].dtype != mb[k].dtype or outputs[k].stored != mb[k].stored)
+    ]
+    return problems

@@ -1,0 +1,144 @@
+"""``diff --emit-rules``: the emitted config, run by ``statebridge run``, reproduces B's tensors bitwise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import statebridge as sb
+from statebridge.testing import run_cli
+
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("emit") / "llama"
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def _emit_run_compare(a: Path, b: Path, tmp_path: Path) -> str:
+    """Emit rules from A to B, run them on A, and check every tensor of the result equals B's, bit for bit."""
+    rules = tmp_path / "rules.yaml"
+    done = run_cli(["diff", str(a), str(b), "--emit-rules", str(rules)])
+    assert done.returncode == 0, done.stderr
+    assert "planned against A, they give B's names, shapes and dtypes" in done.stderr, done.stderr
+    out = tmp_path / "out.safetensors"
+    done = run_cli(["run", str(rules), "--source", str(a), "--target", str(out), "--no-progress"])
+    assert done.returncode == 0, done.stderr
+    with sb.open_source(out) as made, sb.open_source(b) as wanted:
+        assert set(made.metas()) == set(wanted.metas())
+        for key in wanted.metas():
+            x, y = made.load(key), wanted.load(key)
+            assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.view(torch.uint8), y.view(torch.uint8)), key
+    return rules.read_text()
+
+
+def test_fused_split_and_prefix_dropped(llama, tmp_path) -> None:
+    b = tmp_path / "b.safetensors"
+    sb.run(llama, [
+        {"concat": {"inputs": [f"model.layers.*.self_attn.{x}_proj.weight" for x in "qkv"], "output": "model.layers.*.self_attn.qkv_proj.weight"}},
+        {"split": {"input": "model.layers.*.mlp.down_proj.weight", "outputs": ["model.layers.*.mlp.down.a", "model.layers.*.mlp.down.b"], "dim": 1}},
+        {"rename": {"pattern": "model.**", "to": "**"}},
+    ], b, progress=False)
+    rules = _emit_run_compare(llama, b, tmp_path)
+    # q, k, v are stored k, q, v (alphabetically): the first layer's values put them back in order
+    assert "inputs: [model.layers.*.self_attn.q_proj.weight, model.layers.*.self_attn.k_proj.weight, model.layers.*.self_attn.v_proj.weight]" in rules
+    assert "pattern: model.layers.*.mlp.gate_proj.weight, to: layers.*.mlp.gate_proj.weight" in rules
+
+
+def test_gguf_names_casts_and_a_drop(llama, tmp_path) -> None:
+    b = tmp_path / "b.safetensors"
+    sb.run(llama, [
+        {"drop": {"keys": ["model.layers.*.post_attention_layernorm.weight"]}},
+        {"rename": {"pattern": "model.layers.*.self_attn.q_proj.weight", "to": "blk.*.attn_q.weight"}},
+        {"rename": {"pattern": "model.layers.*.self_attn.o_proj.weight", "to": "blk.*.attn_output.weight"}},
+        {"rename": {"pattern": "model.embed_tokens.weight", "to": "token_embd.weight"}},
+        {"rename": {"pattern": "lm_head.weight", "to": "output.weight"}},
+        {"cast": {"dtype": "bf16", "pattern": "blk.*.attn_*.weight"}},
+    ], b, progress=False)
+    rules = _emit_run_compare(llama, b, tmp_path)
+    assert "- drop:\n    keys: [model.layers.*.post_attention_layernorm.weight]" in rules
+    assert "cast: {pattern: blk.*.attn_q.weight, dtype: bfloat16}" in rules
+
+
+def test_shifted_layers_become_a_mapping(llama, tmp_path) -> None:
+    keys = list(sb.open_source(llama).metas())
+    mapping = {k: k.replace(f"layers.{i}.", f"layers.{i + 1}.") for k in keys for i in range(LAYERS) if f"layers.{i}." in k}
+    b = tmp_path / "b.safetensors"
+    sb.run(llama, [{"rename": {"mapping": mapping}}], b, progress=False)
+    rules = _emit_run_compare(llama, b, tmp_path)
+    assert "model.layers.0.mlp.up_proj.weight: model.layers.1.mlp.up_proj.weight" in rules
+
+
+def test_what_b_alone_has_is_reported_not_invented(llama, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(llama / "model.safetensors")
+    state["extra.bias"] = torch.ones(3)
+    save_file(state, tmp_path / "b.safetensors")
+    rules = tmp_path / "rules.yaml"
+    done = run_cli(["diff", str(llama), str(tmp_path / "b.safetensors"), "--emit-rules", str(rules)])
+    assert done.returncode == 0
+    assert "statebridge: warning: rules in " in done.stderr and "extra.bias: only in B" in done.stderr
+    assert "# NOTE: extra.bias: only in B; no rule can make it from A" in rules.read_text()
+
+
+def test_a_family_cast_in_one_layer_only_is_renamed_once_and_cast_by_key(llama, tmp_path) -> None:
+    b = tmp_path / "b.safetensors"
+    sb.run(llama, [
+        {"rename": {"pattern": "model.layers.*.mlp.up_proj.weight", "to": "blk.*.ffn_up.weight"}},
+        {"cast": {"dtype": "fp16", "pattern": "blk.1.ffn_up.weight"}},
+    ], b, progress=False)
+    rules = _emit_run_compare(llama, b, tmp_path)
+    assert rules.count("to: blk.*.ffn_up.weight") == 1
+    assert "cast: {pattern: blk.1.ffn_up.weight, dtype: float16}" in rules
+
+
+def test_a_gguf_quantized_and_cast_by_the_core_is_reproduced_block_for_block(llama, tmp_path) -> None:
+    b = tmp_path / "b.gguf"
+    sb.run(llama, [
+        {"rename": {"pattern": "model.layers.*.mlp.gate_proj.weight", "to": "blk.*.ffn_gate.weight"}},
+        {"quantize": {"blk.*.ffn_gate.weight": "Q8_0", "model.layers.*.mlp.up_proj.weight": "Q8_0"}},
+        {"cast": {"dtype": "fp16", "pattern": "model.layers.*.self_attn.*.weight"}},
+    ], b, progress=False)
+    diff = run_cli(["diff", str(llama), str(b), "--json"])
+    details = {(c["kind"], c["detail"]) for c in json.loads(diff.stdout)["changes"]}
+    assert ("dtype_changed", "float32 -> float32 (stored Q8_0)") in details and ("renamed", "float32 -> float32 (stored Q8_0)") in details
+    assert ("dtype_changed", "float32 -> float16") in details
+    rules = tmp_path / "rules.yaml"
+    done = run_cli(["diff", str(llama), str(b), "--emit-rules", str(rules)])
+    assert "planned against A, they give B's names, shapes and dtypes" in done.stderr, done.stderr
+    assert "quantize: {blk.*.ffn_gate.weight: Q8_0, model.layers.*.mlp.up_proj.weight: Q8_0}" in rules.read_text()
+    out = tmp_path / "out.gguf"
+    done = run_cli(["run", str(rules), "--source", str(llama), "--target", str(out), "--no-progress"])
+    assert done.returncode == 0, done.stderr
+    with sb.open_source(out) as made, sb.open_source(b) as wanted:
+        assert made.metas() == wanted.metas()
+        for key, meta in wanted.metas().items():
+            x, y = made.stored_span(key), wanted.stored_span(key)
+            with open(x.path, "rb") as fx, open(y.path, "rb") as fy:
+                fx.seek(x.offset)
+                fy.seek(y.offset)
+                assert fx.read(x.length) == fy.read(y.length), key  # the stored bytes: blocks for Q8_0
+
+
+def test_a_transposed_head_and_a_dropped_layer_norm(llama, tmp_path) -> None:
+    b = tmp_path / "b.safetensors"
+    sb.run(llama, [
+        {"transpose": {"pattern": "lm_head.weight"}},
+        {"drop": {"keys": ["model.layers.1.input_layernorm.weight"]}},
+    ], b, progress=False)
+    rules = _emit_run_compare(llama, b, tmp_path)
+    assert "- transpose: {pattern: lm_head.weight}" in rules
+    assert "keys: [model.layers.1.input_layernorm.weight]" in rules  # one layer's: named, not globbed
