@@ -113,6 +113,16 @@ def count(path):
     click.echo(len(sb.open_source(path).metas()))
 
 
+@good.command()
+@click.argument("path")
+@click.pass_context
+def check(ctx, path):
+    """Exit 1 when PATH holds more than one tensor (a check for CI)."""
+    if len(sb.open_source(path).metas()) > 1:
+        click.echo("too many tensors")
+        ctx.exit(1)
+
+
 @sb.hookimpl
 def register_commands(register):
     register(good)
@@ -173,6 +183,12 @@ def test_a_broken_plugin_does_not_stop_help_or_other_commands(site, checkpoint):
     assert re.search(r"\n  good +The good plugin's commands.  \[good\]\n", helped.stdout), helped.stdout
     counted = cli(site, "good", "count", "ck.safetensors")
     assert counted.returncode == 0 and counted.stdout == "2\n", counted.stderr
+
+
+def test_a_plugin_command_sets_the_exit_status(site, checkpoint):
+    """``ctx.exit(1)`` in a plugin's command is the process's exit status (a lint for CI depends on it)."""
+    checked = cli(site, "good", "check", "ck.safetensors")
+    assert checked.returncode == 1 and checked.stdout == "too many tensors\n", checked.stderr
 
 
 def test_strict_mode_makes_a_broken_plugin_fatal(site):

@@ -59,9 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status instead of raising (``statebridge`` and ``python -m statebridge``)."""
     warnings.showwarning = _show_warning
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="statebridge", standalone_mode=False)
+        # without standalone mode click returns what a command's ``ctx.exit(code)`` asked for
+        status = cli.main(args=list(argv) if argv is not None else None, prog_name="statebridge", standalone_mode=False)
         sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
-        return 0
+        return status if isinstance(status, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:
