@@ -358,3 +358,77 @@ def test_the_text_plan_lists_unchanged_tensors_folded_unless_verbose(tmp_path: P
     assert "  unchanged (no step touched them) (3):\n    layers.{0..2}.w" in text
     assert "    rename:\n      y" in text
     assert "    layers.0.w\n    layers.1.w\n    layers.2.w" in plan.render(verbose=True)
+
+
+def test_dropped_and_new_tensors_are_listed_one_by_one(tmp_path: Path) -> None:
+    path = tmp_path / "layers.safetensors"
+    save_file({f"layers.{i}.w": torch.zeros(2) for i in range(3)}, str(path))
+    text = sb.plan(path, [{"drop": {"keys": ["layers.*.w"]}}]).render()
+    assert "  dropped (3):\n    layers.0.w\n    layers.1.w\n    layers.2.w" in text
+
+
+def test_a_composite_planned_alone_reports_its_drops() -> None:
+    from statebridge.transforms.rename import Drop
+
+    groups = Pipeline([Rename(mapping={"w": "u"}), Drop(keys=["v"])]).plan(METAS)
+    assert [(g.inputs, list(g.outputs)) for g in groups] == [(("w",), ["u"]), (("v",), [])]
+
+
+@pytest.fixture
+def quantized(tmp_path: Path) -> Path:
+    """A small GGUF: Q8_0 ``blk.0.w``, Q4_0 ``blk.0.v`` and a float32 ``norm`` (test_gguf_passthrough's)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_gguf_passthrough import _small
+
+    return _small(tmp_path / "small.gguf")
+
+
+def test_one_group_carrying_two_quantized_tensors_copies_both_as_blocks(quantized: Path, tmp_path: Path) -> None:
+    source = sb.open_source(quantized)
+    metas = source.metas()
+    w, v = metas["blk.0.w"], metas["blk.0.v"]
+    both = Group(
+        inputs=("blk.0.w", "blk.0.v"), outputs={"a": w, "b": v}, compute=lambda t: {"a": t["blk.0.w"], "b": t["blk.0.v"]},
+        pieces={"a": (Piece("blk.0.w", 0, w.nbytes),), "b": (Piece("blk.0.v", 0, v.nbytes),)},
+    )
+    plan = sb.plan(quantized, [_Groups(both)])
+    assert plan.outputs["a"].stored == "Q8_0" and plan.outputs["b"].stored == "Q4_0"
+    assert "  quantized, kept as stored blocks by a GGUF target, dequantized to float32 by others: 1 Q4_0, 1 Q8_0" in plan.render()
+    plan.keeps_stored = True
+    spans = plan.raw_spans(_only_group(plan, "a"))
+    assert spans == {"a": [source.stored_span("blk.0.w")], "b": [source.stored_span("blk.0.v")]}
+
+
+def test_the_text_plan_counts_quantized_tensors_by_type(tmp_path: Path) -> None:
+    import gguf
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    path = tmp_path / "three.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    rows = np.linspace(-1, 1, 2 * 32, dtype=np.float32).reshape(2, 32)
+    for name in ("a", "b", "c"):
+        writer.add_tensor(name, gguf.quants.quantize(rows, Q.Q8_0), raw_dtype=Q.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert "dequantized to float32 by others: 3 Q8_0" in sb.plan(path, []).render()
+
+
+@pytest.mark.parametrize(
+    "piece",
+    [
+        pytest.param(lambda nbytes: Piece("blk.0.w", 0, nbytes // 2), id="part of the tensor"),
+        pytest.param(lambda nbytes: Piece("blk.0.w", 2, nbytes), id="shifted, past its end"),
+        pytest.param(lambda nbytes: Piece("norm", 0, 256), id="whole, but a float32 tensor"),
+    ],
+)
+def test_a_stored_type_is_kept_only_for_a_whole_copy_of_a_tensor_of_that_type(quantized: Path, piece) -> None:
+    """A group that hands on a quantized tensor's meta but not its whole blocks computes the output in float."""
+    w = sb.open_source(quantized).metas()["blk.0.w"]
+    group = Group(inputs=("blk.0.w", "norm"), outputs={"a": w}, compute=lambda t: {"a": t["blk.0.w"]}, pieces={"a": (piece(w.nbytes),)})
+    plan = sb.plan(quantized, [_Groups(group)])
+    assert plan.outputs["a"].stored is None and plan.outputs["a"].dtype == w.dtype
