@@ -141,10 +141,10 @@ def main() -> None:
         group = largest_group(base, [{"lora_merge": {"adapter": str(adapter)}}])
         print(f"\n  largest computed group: {group / MB:.0f} MB (inputs and outputs); "
               f"bound 2x group + 300 MB = {2 * group / MB + 300:.0f} MB")
-        for r in results[1:]:
+        for r in results:
             wall = r.wall
-            print(f"  {r.name}: wall {r.value('wall') / results[0].value('wall'):.2f}x PEFT (range {min(wall):.1f}-{max(wall):.1f} s), "
-                  f"peak RSS {r.value('peak') / MB:.0f} MB")
+            print(f"  {r.name}: wall {r.value('wall'):.1f} s (range {min(wall):.1f}-{max(wall):.1f} s), "
+                  f"{r.value('wall') / results[0].value('wall'):.2f}x PEFT; peak RSS {r.value('peak') / MB:.0f} MB")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

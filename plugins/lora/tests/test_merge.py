@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -207,6 +208,19 @@ def test_bf16_base_equals_peft_default_path(tmp_path: Path, dora: bool, monkeypa
         if not dora:  # |dW|/|W|: PEFT's float32 delta, here recovered from the float32 merge
             w = load_file(base / "model.safetensors")[key].float()
             assert r.change == pytest.approx(float(torch.linalg.vector_norm(exact[key] - w) / torch.linalg.vector_norm(w)), rel=1e-3)
+
+
+def test_workspace_is_reused_by_a_thread_and_never_shared(tmp_path: Path) -> None:
+    """ΔW goes into one float32 buffer per thread, kept from group to group: workers must not share it."""
+    step = LoraMerge(adapter=str(tmp_path))
+    first = step._workspace(12)
+    assert step._workspace(8).data_ptr() == first.data_ptr() and first.dtype == torch.float32
+    other: list[torch.Tensor] = []
+    worker = threading.Thread(target=lambda: other.append(step._workspace(12)))
+    worker.start()
+    worker.join()
+    assert other[0].data_ptr() != first.data_ptr()
+    assert step._workspace(20).numel() == 20  # grown for a larger weight
 
 
 def test_dora_zero_norm_rows_merge_without_nan_and_are_reported(base: Path, tmp_path: Path) -> None:
