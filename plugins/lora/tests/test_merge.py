@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 import statebridge as sb
 from statebridge.testing import run_cli
+from statebridge_lora import merge
 from statebridge_lora.transforms import LoraMerge
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -185,7 +187,8 @@ def test_conv2d_conv1d_and_linear_of_a_custom_module(tmp_path: Path, dora: bool)
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_bf16_base_equals_peft_default_path(tmp_path: Path, dora: bool) -> None:
+def test_bf16_base_equals_peft_default_path(tmp_path: Path, dora: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(merge, "BLOCK", 200)  # several blocks per weight (q_proj: 6 rows of 32 a block, the last one 2)
     base = llama(tmp_path / "base", dtype=torch.bfloat16)
     adapter = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, use_dora=dora,
                            target_modules=["q_proj", "down_proj", "embed_tokens"])
@@ -194,7 +197,7 @@ def test_bf16_base_equals_peft_default_path(tmp_path: Path, dora: bool) -> None:
     ours, step = our_merge(base, tmp_path / "out", adapter=str(adapter))
     assert differences(ours, {k: v.detach() for k, v in reference.merge_and_unload().state_dict().items()}) == []
     assert ours["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
-    quiet, silent = our_merge(base, tmp_path / "quiet", adapter=str(adapter), report=False)  # PEFT's in-place add
+    quiet, silent = our_merge(base, tmp_path / "quiet", adapter=str(adapter), report=False)
     assert silent.records == {} and all(torch.equal(quiet[k], ours[k]) for k in ours)
     # the report measures the one rounding into bfloat16: against the same merge done in float32 by PEFT
     exact = PeftModel.from_pretrained(load_model(base).float(), adapter).merge_and_unload().state_dict()
@@ -202,6 +205,22 @@ def test_bf16_base_equals_peft_default_path(tmp_path: Path, dora: bool) -> None:
         err = exact[key] - ours[key].float()
         assert r.rounding == pytest.approx(float(torch.linalg.vector_norm(err) / torch.linalg.vector_norm(exact[key])), rel=1e-3)
         assert r.max_rounding == pytest.approx(float(err.abs().max()), rel=1e-3) and 1e-5 < r.rounding < 4e-3
+        if not dora:  # |dW|/|W|: PEFT's float32 delta, here recovered from the float32 merge
+            w = load_file(base / "model.safetensors")[key].float()
+            assert r.change == pytest.approx(float(torch.linalg.vector_norm(exact[key] - w) / torch.linalg.vector_norm(w)), rel=1e-3)
+
+
+def test_workspace_is_reused_by_a_thread_and_never_shared(tmp_path: Path) -> None:
+    """ΔW goes into one float32 buffer per thread, kept from group to group: workers must not share it."""
+    step = LoraMerge(adapter=str(tmp_path))
+    first = step._workspace(12)
+    assert step._workspace(8).data_ptr() == first.data_ptr() and first.dtype == torch.float32
+    other: list[torch.Tensor] = []
+    worker = threading.Thread(target=lambda: other.append(step._workspace(12)))
+    worker.start()
+    worker.join()
+    assert other[0].data_ptr() != first.data_ptr()
+    assert step._workspace(20).numel() == 20  # grown for a larger weight
 
 
 def test_dora_zero_norm_rows_merge_without_nan_and_are_reported(base: Path, tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ def _run(base: str, step: statebridge.Transform, out: str, overwrite: bool) -> s
 @click.option("--combination", type=click.Choice(["cat", "linear", "sequential"]), default="cat", show_default=True,
               help="how several adapters combine: PEFT's add_weighted_adapter cat or linear, or merged in turn")
 @click.option("--safe-merge", is_flag=True, help="PEFT's safe_merge arithmetic; non-finite merged weights are an error")
-@click.option("--no-report", is_flag=True, help="skip the merge report (measuring each tensor costs about the merge's time)")
+@click.option("--no-report", is_flag=True, help="skip the merge report (the per-tensor measures the merge takes on the way)")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print the run and the merge report as JSON")
 def merge(base: str, adapter: str, out: str, more: tuple[str, ...], weights: tuple[float, ...], combination: str,

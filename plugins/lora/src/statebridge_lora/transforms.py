@@ -16,6 +16,7 @@ Config form::
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from .adapter import Adapter, LoraModule, open_adapter
 if TYPE_CHECKING:
     import torch
 
-    from .merge import Factors
+    from .merge import Factors, Measures
 
 
 class AdapterRef(sb.Params):
@@ -77,7 +78,7 @@ class LoraMerge(sb.Transform):
         adapters: list[AdapterRef] | None = None
         combination: Literal["cat", "linear", "sequential"] = "cat"
         safe_merge: bool = False
-        report: bool = True  # measure each merged tensor for the merge report (about the merge's own time again)
+        report: bool = True  # measure each merged tensor for the merge report (taken on the way for plain LoRA into half precision)
 
         @model_validator(mode="after")
         def _one_source(self) -> "LoraMerge.Params":
@@ -91,6 +92,7 @@ class LoraMerge(sb.Transform):
         super().__init__(params, **kwargs)
         #: merged key -> what merging did to it, filled as groups are computed (threads: one entry each)
         self.records: dict[str, MergeRecord] = {}
+        self._local = threading.local()  # each thread's float32 workspace for ΔW (:meth:`_workspace`)
 
     def refs(self) -> list[AdapterRef]:
         p = self.params
@@ -183,20 +185,37 @@ class LoraMerge(sb.Transform):
                 parts = [(combine(parts, rank, rslora), 1.0)]
             how = "dora" if any(f.magnitude is not None for f, _ in parts) else "lora"
             if len(parts) == 1:
-                step = merge.merge_one(weight, parts[0][0], p.safe_merge, keep_exact=p.report)
-                out, exact, update_norm, zero_rows = step.out, step.exact, step.update_norm, step.zero_rows
+                step = merge.merge_one(weight, parts[0][0], p.safe_merge, keep_exact=p.report,
+                                       workspace=self._workspace(weight.numel()))
+                out, exact, update_norm, zero_rows, measures = step.out, step.exact, step.update_norm, step.zero_rows, step.measures
             else:  # sequential: PEFT's unmerges and merges, in its order; |dW| is measured on the result
                 layer = merge.Layer(weight, {str(i): f for i, (f, _) in enumerate(parts)}, p.safe_merge)
                 layer.merge([str(i) for i in range(len(parts))])
                 rounds = weight.dtype not in (torch.float32, torch.float64)
-                out, exact, update_norm, zero_rows = layer.weight, layer.exact if rounds else None, None, layer.zero_rows
+                out, exact, update_norm, zero_rows, measures = layer.weight, layer.exact if rounds else None, None, layer.zero_rows, None
             if p.safe_merge and not torch.isfinite(out).all():
                 raise sb.ExecutionError(f"{key!r}: the merged weight has NaN or infinite values (safe_merge)")
             if p.report:
-                self.records[key] = record(key, how, weight, out, exact, update_norm, zero_rows)
+                self.records[key] = (measured(key, how, measures) if measures is not None
+                                     else record(key, how, weight, out, exact, update_norm, zero_rows))
             return {key: out}
 
         return compute
+
+    def _workspace(self, numel: int) -> torch.Tensor:
+        """This thread's float32 buffer for ΔW, grown to ``numel`` elements and reused from group to group.
+
+        A fresh float32 ΔW per group would be faulted in and zeroed by the kernel page by
+        page, 4.9 GB of it for a 2.5 GB float16 model; the buffer costs the largest weight's
+        float32 size per thread for as long as this step lives.
+        """
+        import torch
+
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or buffer.numel() < numel:
+            self._local.buffer = None  # the old one goes before the larger one comes
+            self._local.buffer = buffer = torch.empty(numel, dtype=torch.float32)
+        return buffer
 
     def _bias_group(self, module: LoraModule, metas: Mapping[str, sb.TensorMeta], adapter: Adapter) -> sb.Group:
         key = f"{module.name}.bias"
@@ -286,6 +305,15 @@ def factors(adapter: Adapter, module: LoraModule, weight: float, sequential: boo
 BLOCK = 1 << 20
 
 
+def measured(key: str, how: str, m: Measures) -> MergeRecord:
+    """The :class:`MergeRecord` of a merge that took its own measures (plain LoRA into a half-precision weight)."""
+    return MergeRecord(
+        key=key, how=how,
+        change=m.update ** 0.5 / m.base ** 0.5 if m.base else (float("inf") if m.update else 0.0),
+        rounding=m.error ** 0.5 / m.exact ** 0.5 if m.exact else 0.0, max_rounding=m.worst,
+    )
+
+
 def record(key: str, how: str, base: torch.Tensor, out: torch.Tensor, exact: torch.Tensor | None,
            update_norm: float | None = None, zero_rows: int = 0) -> MergeRecord:
     """The :class:`MergeRecord` of ``key``: ‖ΔW‖/‖W‖ and the rounding of ``exact`` into ``out``.
@@ -294,8 +322,9 @@ def record(key: str, how: str, base: torch.Tensor, out: torch.Tensor, exact: tor
     float32 result of the last merge before its cast (None where nothing was rounded: a
     float32 or float64 base, a tensor copied from the adapter).  Norms are float32, taken a
     block of rows at a time where a difference must be formed, so the report costs a few
-    blocks of memory and, on a bfloat16 base, about the time of the merge itself (a float32
-    base has nothing rounded: two norms).
+    blocks of memory, and some passes over the tensor after the merge.  The common case,
+    plain LoRA into a half-precision Linear weight, does not come here: its merge measures
+    on the way (:func:`~statebridge_lora.merge.add_rounded`, :func:`measured`).
     """
     import torch
 
