@@ -71,17 +71,19 @@ def _own_config(checkpoint: str) -> bool:
 @click.argument("a", type=click.Path())
 @click.argument("b", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="print every change (and the folded table) as JSON")
+@click.option("--content", is_flag=True, help="also read every tensor (streamed, a chunk at a time): confirm or refute each "
+              "pairing by hashes, pair renames by content, find transposes and row permutations, measure changed values")
 @click.option("--emit-rules", "rules_to", metavar="FILE", type=click.Path(dir_okay=False),
               help="write a pipeline config (YAML) whose steps turn A into B, to review; "
               "reads the first layer of each merged or split family to order its parts")
-def diff(a: str, b: str, as_json: bool, rules_to: str | None) -> None:
+def diff(a: str, b: str, as_json: bool, content: bool, rules_to: str | None) -> None:
     """Compare two checkpoints from headers: renames, moves, merges, splits.
 
     Every tensor of A and B is classified: unchanged, moved, renamed, merged, split, dtype or shape
     changed, added, removed; the output is folded by layer pattern.
 
     A and B are any checkpoints statebridge reads (safetensors, shards, .pt, GGUF). No tensor data is read
-    (but for --emit-rules' merges and splits).
+    (but for --emit-rules' merges and splits) unless --content is given.
     """
     from .diff import compare
 
@@ -95,6 +97,10 @@ def diff(a: str, b: str, as_json: bool, rules_to: str | None) -> None:
                 Path(rules_to).write_text(text, encoding="utf-8")
             except OSError as e:
                 raise statebridge.SourceError(rules_to, f"cannot write the rules: {e.strerror or e}") from None
+        if content:  # after the rules: they are made from the header-only pairing, which the content report refines
+            from .content import content_diff
+
+            report = content_diff(report, source_a, source_b)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
     if rules_to:
         for problem in problems[:20]:
