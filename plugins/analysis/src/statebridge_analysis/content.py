@@ -2,9 +2,10 @@
 
 Headers pair tensors by names and shapes; only the values can say whether a pairing is right.
 One streamed pass per side (each file front to back, :data:`~statebridge_analysis.scan.CHUNK`
-bytes at a time, never a whole checkpoint) hashes every row of every tensor (sha256, the first
-8 bytes kept per row; a tensor of fewer than two dimensions is one row) and the tensor as the
-hash of its row hashes.  Then:
+bytes at a time, never a whole checkpoint) takes every tensor's sha256 (of its bytes as stored,
+as ``lint --write-manifest`` does).  Tensors whose pairing that does not settle are read again
+for their rows' hashes (sha256, the first 8 bytes kept per row of the first dimension; hashing
+4 KB rows one by one costs half as much again as hashing the tensor whole, so only those).  Then:
 
 - a pair whose hashes agree is confirmed (``content equal``);
 - tensors left unexplained, or paired by names but not by values, are paired by equal hashes
@@ -18,7 +19,8 @@ hash of its row hashes.  Then:
 - what is still paired but differs gets its values compared, both tensors read in lockstep a
   chunk at a time: the largest absolute difference and the cosine similarity.
 
-Only the row hashes are kept (8 bytes a row): memory is bounded by the chunk and the row count.
+Only the hashes are kept (32 bytes a tensor, 8 a row where rows were hashed): memory is bounded by
+the chunk and the row count.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -44,13 +46,6 @@ _INTS = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int3
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-class Fingerprint(NamedTuple):
-    """A tensor's content: the hash of its row hashes, and the row hashes (8 bytes each, concatenated)."""
-
-    digest: bytes
-    rows: bytes
-
-
 def _row_bytes(meta: TensorMeta) -> int:
     """Bytes of one row: a 2-D or larger tensor's first dimension indexes rows, anything else is one row."""
     if meta.stored or len(meta.shape) < 2 or meta.shape[0] == 0:
@@ -64,6 +59,7 @@ class Reader:
     def __init__(self, source: Source) -> None:
         self.source = source
         self.scanner = Scanner(source)
+        self._rows: dict[str, bytes] = {}
 
     def close(self) -> None:
         self.scanner.close()
@@ -80,31 +76,40 @@ class Reader:
         for start in range(0, raw.nbytes, size):
             yield raw[start : start + size].data
 
-    def fingerprint(self, key: str, meta: TensorMeta) -> Fingerprint:
+    def digest(self, key: str, meta: TensorMeta) -> bytes:
+        """The sha256 of the tensor's bytes as stored."""
+        whole = hashlib.sha256()
+        for chunk in self.chunks(key, meta):
+            whole.update(chunk)
+        return whole.digest()
+
+    def rows(self, key: str, meta: TensorMeta) -> bytes:
+        """The first 8 bytes of each row's sha256, concatenated (one row for a tensor of fewer than two dimensions), remembered."""
+        done = self._rows.get(key)
+        if done is not None:
+            return done
         row = _row_bytes(meta)
         rows = bytearray()
-        if row == 0 or row > CHUNK:
-            whole = hashlib.sha256()
+        if row == 0:
+            rows += self.digest(key, meta)[:8]
+        elif row > CHUNK:  # rows longer than a chunk: each hashed across chunks
             current, filled = hashlib.sha256(), 0
             for chunk in self.chunks(key, meta):
-                whole.update(chunk)
-                if row:  # rows longer than a chunk: each hashed across chunks
-                    at = 0
-                    while at < len(chunk):
-                        take = min(row - filled, len(chunk) - at)
-                        current.update(chunk[at : at + take])
-                        at, filled = at + take, filled + take
-                        if filled == row:
-                            rows += current.digest()[:8]
-                            current, filled = hashlib.sha256(), 0
-            if not row:
-                rows += whole.digest()[:8]
+                at = 0
+                while at < len(chunk):
+                    take = min(row - filled, len(chunk) - at)
+                    current.update(chunk[at : at + take])
+                    at, filled = at + take, filled + take
+                    if filled == row:
+                        rows += current.digest()[:8]
+                        current, filled = hashlib.sha256(), 0
         else:
             sha = hashlib.sha256
             for chunk in self.chunks(key, meta, CHUNK // row * row):
                 for at in range(0, len(chunk), row):
                     rows += sha(chunk[at : at + row]).digest()[:8]
-        return Fingerprint(hashlib.sha256(rows).digest(), bytes(rows))
+        done = self._rows[key] = bytes(rows)
+        return done
 
     def bilinear(self, key: str, meta: TensorMeta, transposed: bool) -> int:
         """``sum_ij u_i v_j bits(x_ij) mod 2**64`` with ``u`` over rows and ``v`` over columns (swapped when ``transposed``)."""
@@ -208,21 +213,21 @@ def content_diff(report: DiffReport, a: Source, b: Source) -> DiffReport:
     ma, mb = a.metas(), b.metas()
     ra, rb = Reader(a), Reader(b)
     try:
-        fa = {k: ra.fingerprint(k, m) for k, m in ma.items()}
-        fb = {k: rb.fingerprint(k, m) for k, m in mb.items()}
+        fa = {k: ra.digest(k, m) for k, m in ma.items()}
+        fb = {k: rb.digest(k, m) for k, m in mb.items()}
         return DiffReport(report.a, report.b, _decide(report.changes, ma, mb, fa, fb, ra, rb), report.names)
     finally:
         ra.close()
         rb.close()
 
 
-def _equal(x: str, y: str, ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], fa: Mapping[str, Fingerprint], fb: Mapping[str, Fingerprint]) -> bool:
-    return fa[x].digest == fb[y].digest and ma[x].shape == mb[y].shape and ma[x].dtype == mb[y].dtype and ma[x].stored == mb[y].stored
+def _equal(x: str, y: str, ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], fa: Mapping[str, bytes], fb: Mapping[str, bytes]) -> bool:
+    return fa[x] == fb[y] and ma[x].shape == mb[y].shape and ma[x].dtype == mb[y].dtype and ma[x].stored == mb[y].stored
 
 
 def _decide(
     changes: list[Change], ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta],
-    fa: Mapping[str, Fingerprint], fb: Mapping[str, Fingerprint], ra: Reader, rb: Reader,
+    fa: Mapping[str, bytes], fb: Mapping[str, bytes], ra: Reader, rb: Reader,
 ) -> list[Change]:
     out: list[Change] = []
     loose_a: list[str] = []  # unexplained keys of A: removed, or paired by names where the values refute it
@@ -230,7 +235,7 @@ def _decide(
     disputed: dict[str, Change] = {}  # A's key -> the header pairing the values refuted (kept if nothing better turns up)
     for c in changes:
         if c.kind in ("merged", "split"):
-            out.append(_join(c, ma, mb, fa, fb))
+            out.append(_join(c, ma, mb, ra, rb))
         elif c.kind == "removed":
             loose_a.extend(c.a)
         elif c.kind == "added":
@@ -244,12 +249,12 @@ def _decide(
     # 1. equal content, whatever the names
     by_content: dict[tuple, list[str]] = defaultdict(list)
     for k in loose_b:
-        by_content[(fb[k].digest, mb[k].shape, mb[k].dtype, mb[k].stored)].append(k)
+        by_content[(fb[k], mb[k].shape, mb[k].dtype, mb[k].stored)].append(k)
     taken_b: set[str] = set()
     left_a: list[str] = []
     for k in loose_a:
         pair = disputed.get(k)
-        candidates = by_content.get((fa[k].digest, ma[k].shape, ma[k].dtype, ma[k].stored), [])
+        candidates = by_content.get((fa[k], ma[k].shape, ma[k].dtype, ma[k].stored), [])
         match = next((y for y in candidates if y not in taken_b), None)
         if match is None:
             left_a.append(k)
@@ -267,19 +272,24 @@ def _decide(
     out.extend(transposed)
     done_a = {c.a[0] for c in transposed}
     done_b = {c.b[0] for c in transposed}
+    # rows as a multiset (the hash of the sorted row hashes) find the candidates without comparing every pair
+    shapes = {(ma[k].shape, ma[k].dtype) for k in left_a if k not in done_a and _row_bytes(ma[k])}
+    rows_of: dict[tuple, list[str]] = defaultdict(list)
+    for y in left_b:
+        if y not in done_b and (mb[y].shape, mb[y].dtype) in shapes and _row_bytes(mb[y]):
+            rows_of[(mb[y].shape, mb[y].dtype, _multiset(rb.rows(y, mb[y])))].append(y)
     for k in left_a:
-        if k in done_a:
+        if k in done_a or (ma[k].shape, ma[k].dtype) not in shapes:
             continue
+        rows_a = ra.rows(k, ma[k])
+        candidates = [y for y in rows_of.get((ma[k].shape, ma[k].dtype, _multiset(rows_a)), []) if y not in done_b]
         pair = disputed.get(k)
-        order = ([pair.b[0]] if pair and pair.b[0] not in done_b else []) + [y for y in left_b if y not in done_b]
-        for y in order:
-            if ma[k].shape == mb[y].shape and ma[k].dtype == mb[y].dtype and not ma[k].stored and not mb[y].stored:
-                permuted = describe_permutation(fa[k].rows, fb[y].rows)
-                if permuted:
-                    out.append(Change("permuted", (k,), (y,), permuted))
-                    done_a.add(k)
-                    done_b.add(y)
-                    break
+        y = pair.b[0] if pair is not None and pair.b[0] in candidates else next(iter(candidates), None)
+        permuted = describe_permutation(rows_a, rb.rows(y, mb[y])) if y is not None else None
+        if permuted:
+            out.append(Change("permuted", (k,), (y,), permuted))
+            done_a.add(k)
+            done_b.add(y)
     # 3. pairs the names made and the values did not confirm: how far their values are apart
     for k in left_a:
         if k in done_a:
@@ -300,6 +310,11 @@ def _decide(
     order_b = {k: i for i, k in enumerate(mb)}
     out.sort(key=lambda c: (order_a[c.a[0]], 0) if c.a else (len(order_a), order_b[c.b[0]]))
     return out
+
+
+def _multiset(rows: bytes) -> bytes:
+    """The same for any order of the same rows."""
+    return hashlib.sha256(b"".join(sorted(rows[i : i + 8] for i in range(0, len(rows), 8)))).digest()
 
 
 def _template(key: str) -> tuple[str, ...]:
@@ -344,22 +359,23 @@ def _transposes(
     return out
 
 
-def _join(c: Change, ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], fa: Mapping[str, Fingerprint], fb: Mapping[str, Fingerprint]) -> Change:
+def _join(c: Change, ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], ra: Reader, rb: Reader) -> Change:
     """A merge or split along dim 0 is confirmed when the whole's rows are the parts' rows, the parts in some order."""
     parts, whole = (c.a, c.b[0]) if c.kind == "merged" else (c.b, c.a[0])
     mp, mw = (ma, mb) if c.kind == "merged" else (mb, ma)
-    fp, fw = (fa, fb) if c.kind == "merged" else (fb, fa)
+    rp, rw = (ra, rb) if c.kind == "merged" else (rb, ra)
     if c.dim != 0 or any(_row_bytes(mp[p]) == 0 for p in parts) or _row_bytes(mw[whole]) == 0 or any(mp[p].dtype != mw[whole].dtype for p in parts):
         return c._replace(detail=_with(c.detail, "content not checked (rows of dim 0 only)"))
-    rows = fw[whole].rows
+    rows = rw.rows(whole, mw[whole])
+    of = {p: rp.rows(p, mp[p]) for p in parts}
     at, order = 0, []
     remaining = list(parts)
     while remaining:
-        found = next((p for p in remaining if rows[at : at + len(fp[p].rows)] == fp[p].rows), None)
+        found = next((p for p in remaining if rows[at : at + len(of[p])] == of[p]), None)
         if found is None:
             return c._replace(detail=_with(c.detail, "content differs"))
         order.append(found)
         remaining.remove(found)
-        at += len(fp[found].rows)
+        at += len(of[found])
     names = ", ".join(p.rsplit(".", 2)[-2] for p in order)
     return c._replace(detail=_with(c.detail, f"content equal, in the order {names}"))
