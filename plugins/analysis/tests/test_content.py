@@ -189,3 +189,19 @@ def test_changed_values_are_measured_and_joins_confirmed(llama, tmp_path) -> Non
     assert report.counts()["unchanged"] == 2 + 9 * LAYERS
     text = report.render()
     assert f"  values_changed {q} -> {q}  (values differ: max abs diff " in text
+
+
+def test_the_html_page_holds_the_counts_and_every_pattern_escaped(llama, tmp_path) -> None:
+    state = _state(llama)
+    state["model.layers.0.mlp.<b>odd</b>.weight"] = state.pop("model.layers.0.mlp.up_proj.weight")
+    state["model.norm.weight"] = state["model.norm.weight"].half()
+    save_file(state, tmp_path / "edited.safetensors")
+    page = tmp_path / "diff.html"
+    done = run_cli(["diff", str(llama), str(tmp_path / "edited.safetensors"), "--html", str(page)])
+    assert done.returncode == 0, done.stderr
+    html = page.read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<script" not in html and "http" not in html  # nothing fetched
+    assert '<tr class="dtype_changed"><td>dtype changed</td><td class="key">model.norm.weight</td>' in html
+    assert "model.layers.0.mlp.&lt;b&gt;odd&lt;/b&gt;.weight" in html and "<b>odd</b>" not in html
+    assert '<tr class="unchanged"><td>unchanged</td><td class="num">' + str(2 + 9 * LAYERS - 1) + "</td></tr>" in html
+    assert "tr.renamed td { background: #d6e8fa; }" in html

@@ -73,10 +73,12 @@ def _own_config(checkpoint: str) -> bool:
 @click.option("--json", "as_json", is_flag=True, help="print every change (and the folded table) as JSON")
 @click.option("--content", is_flag=True, help="also read every tensor (streamed, a chunk at a time): confirm or refute each "
               "pairing by hashes, pair renames by content, find transposes and row permutations, measure changed values")
+@click.option("--html", "html_to", metavar="FILE", type=click.Path(dir_okay=False),
+              help="also write the folded diff as one self-contained HTML page (counts, patterns coloured by kind)")
 @click.option("--emit-rules", "rules_to", metavar="FILE", type=click.Path(dir_okay=False),
               help="write a pipeline config (YAML) whose steps turn A into B, to review; "
               "reads the first layer of each merged or split family to order its parts")
-def diff(a: str, b: str, as_json: bool, content: bool, rules_to: str | None) -> None:
+def diff(a: str, b: str, as_json: bool, content: bool, html_to: str | None, rules_to: str | None) -> None:
     """Compare two checkpoints from headers: renames, moves, merges, splits.
 
     Every tensor of A and B is classified: unchanged, moved, renamed, merged, split, dtype or shape
@@ -101,6 +103,13 @@ def diff(a: str, b: str, as_json: bool, content: bool, rules_to: str | None) -> 
             from .content import content_diff
 
             report = content_diff(report, source_a, source_b)
+    if html_to:
+        from .html import render_html
+
+        try:
+            Path(html_to).write_text(render_html(report), encoding="utf-8")
+        except OSError as e:
+            raise statebridge.SourceError(html_to, f"cannot write the page: {e.strerror or e}") from None
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
     if rules_to:
         for problem in problems[:20]:
