@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -205,3 +208,24 @@ def test_the_html_page_holds_the_counts_and_every_pattern_escaped(llama, tmp_pat
     assert "model.layers.0.mlp.&lt;b&gt;odd&lt;/b&gt;.weight" in html and "<b>odd</b>" not in html
     assert '<tr class="unchanged"><td>unchanged</td><td class="num">' + str(2 + 9 * LAYERS - 1) + "</td></tr>" in html
     assert "tr.renamed td { background: #d6e8fa; }" in html
+
+
+def test_content_reads_safetensors_without_torch_and_is_deterministic(llama, tmp_path) -> None:
+    state = _state(llama)
+    state["lm_head.weight"] = state["lm_head.weight"].t().contiguous()
+    state["model.layers.0.self_attn.q_proj.weight"] = llama_cpp_permute(state["model.layers.0.self_attn.q_proj.weight"], HEADS, HEADS)
+    state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"] * 2
+    state["empty.weight"] = torch.zeros(0, 3)
+    save_file(state, tmp_path / "edited.safetensors")
+    code = "import atexit, sys; atexit.register(lambda: print('torch' in sys.modules)); from statebridge.cli import main; sys.exit(main())"
+    outputs = set()
+    for seed in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", code, "diff", str(llama), str(tmp_path / "edited.safetensors"), "--content", "--json"],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed})
+        assert done.returncode == 0, done.stderr
+        body, torch_loaded = done.stdout.rsplit("\n", 2)[:2]
+        assert torch_loaded == "False"
+        outputs.add(body)
+    assert len(outputs) == 1
+    counts = json.loads(outputs.pop())["counts"]
+    assert (counts["transposed"], counts["permuted"], counts["values_changed"], counts["added"]) == (1, 1, 1, 1)

@@ -335,7 +335,7 @@ def _transposes(
     swapped: dict[tuple, list[str]] = defaultdict(list)
     for y in left_b:
         m = mb[y]
-        if len(m.shape) == 2 and not m.stored and m.shape[0] != m.shape[1]:
+        if len(m.shape) == 2 and not m.stored and m.shape[0] != m.shape[1] and m.numel:  # empty: nothing to tell
             swapped[(m.shape[1], m.shape[0], m.dtype)].append(y)
     out: list[Change] = []
     prints_b: dict[str, int] = {}
