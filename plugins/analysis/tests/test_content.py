@@ -229,3 +229,34 @@ def test_content_reads_safetensors_without_torch_and_is_deterministic(llama, tmp
     assert len(outputs) == 1
     counts = json.loads(outputs.pop())["counts"]
     assert (counts["transposed"], counts["permuted"], counts["values_changed"], counts["added"]) == (1, 1, 1, 1)
+
+
+PEAK = """
+import atexit, sys
+def _peak():
+    with open("/proc/self/status") as f:
+        sys.stderr.write(next(line for line in f if line.startswith("VmHWM:")))
+atexit.register(_peak)
+from statebridge.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_content_of_large_tensors_is_read_a_chunk_at_a_time(tmp_path) -> None:
+    """176 MB a side: values compared, a transpose and a rotary interleave found, in a peak RSS far below the tensors."""
+    torch.manual_seed(0)
+    big, t, q = torch.randn(3000, 10000), torch.randn(2000, 5000), torch.randn(1024, 4096)
+    save_file({"big": big, "t": t, "q": q}, tmp_path / "a.safetensors")
+    big[2999, 9999] += 0.5
+    save_file({"big": big, "t_renamed": t.t().contiguous(), "q": llama_cpp_permute(q, 8, 8).contiguous()}, tmp_path / "b.safetensors")
+    del big, t, q
+    done = subprocess.run([sys.executable, "-c", PEAK, "diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--content"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "  permuted      q -> q  (rows permuted: rotary interleave (heads=8))" in lines
+    assert "  transposed    t -> t_renamed  ([2000, 5000] -> [5000, 2000]; paired by content, transposed)" in lines
+    assert any(line.startswith("  values_changed big -> big  (values differ: max abs diff 0.5, cosine 1 - ") for line in lines), done.stdout
+    peak_mb = int(next(l for l in done.stderr.splitlines() if l.startswith("VmHWM:")).split()[1]) / 1024
+    assert peak_mb < 150, f"peak RSS {peak_mb:.0f} MB for 176 MB tensors"

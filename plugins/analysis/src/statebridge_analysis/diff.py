@@ -245,11 +245,17 @@ class DiffReport:
                 if "confidence" in row:
                     extra.append(f"confidence {row['confidence']:.2f}")
                 if "cosine" in row:
-                    extra.append(f"values differ: max abs diff {row['max_abs_diff']:.3g}, cosine {row['cosine']:.6f}")
+                    extra.append(f"values differ: {values_text(row['max_abs_diff'], row['cosine'])}")
                 lines.append(f"  {kind:<13} {arrow}" + (f"  ({'; '.join(extra)})" if extra else ""))
         counts = self.counts()
         lines.append(", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in counts.items() if n) or "both are empty")
         return "\n".join(lines)
+
+
+def values_text(max_abs_diff: float, cosine: float) -> str:
+    """``max abs diff 0.5, cosine 1 - 1.2e-09``: a cosine that rounds to 1 still says how far it is from 1."""
+    close = f"1 - {1 - cosine:.2g}" if 0 < 1 - cosine < 5e-7 else f"{cosine:.6f}"
+    return f"max abs diff {max_abs_diff:.3g}, cosine {close}"
 
 
 def _span(values: Sequence[int]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from html import escape
 
-from .diff import KINDS, DiffReport
+from .diff import KINDS, DiffReport, values_text
 
 #: one background per kind: greens settle, blues rename, purples join, oranges change, reds lose
 COLOURS = {
@@ -48,7 +48,7 @@ def render_html(report: DiffReport) -> str:
             if "confidence" in row:
                 extra.append(f"confidence {row['confidence']:.2f}")
             if "cosine" in row:
-                extra.append(f"max abs diff {row['max_abs_diff']:.3g}, cosine {row['cosine']:.6f}")
+                extra.append(values_text(row["max_abs_diff"], row["cosine"]))
             out.append(
                 f'<tr class="{kind}"><td>{kind.replace("_", " ")}</td><td class="key">{escape(row["a"])}</td>'
                 f'<td class="key">{escape(row["b"])}</td><td class="num">{row["count"]}</td><td>{escape("; ".join(extra))}</td></tr>'
