@@ -260,3 +260,17 @@ def test_content_of_large_tensors_is_read_a_chunk_at_a_time(tmp_path) -> None:
     assert any(line.startswith("  values_changed big -> big  (values differ: max abs diff 0.5, cosine 1 - ") for line in lines), done.stdout
     peak_mb = int(next(l for l in done.stderr.splitlines() if l.startswith("VmHWM:")).split()[1]) / 1024
     assert peak_mb < 150, f"peak RSS {peak_mb:.0f} MB for 176 MB tensors"
+
+
+def test_values_moved_onto_another_name_are_followed_and_nothing_is_paired_twice(llama, tmp_path) -> None:
+    """B's o_proj holds A's q_proj (its own o_proj gone), and A's q_proj name is dropped: the names say "unchanged o,
+    removed q", the values say "q renamed to o, o removed"; B's o is explained once."""
+    state = _state(llama)
+    q, o = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    state[o] = state.pop(q)
+    save_file(state, tmp_path / "moved_values.safetensors")
+    report = _content(llama, tmp_path / "moved_values.safetensors")  # asserts every key once
+    pairs = _pairs(report)
+    assert pairs[(q, o)] == ("renamed", "paired by content")
+    assert [c.a for c in report.changes if c.kind == "removed"] == [(o,)]
+    assert report.counts()["values_changed"] == 0

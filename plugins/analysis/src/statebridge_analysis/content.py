@@ -253,25 +253,23 @@ def _decide(
     taken_b: set[str] = set()
     left_a: list[str] = []
     for k in loose_a:
-        pair = disputed.get(k)
-        candidates = by_content.get((fa[k], ma[k].shape, ma[k].dtype, ma[k].stored), [])
-        match = next((y for y in candidates if y not in taken_b), None)
-        if match is None:
+        candidates = [y for y in by_content.get((fa[k], ma[k].shape, ma[k].dtype, ma[k].stored), []) if y not in taken_b]
+        if not candidates:
             left_a.append(k)
             continue
+        match = k if k in candidates else candidates[0]  # alike tensors (norms of ones): the same name first, then storage order
         taken_b.add(match)
         if match == k:
             out.append(Change("unchanged", (k,), (k,), "content equal"))
-        else:
+        else:  # no confidence: the names decided nothing
             kind = "moved" if _is_move(_template(k), _template(match)) else "renamed"
-            by_names = pair is not None and pair.b[0] == match
-            out.append(Change(kind, (k,), (match,), "content equal" if by_names else "paired by content", 1.0))
+            out.append(Change(kind, (k,), (match,), "paired by content"))
     left_b = [k for k in loose_b if k not in taken_b]
     # 2. transposes and row permutations among what is left: the header's own pairing first, then any candidate
     transposed = _transposes(left_a, left_b, ma, mb, ra, rb, disputed)
     out.extend(transposed)
     done_a = {c.a[0] for c in transposed}
-    done_b = {c.b[0] for c in transposed}
+    done_b = taken_b | {c.b[0] for c in transposed}  # a refuted pair's B key may have found its own partner above
     # rows as a multiset (the hash of the sorted row hashes) find the candidates without comparing every pair
     shapes = {(ma[k].shape, ma[k].dtype) for k in left_a if k not in done_a and _row_bytes(ma[k])}
     rows_of: dict[tuple, list[str]] = defaultdict(list)
