@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .diff import Change, DiffReport, _is_move
-from .scan import CHUNK, Scanner
+from .diff import _NUMBER, Change, DiffReport, _is_move
+from .scan import CHUNK, UINT, Scanner
 
 if TYPE_CHECKING:
     from statebridge import Source, TensorMeta
@@ -43,7 +43,6 @@ ELEMENTS = CHUNK // 8
 #: numpy types of the floats whose values are compared (bfloat16 is widened by hand)
 _FLOATS = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 _INTS = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32, "int64": np.int64, "bool": np.uint8}
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def _row_bytes(meta: TensorMeta) -> int:
@@ -115,7 +114,7 @@ class Reader:
         """``sum_ij u_i v_j bits(x_ij) mod 2**64`` with ``u`` over rows and ``v`` over columns (swapped when ``transposed``)."""
         m, n = meta.shape
         u, v = (_weights(m, 2), _weights(n, 1)) if transposed else (_weights(m, 1), _weights(n, 2))
-        view, total, done = _UINT[meta.dtype.itemsize], np.uint64(0), 0
+        view, total, done = UINT[meta.dtype.itemsize], np.uint64(0), 0
         row = n * meta.dtype.itemsize
         with np.errstate(over="ignore"):
             for chunk in self.chunks(key, meta, max(row, CHUNK // row * row)):
@@ -316,8 +315,6 @@ def _multiset(rows: bytes) -> bytes:
 
 
 def _template(key: str) -> tuple[str, ...]:
-    from .diff import _NUMBER
-
     return tuple(_NUMBER.split(key)[0::2])
 
 
