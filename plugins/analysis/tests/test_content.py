@@ -274,3 +274,21 @@ def test_values_moved_onto_another_name_are_followed_and_nothing_is_paired_twice
     assert pairs[(q, o)] == ("renamed", "paired by content")
     assert [c.a for c in report.changes if c.kind == "removed"] == [(o,)]
     assert report.counts()["values_changed"] == 0
+
+
+def test_content_across_formats_a_gguf_written_by_the_core_and_a_torch_pickle(llama, tmp_path) -> None:
+    """The bytes hashed are the elements row-major whatever the format: a GGUF (llama.cpp names) and a .pt confirm every pairing."""
+    globs = {f"model.layers.*.{hf}.weight": f"blk.*.{gg}.weight" for hf, gg in GGUF.items() if "." not in gg and not hf.startswith("model.")}
+    globs.update({k: v for k, v in GGUF.items() if k.startswith(("model.embed", "model.norm", "lm_head"))})
+    gguf = tmp_path / "llama.gguf"
+    sb.run(llama, [{"rename": {"pattern": p, "to": t}} for p, t in globs.items()], gguf, progress=False)
+    report = _content(llama, gguf)
+    assert report.counts()["renamed"] == 3 + 9 * LAYERS
+    assert all(c.detail.endswith("content equal") for c in report.changes)
+    state = _state(llama)
+    state["model.norm.weight"] = state["model.norm.weight"] * 3
+    torch.save(state, tmp_path / "llama.pt")
+    report = _content(llama, tmp_path / "llama.pt")
+    assert report.counts()["unchanged"] == 2 + 9 * LAYERS and report.counts()["values_changed"] == 1
+    (changed,) = [c for c in report.changes if c.kind == "values_changed"]
+    assert changed.values == (2.0, 1.0)  # norms of ones, tripled
