@@ -166,14 +166,15 @@ def test_changed_values_are_measured_and_joins_confirmed(llama, tmp_path) -> Non
     noise = torch.randn_like(state[q]) * 1e-3
     state[q] = state[q] + noise
     state["model.layers.2.mlp.up_proj.weight"] = state["model.layers.2.mlp.up_proj.weight"].to(torch.bfloat16)
+    state["model.norm.weight"] = state["model.norm.weight"].half()  # ones: the cast loses nothing
     for i in range(LAYERS):
         parts = [state.pop(f"model.layers.{i}.self_attn.{x}_proj.weight") for x in "qkv"]
         state[f"model.layers.{i}.self_attn.qkv.weight"] = torch.cat(parts)
     save_file(state, tmp_path / "changed.safetensors")
     report = _content(llama, tmp_path / "changed.safetensors")
-    by_kind = {c.kind: c for c in report.changes if c.kind in ("dtype_changed",)}
-    cast = by_kind["dtype_changed"]
+    (cast,) = [c for c in report.changes if c.a == ("model.layers.2.mlp.up_proj.weight",)]
     assert cast.values is not None and 0 < cast.values[0] < 1e-2 and cast.values[1] > 0.9999
+    assert "  dtype_changed model.norm.weight -> model.norm.weight  (float32 -> float16; values equal)" in report.render().splitlines()
     merged = [c for c in report.changes if c.kind == "merged"]
     assert len(merged) == LAYERS
     notes = {c.b[0]: c.detail.rsplit("; ", 1)[1] for c in merged}

@@ -245,7 +245,7 @@ class DiffReport:
                 if "confidence" in row:
                     extra.append(f"confidence {row['confidence']:.2f}")
                 if "cosine" in row:
-                    extra.append(f"values differ: {values_text(row['max_abs_diff'], row['cosine'])}")
+                    extra.append(values_text(row["max_abs_diff"], row["cosine"]))
                 lines.append(f"  {kind:<13} {arrow}" + (f"  ({'; '.join(extra)})" if extra else ""))
         counts = self.counts()
         lines.append(", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in counts.items() if n) or "both are empty")
@@ -253,9 +253,12 @@ class DiffReport:
 
 
 def values_text(max_abs_diff: float, cosine: float) -> str:
-    """``max abs diff 0.5, cosine 1 - 1.2e-09``: a cosine that rounds to 1 still says how far it is from 1."""
+    """``values differ: max abs diff 0.5, cosine 1 - 1.2e-09`` (a cosine that rounds to 1 still says how far it
+    is from 1), or ``values equal`` (a cast that lost nothing: the same numbers in another dtype)."""
+    if max_abs_diff == 0:
+        return "values equal"
     close = f"1 - {1 - cosine:.2g}" if 0 < 1 - cosine < 5e-7 else f"{cosine:.6f}"
-    return f"max abs diff {max_abs_diff:.3g}, cosine {close}"
+    return f"values differ: max abs diff {max_abs_diff:.3g}, cosine {close}"
 
 
 def _span(values: Sequence[int]) -> str:
