@@ -17,7 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import statebridge as sb
 from statebridge.testing import run_cli
 from statebridge_analysis.content import content_diff, describe_permutation, rotary_permutation
-from statebridge_analysis.diff import DiffReport, compare
+from statebridge_analysis.diff import KINDS, DiffReport, compare
+from statebridge_analysis.html import COLOURS
 
 LAYERS = 4
 HEADS, KV_HEADS = 4, 2
@@ -209,6 +210,7 @@ def test_the_html_page_holds_the_counts_and_every_pattern_escaped(llama, tmp_pat
     assert "model.layers.0.mlp.&lt;b&gt;odd&lt;/b&gt;.weight" in html and "<b>odd</b>" not in html
     assert '<tr class="unchanged"><td>unchanged</td><td class="num">' + str(2 + 9 * LAYERS - 1) + "</td></tr>" in html
     assert "tr.renamed td { background: #d6e8fa; }" in html
+    assert set(COLOURS) == set(KINDS)  # every kind has its colour
 
 
 def test_content_reads_safetensors_without_torch_and_is_deterministic(llama, tmp_path) -> None:
