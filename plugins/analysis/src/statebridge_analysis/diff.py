@@ -43,7 +43,10 @@ _NUMBER = re.compile(r"(?<![^.])(0|[1-9]\d{0,17})(?![^.])")
 MAX_GROUP = 12
 #: the largest number of parts a merge or split is searched for beyond "all that fit"
 MAX_PARTS = 4
-KINDS = ("unchanged", "moved", "renamed", "merged", "split", "dtype_changed", "shape_changed", "removed", "added")
+KINDS = (
+    "unchanged", "moved", "renamed", "merged", "split", "transposed", "permuted", "values_changed",
+    "dtype_changed", "shape_changed", "removed", "added",
+)
 
 #: Hugging Face and llama.cpp (GGUF) component names, each as the words it means, so that
 #: ``model.layers.0.self_attn.q_proj.weight`` and ``blk.0.attn_q.weight`` read alike
@@ -78,6 +81,8 @@ class Change(NamedTuple):
     family: tuple[Any, ...] | None = None
     #: for merges and splits: the dimension joined along
     dim: int | None = None
+    #: with ``--content``, for a pair whose values differ: (largest absolute difference, cosine similarity)
+    values: tuple[float, float] | None = None
 
 
 class Names:
@@ -119,17 +124,21 @@ class FamilyChange(NamedTuple):
 class _Row:
     """A folded row being gathered: each side's layer numbers per part, how many changes, the lowest confidence."""
 
-    __slots__ = ("a", "b", "count", "confidence")
+    __slots__ = ("a", "b", "count", "confidence", "values")
 
     def __init__(self, parts_a: int, parts_b: int) -> None:
         self.a: list[list[tuple[str, ...]]] = [[] for _ in range(parts_a)]
         self.b: list[list[tuple[str, ...]]] = [[] for _ in range(parts_b)]
         self.count = 0
         self.confidence: float | None = None
+        #: the largest absolute difference and the lowest cosine of the row's pairs (``--content``)
+        self.values: tuple[float, float] | None = None
 
-    def seen(self, confidence: float | None) -> None:
+    def seen(self, confidence: float | None, values: tuple[float, float] | None = None) -> None:
         if confidence is not None and (self.confidence is None or confidence < self.confidence):
             self.confidence = confidence
+        if values is not None:
+            self.values = values if self.values is None else (max(self.values[0], values[0]), min(self.values[1], values[1]))
 
 
 @dataclass
@@ -189,7 +198,7 @@ class DiffReport:
                 for i, k in enumerate(item.b):
                     row.b[i].append(names(k)[1])
                 row.count += 1
-            row.seen(item.confidence)
+            row.seen(item.confidence, None if isinstance(item, FamilyChange) else item.values)
         return [
             {
                 "kind": kind,
@@ -198,6 +207,7 @@ class DiffReport:
                 "count": row.count,
                 "detail": detail,
                 **({"confidence": row.confidence} if row.confidence is not None else {}),
+                **({"max_abs_diff": row.values[0], "cosine": row.values[1]} if row.values is not None else {}),
             }
             for (kind, detail, templates_a, templates_b), row in rows.items()
         ]
@@ -215,7 +225,11 @@ class DiffReport:
             "counts": self.counts(),
             "folded": self.folded(),
             "changes": [
-                {"kind": c.kind, "a": list(c.a), "b": list(c.b), "detail": c.detail, **({"confidence": c.confidence} if c.confidence is not None else {})}
+                {
+                    "kind": c.kind, "a": list(c.a), "b": list(c.b), "detail": c.detail,
+                    **({"confidence": c.confidence} if c.confidence is not None else {}),
+                    **({"max_abs_diff": c.values[0], "cosine": c.values[1]} if c.values is not None else {}),
+                }
                 for c in self.changes
             ],
         }
@@ -230,10 +244,21 @@ class DiffReport:
                 extra = [row["detail"]] if row["detail"] else []
                 if "confidence" in row:
                     extra.append(f"confidence {row['confidence']:.2f}")
+                if "cosine" in row:
+                    extra.append(values_text(row["max_abs_diff"], row["cosine"]))
                 lines.append(f"  {kind:<13} {arrow}" + (f"  ({'; '.join(extra)})" if extra else ""))
         counts = self.counts()
         lines.append(", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in counts.items() if n) or "both are empty")
         return "\n".join(lines)
+
+
+def values_text(max_abs_diff: float, cosine: float) -> str:
+    """``values differ: max abs diff 0.5, cosine 1 - 1.2e-09`` (a cosine that rounds to 1 still says how far it
+    is from 1), or ``values equal`` (a cast that lost nothing: the same numbers in another dtype)."""
+    if max_abs_diff == 0:
+        return "values equal"
+    close = f"1 - {1 - cosine:.2g}" if 0 < 1 - cosine < 5e-7 else f"{cosine:.6f}"
+    return f"values differ: max abs diff {max_abs_diff:.3g}, cosine {close}"
 
 
 def _span(values: Sequence[int]) -> str:

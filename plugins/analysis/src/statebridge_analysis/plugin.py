@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -59,10 +58,7 @@ def lint(checkpoint: str, model: str | None, no_model: bool, write_to: str | Non
             report.manifest_written = write_to
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
     if report.errors:
-        # not ctx.exit(1): statebridge's main runs click with standalone_mode=False, which turns that into a
-        # return value it does not pass on; SystemExit reaches the interpreter
-        sys.stdout.flush()
-        sys.exit(1)
+        click.get_current_context().exit(1)  # errors fail CI; warnings alone pass
 
 
 def _own_config(checkpoint: str) -> bool:
@@ -75,17 +71,21 @@ def _own_config(checkpoint: str) -> bool:
 @click.argument("a", type=click.Path())
 @click.argument("b", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="print every change (and the folded table) as JSON")
+@click.option("--content", is_flag=True, help="also read every tensor (streamed, a chunk at a time): confirm or refute each "
+              "pairing by hashes, pair renames by content, find transposes and row permutations, measure changed values")
+@click.option("--html", "html_to", metavar="FILE", type=click.Path(dir_okay=False),
+              help="also write the folded diff as one self-contained HTML page (counts, patterns coloured by kind)")
 @click.option("--emit-rules", "rules_to", metavar="FILE", type=click.Path(dir_okay=False),
               help="write a pipeline config (YAML) whose steps turn A into B, to review; "
               "reads the first layer of each merged or split family to order its parts")
-def diff(a: str, b: str, as_json: bool, rules_to: str | None) -> None:
+def diff(a: str, b: str, as_json: bool, content: bool, html_to: str | None, rules_to: str | None) -> None:
     """Compare two checkpoints from headers: renames, moves, merges, splits.
 
     Every tensor of A and B is classified: unchanged, moved, renamed, merged, split, dtype or shape
     changed, added, removed; the output is folded by layer pattern.
 
     A and B are any checkpoints statebridge reads (safetensors, shards, .pt, GGUF). No tensor data is read
-    (but for --emit-rules' merges and splits).
+    (but for --emit-rules' merges and splits) unless --content is given.
     """
     from .diff import compare
 
@@ -99,6 +99,17 @@ def diff(a: str, b: str, as_json: bool, rules_to: str | None) -> None:
                 Path(rules_to).write_text(text, encoding="utf-8")
             except OSError as e:
                 raise statebridge.SourceError(rules_to, f"cannot write the rules: {e.strerror or e}") from None
+        if content:  # after the rules: they are made from the header-only pairing, which the content report refines
+            from .content import content_diff
+
+            report = content_diff(report, source_a, source_b)
+    if html_to:
+        from .html import render_html
+
+        try:
+            Path(html_to).write_text(render_html(report), encoding="utf-8")
+        except OSError as e:
+            raise statebridge.SourceError(html_to, f"cannot write the page: {e.strerror or e}") from None
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
     if rules_to:
         for problem in problems[:20]:
