@@ -1,0 +1,371 @@
+"""The safetensors reader, checked where mutation testing found the suite blind (docs/testing.md, Score).
+
+Every malformed header gives its own exact one-line error naming the file and the key, on both
+of the reader's paths: the fast one that checks each entry as the JSON parser finishes it, and the
+full check that takes every entry when the header holds a boolean or a float anywhere (a ``"true"``
+in ``__metadata__`` is enough).  What is accepted is read exactly: zero-size tensors, tensors in
+storage order, bytes at their offsets, the boundaries of every limit.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from statebridge.errors import SourceError
+from statebridge.readers import open_source
+from statebridge.readers.safetensors import INDEX_NAME, MAX_HEADER_BYTES, SafetensorsFile, ShardedSafetensors
+from statebridge.tensors.meta import SAFETENSORS_DTYPES
+from statebridge.tensors.patterns import key_problem
+
+#: a header holding this takes the full check for every entry (``true`` could be a boolean dimension)
+FULL = {"__metadata__": {"why": "true"}}
+
+
+@pytest.fixture(params=["fast", "full"])
+def way(request) -> dict:
+    """What to put first in a header: nothing (the fast path) or metadata that forces the full check."""
+    return {} if request.param == "fast" else dict(FULL)
+
+
+def _write(path: Path, header: dict | bytes, data: bytes = b"") -> Path:
+    raw = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def _error(path: Path) -> str:
+    """The one error opening ``path`` and loading every tensor gives."""
+    with pytest.raises(SourceError) as caught:
+        source = SafetensorsFile(path)
+        for key in source.metas():
+            source.load(key)
+    assert caught.value.path == str(path)
+    return str(caught.value)
+
+
+def _entry(offsets: object = (0, 4), dtype: object = "F32", shape: object = (1,)) -> dict:
+    entry = {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape, "data_offsets": offsets}
+    if isinstance(offsets, tuple):
+        entry["data_offsets"] = list(offsets)
+    return entry
+
+
+# -- entries ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("info", [[1, 2], "F32", 7])
+def test_an_entry_that_is_not_an_object(tmp_path, way, info):
+    path = _write(tmp_path / "m.safetensors", {**way, "w": info}, b"\0" * 4)
+    assert _error(path) == f"{path}: tensor 'w': header entry is not an object"
+
+
+@pytest.mark.parametrize(
+    "offsets", [None, "ab", 4, [0], [0, 4, 8], [True, 5], [0.0, 4.0], [-4, 0], [8, 4], [4, 0]], ids=repr
+)
+def test_data_offsets_that_are_not_begin_and_end(tmp_path, way, offsets):
+    entry = _entry(offsets)
+    if offsets is None:
+        del entry["data_offsets"]
+    path = _write(tmp_path / "m.safetensors", {**way, "w": entry}, b"\0" * 8)
+    assert _error(path) == f"{path}: tensor 'w': data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end"
+
+
+def test_a_span_that_does_not_fit_the_shape_is_measured_from_its_begin(tmp_path, way):
+    header = {**way, "a": _entry((0, 4)), "b": _entry((4, 8), shape=(2,))}
+    path = _write(tmp_path / "m.safetensors", header, b"\0" * 8)
+    assert _error(path) == f"{path}: tensor 'b': data_offsets span 4 bytes but F32[2] needs 8 bytes"
+
+
+def test_zero_size_tensors_anywhere_are_read_and_overlap_nothing(tmp_path, way):
+    """``begin == end`` is a tensor with no bytes, wherever it lies, even inside another's span."""
+    header = {
+        **way,
+        "a": _entry((0, 8), shape=(2,)),
+        "inside": _entry((4, 4), dtype="F16", shape=(2, 0)),
+        "first": _entry((0, 0), shape=(0,)),
+        "end": _entry((8, 8), dtype="I64", shape=(0, 3)),
+    }
+    values = torch.tensor([1.5, -2.0])
+    path = _write(tmp_path / "m.safetensors", header, values.numpy().tobytes())
+    source = SafetensorsFile(path)
+    assert list(source.metas()) == ["a", "first", "inside", "end"]  # by offset, then name
+    assert source.metas()["inside"].shape == (2, 0)
+    assert torch.equal(source.load("a"), values)
+    for key, dtype, shape in [("inside", torch.float16, (2, 0)), ("first", torch.float32, (0,)), ("end", torch.int64, (0, 3))]:
+        empty = source.load(key)
+        assert (empty.dtype, tuple(empty.shape)) == (dtype, shape)
+
+
+@pytest.mark.parametrize("dtype", ["F4X", 5, None, "f32"], ids=repr)
+def test_an_unknown_dtype_lists_the_known_ones(tmp_path, way, dtype):
+    path = _write(tmp_path / "m.safetensors", {**way, "w": _entry(dtype=dtype)}, b"\0" * 4)
+    known = ", ".join(SAFETENSORS_DTYPES)
+    assert known.startswith("BOOL, U8, ")  # as the format's own spec lists them
+    assert _error(path) == f"{path}: tensor 'w': unknown dtype {dtype!r} (statebridge reads {known})"
+
+
+@pytest.mark.parametrize("shape", [None, "3", [-1], [2, -1], [True], [1.0], [[1]]], ids=repr)
+def test_a_shape_that_is_not_a_list_of_non_negative_integers(tmp_path, way, shape):
+    entry = _entry(shape=shape)
+    if shape is None:
+        del entry["shape"]
+    path = _write(tmp_path / "m.safetensors", {**way, "w": entry}, b"\0" * 4)
+    assert _error(path) == f"{path}: tensor 'w': shape {shape!r} is not a list of non-negative integers"
+
+
+@pytest.mark.parametrize(
+    "dtype, shape",
+    [("U8", [2**63]), ("U8", [2**62, 2]), ("F32", [2**61]), ("U8", [0, 2**62, 2]), ("U8", [2**62, 0, 2])],
+    ids=["u8-2^63", "u8-2^62x2", "f32-2^61", "empty-but-strides-overflow", "empty-in-the-middle"],
+)
+def test_a_shape_whose_sizes_overflow_int64_is_refused(tmp_path, way, dtype, shape):
+    """torch computes sizes and strides in int64 even for a tensor with no elements: 2**63 bytes is one too many."""
+    path = _write(tmp_path / "m.safetensors", {**way, "w": _entry((0, 0), dtype, shape)})
+    assert _error(path) == f"{path}: tensor 'w': shape {shape!r} is too large for torch (its sizes overflow int64)"
+
+
+@pytest.mark.parametrize("dtype, shape", [("U8", [2**63 - 1]), ("F32", [2**61 - 1]), ("U8", [0, 2**62 - 1, 2])])
+def test_a_shape_just_inside_int64_is_only_too_large_for_the_file(tmp_path, way, dtype, shape):
+    nbytes = (2**63 - 1 if dtype == "U8" else 4 * (2**61 - 1)) if shape[0] else 0
+    path = _write(tmp_path / "m.safetensors", {**way, "w": _entry((0, nbytes), dtype, shape)})
+    size = path.stat().st_size
+    if nbytes:
+        assert _error(path) == f"{path}: tensor 'w': data ends at byte {size + nbytes} but the file has {size} bytes (truncated?)"
+    else:
+        assert SafetensorsFile(path).metas()["w"].shape == tuple(shape)
+
+
+@pytest.mark.parametrize("length, shown", [(118, None), (119, 121), (300, 302)])
+def test_long_names_are_cut_in_messages(tmp_path, way, length, shown):
+    key = "k" * length
+    path = _write(tmp_path / "m.safetensors", {**way, key: _entry(dtype="XX")}, b"\0" * 4)
+    name = repr(key) if shown is None else f"{repr(key)[:100]}... ({shown} characters)"
+    assert _error(path) == f"{path}: tensor {name}: unknown dtype 'XX' (statebridge reads {', '.join(SAFETENSORS_DTYPES)})"
+
+
+def test_long_header_values_are_cut_in_messages(tmp_path, way):
+    shape = list(range(1, 60))
+    path = _write(tmp_path / "m.safetensors", {**way, "w": _entry(shape=[*shape, -1])}, b"\0" * 4)
+    text = repr([*shape, -1])
+    assert _error(path) == (
+        f"{path}: tensor 'w': shape {text[:100]}... ({len(text)} characters) is not a list of non-negative integers"
+    )
+
+
+# -- names given twice ------------------------------------------------------------------
+
+
+def _raw_header(tmp_path: Path, text: str, data: bytes = b"\0" * 8) -> Path:
+    return _write(tmp_path / "m.safetensors", text.encode(), data)
+
+
+ENTRY = '{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+
+
+@pytest.mark.parametrize(
+    "text, twice",
+    [
+        ('{"a":' + ENTRY + ',"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]},"w":' + ENTRY + "}", "w"),
+        ('{"w":{"dtype":"F32","shape":[1],"shape":[1],"data_offsets":[0,4]}}', "shape"),
+        ('{"__metadata__":{"a":"1","b":"2","b":"3"},"w":' + ENTRY + "}", "b"),
+        ('{"__metadata__":{"x":"true"},"w":{"dtype":"F32","data_offsets":[0,4],"shape":[1],"shape":[1]}}', "shape"),
+    ],
+    ids=["tensor", "field", "metadata", "field-full-check"],
+)
+def test_a_name_given_twice_is_named(tmp_path, text, twice):
+    path = _raw_header(tmp_path, text)
+    assert _error(path) == f"{path}: header names {twice!r} twice; which one is meant?"
+
+
+# -- the prefix and the header as a whole -----------------------------------------------
+
+
+def test_a_file_shorter_than_the_prefix(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"\x02" * 7)
+    assert _error(path) == f"{path}: file is 7 bytes, too short to be safetensors (truncated?)"
+
+
+def test_the_header_limit_is_inclusive(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}")
+    assert _error(path) == f"{path}: header claims {MAX_HEADER_BYTES + 1} bytes (limit {MAX_HEADER_BYTES}); not a safetensors file?"
+    path.write_bytes(struct.pack("<Q", MAX_HEADER_BYTES) + b"{}")
+    assert _error(path) == (
+        f"{path}: header claims {MAX_HEADER_BYTES} bytes but the file has only 2 after the prefix (truncated?)"
+    )
+
+
+def test_a_header_that_fills_the_file_exactly_is_read(tmp_path):
+    path = _write(tmp_path / "m.safetensors", b'{"__metadata__":{"a":"b"}}')
+    source = SafetensorsFile(path)
+    assert (dict(source.metas()), dict(source.metadata)) == ({}, {"a": "b"})
+    path.write_bytes(path.read_bytes()[:-1])
+    assert _error(path) == f"{path}: header claims 26 bytes but the file has only 25 after the prefix (truncated?)"
+
+
+@pytest.mark.parametrize("text", ["[]", '"x"', "7", "null"])
+def test_a_header_that_is_not_an_object(tmp_path, text):
+    path = _raw_header(tmp_path, text)
+    assert _error(path) == f"{path}: header is not a JSON object"
+
+
+def test_a_header_that_is_not_json(tmp_path):
+    path = _raw_header(tmp_path, '{"w": ')
+    message = _error(path)
+    assert message.startswith(f"{path}: header is not valid JSON (Expecting value: line 1 column 7 (char 6))")
+    assert message.endswith("; not a safetensors file?")
+    path = _write(path, b'{"\xff": 1}')
+    assert _error(path).startswith(f"{path}: header is not valid JSON ('utf-8' codec can't decode byte 0xff")
+
+
+def test_a_number_thousands_of_digits_long(tmp_path):
+    path = _raw_header(tmp_path, '{"w":{"dtype":"F32","shape":[' + "1" * 5000 + '],"data_offsets":[0,4]}}')
+    assert _error(path) == f"{path}: header holds a number thousands of digits long; not a safetensors file?"
+
+
+def test_json_nested_thousands_of_levels_deep(tmp_path):
+    path = _raw_header(tmp_path, '{"w":' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert _error(path) == f"{path}: header JSON is nested thousands of levels deep; not a safetensors file?"
+
+
+# -- __metadata__ -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metadata", [[1], "text", {"a": 1}, {"a": "b", "c": None}, {"a": ["b"]}, 3], ids=repr)
+def test_metadata_that_is_not_strings_to_strings(tmp_path, metadata):
+    path = _write(tmp_path / "m.safetensors", {"__metadata__": metadata, "w": _entry()}, b"\0" * 4)
+    assert _error(path) == f"{path}: __metadata__ must map strings to strings"
+
+
+@pytest.mark.parametrize("metadata", [None, {}, "", []], ids=repr)
+def test_empty_metadata_is_no_metadata(tmp_path, metadata):
+    path = _write(tmp_path / "m.safetensors", {"__metadata__": metadata, "w": _entry()}, b"\0" * 4)
+    source = SafetensorsFile(path)
+    assert dict(source.metadata) == {}
+    assert list(source.metas()) == ["w"]
+
+
+def test_metadata_is_read_as_stored(tmp_path, way):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(2)}, path, metadata={"format": "pt", "note": "true", "é": "ü"})
+    assert dict(SafetensorsFile(path).metadata) == {"format": "pt", "note": "true", "é": "ü"}
+
+
+@pytest.mark.parametrize("where", ["key", "value"])
+def test_metadata_text_that_is_no_character(tmp_path, where):
+    pair = '"\\ud800":"x"' if where == "key" else '"k":"a\\udc00"'
+    path = _raw_header(tmp_path, '{"__metadata__":{' + pair + '},"w":' + ENTRY + "}")
+    key = "\ud800" if where == "key" else "k"
+    problem = key_problem("\ud800" if where == "key" else "a\udc00")
+    assert _error(path) == f"{path}: __metadata__ entry {key!r}: its text {problem}"
+
+
+# -- where the data lies ----------------------------------------------------------------
+
+
+def test_a_tensor_ending_past_the_file_names_the_byte(tmp_path, way):
+    header = {**way, "a": _entry((0, 4)), "b": _entry((4, 12), shape=(2,))}
+    path = _write(tmp_path / "m.safetensors", header, b"\0" * 11)
+    size = path.stat().st_size
+    assert _error(path) == f"{path}: tensor 'b': data ends at byte {size + 1} but the file has {size} bytes (truncated?)"
+    path.write_bytes(path.read_bytes() + b"\0")  # ending exactly at the end of the file is fine
+    assert list(SafetensorsFile(path).metas()) == ["a", "b"]
+
+
+def test_overlaps_are_named_past_zero_size_tensors(tmp_path, way):
+    """A zero-size tensor between two others is no boundary: the overlap of the two is still found."""
+    header = {**way, "a": _entry((0, 8), shape=(2,)), "e": _entry((4, 4), shape=(0,)), "b": _entry((6, 10), dtype="U8", shape=(4,))}
+    path = _write(tmp_path / "m.safetensors", header, b"\0" * 10)
+    assert _error(path) == f"{path}: tensors 'a' and 'b' overlap in the data section"
+
+
+def test_overlap_by_one_byte_and_adjacent_spans(tmp_path, way):
+    header = {**way, "b": _entry((3, 7)), "a": _entry((0, 4))}
+    path = _write(tmp_path / "m.safetensors", header, b"\0" * 8)
+    assert _error(path) == f"{path}: tensors 'a' and 'b' overlap in the data section"
+    header = {**way, "b": _entry((4, 8)), "a": _entry((0, 4)), "c": _entry((8, 8), shape=(0,))}
+    path = _write(tmp_path / "m.safetensors", header, b"\0" * 8)
+    assert list(SafetensorsFile(path).metas()) == ["a", "b", "c"]
+
+
+def test_tensors_are_listed_and_found_in_storage_order(tmp_path, way):
+    values = {"z": torch.tensor([1.0, 2.0]), "m": torch.tensor([3], dtype=torch.int16), "a": torch.tensor([4.0], dtype=torch.float64)}
+    header = {**way, "a": _entry((12, 20), "F64"), "z": _entry((0, 8), shape=(2,)), "m": _entry((8, 10), "I16")}
+    data = values["z"].numpy().tobytes() + values["m"].numpy().tobytes() + b"\0\0" + values["a"].numpy().tobytes()
+    path = _write(tmp_path / "m.safetensors", header, data)
+    source = SafetensorsFile(path)
+    assert list(source.metas()) == ["z", "m", "a"]
+    start = 8 + len(json.dumps(header, separators=(",", ":")))
+    assert [(s.path, s.offset, s.length) for s in map(source.raw_span, source.metas())] == [
+        (path, start, 8),
+        (path, start + 8, 2),
+        (path, start + 12, 8),
+    ]
+    for key, value in values.items():
+        assert torch.equal(source.load(key), value)
+
+
+# -- loading ----------------------------------------------------------------------------
+
+
+def test_tensors_past_the_first_pages_load_from_their_own_offset(tmp_path):
+    """The map starts at a page boundary before the tensor; the tensor starts where its bytes do."""
+    page = mmap.ALLOCATIONGRANULARITY
+    tensors = {
+        "a": torch.arange(page // 4 + 3, dtype=torch.float32),
+        "b": torch.arange(7, dtype=torch.int16) - 3,
+        "c": torch.arange(2 * page + 5, dtype=torch.uint8),
+        "d": torch.arange(10, dtype=torch.float64) / 3,
+        "e": torch.arange(100, dtype=torch.uint8) * 2,  # stored last: past two pages
+    }
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, path)
+    source = SafetensorsFile(path)
+    offsets = sorted(source.raw_span(key).offset for key in tensors)
+    assert offsets[-1] > 2 * page and any(offset % page for offset in offsets)
+    for key, value in tensors.items():
+        loaded = source.load(key)
+        assert loaded.dtype == value.dtype
+        assert torch.equal(loaded, value), key
+    assert tuple(source.load("c").shape) == (2 * page + 5,)
+
+
+def test_a_file_that_changed_size_since_it_was_opened_is_not_mapped(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(2)}, path)
+    source = SafetensorsFile(path)
+    size = path.stat().st_size
+    with path.open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(SourceError) as caught:
+        source.load("w")
+    assert str(caught.value) == (
+        f"{path}: file changed on disk since it was opened ({size} bytes then, {size + 1} now); open it again"
+    )
+
+
+def test_unknown_keys_are_one_error_naming_the_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(2)}, path)
+    source = SafetensorsFile(path)
+    for read in (source.load, source.raw_span):
+        with pytest.raises(SourceError) as caught:
+            read("v")
+        assert str(caught.value) == f"{path}: no tensor named 'v'"
+
+
+def test_zero_size_tensors_load_without_reading_the_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"e": torch.zeros(3, 0, dtype=torch.bfloat16), "w": torch.ones(1)}, path)
+    source = SafetensorsFile(path)
+    path.write_bytes(path.read_bytes() + b"\0")  # a load that mapped the file would refuse now
+    empty = source.load("e")
+    assert (empty.dtype, tuple(empty.shape)) == (torch.bfloat16, (3, 0))
