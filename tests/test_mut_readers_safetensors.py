@@ -369,3 +369,202 @@ def test_zero_size_tensors_load_without_reading_the_file(tmp_path):
     path.write_bytes(path.read_bytes() + b"\0")  # a load that mapped the file would refuse now
     empty = source.load("e")
     assert (empty.dtype, tuple(empty.shape)) == (torch.bfloat16, (3, 0))
+
+
+# -- sharded folders --------------------------------------------------------------------
+
+FIRST, SECOND = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+
+
+@pytest.fixture
+def sharded(tmp_path: Path) -> Path:
+    """Two shards with metadata of their own and an index, as save_pretrained lays them out."""
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    save_file({"a": torch.ones(2), "b": torch.arange(3.0)}, folder / FIRST, metadata={"format": "pt", "from": "first", "x": "1"})
+    save_file({"c": torch.full((4,), 7.0)}, folder / SECOND, metadata={"format": "pt", "from": "second"})
+    _index(folder, {"metadata": {"total_size": 36}, "weight_map": {"a": FIRST, "b": FIRST, "c": SECOND}})
+    return folder
+
+
+def _index(folder: Path, index: object, name: str = INDEX_NAME) -> Path:
+    (folder / name).write_text(index if isinstance(index, str) else json.dumps(index))
+    return folder / name
+
+
+def _sharded_error(path: Path, index: Path | None = None) -> str:
+    with pytest.raises(SourceError) as caught:
+        ShardedSafetensors(path, index)
+    return str(caught.value)
+
+
+def test_a_sharded_folder_reads_every_shard_and_merges_metadata_index_last(sharded):
+    source = ShardedSafetensors(sharded)
+    assert source.name == str(sharded)
+    assert source.files() == [sharded / FIRST, sharded / SECOND]
+    assert list(source.metas()) == ["a", "b", "c"]
+    assert dict(source.metadata) == {"format": "pt", "from": "second", "x": "1", "total_size": "36"}
+    assert torch.equal(source.load("c"), torch.full((4,), 7.0))
+    span = source.raw_span("b")
+    assert (span.path, span.length) == (sharded / FIRST, 12)
+    for read in (source.load, source.raw_span):
+        with pytest.raises(SourceError) as caught:
+            read("d")
+        assert str(caught.value) == f"{sharded}: no tensor named 'd'"
+
+
+def test_a_folder_without_an_index_has_the_shards_metadata(sharded):
+    (sharded / INDEX_NAME).unlink()
+    source = ShardedSafetensors(sharded)
+    assert dict(source.metadata) == {"format": "pt", "from": "second", "x": "1"}
+    assert list(source.metas()) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("metadata", [[1, 2], "text", None, 5])
+def test_index_metadata_that_is_no_object_is_ignored(sharded, metadata):
+    _index(sharded, {"metadata": metadata, "weight_map": {"a": FIRST, "b": FIRST, "c": SECOND}})
+    assert dict(ShardedSafetensors(sharded).metadata) == {"format": "pt", "from": "second", "x": "1"}
+
+
+def test_an_index_of_another_name_is_read_when_named(sharded):
+    (sharded / INDEX_NAME).rename(sharded / "other.safetensors.index.json")
+    source = open_source(sharded / "other.safetensors.index.json")
+    assert (source.name, list(source.metas())) == (str(sharded), ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("where", ["key", "value"])
+def test_index_metadata_text_that_is_no_character(sharded, where):
+    pair = '"\\ud800":"x"' if where == "key" else '"k":"a\\udc00"'
+    weight_map = json.dumps({"a": FIRST, "b": FIRST, "c": SECOND})
+    index = _index(sharded, '{"metadata":{' + pair + '},"weight_map":' + weight_map + "}")
+    key = "\ud800" if where == "key" else "k"
+    problem = key_problem("\ud800" if where == "key" else "a\udc00")
+    assert _sharded_error(sharded) == f"{index}: the shard index's metadata entry {key!r}: its text {problem}"
+
+
+def test_index_metadata_keys_are_cut_at_200_characters(sharded):
+    key = "m" * 250 + "\ud800"
+    index = _index(sharded, '{"metadata":{"' + key[:-1] + '\\ud800":"x"},"weight_map":{"a":"' + FIRST + '"}}')
+    problem = key_problem(key)
+    assert _sharded_error(sharded) == f"{index}: the shard index's metadata entry {key[:200]!r}: its text {problem}"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"weight_map": {"a": "s.safetensors"}, "n": ' + "1" * 5000 + "}", "the shard index holds a number thousands of digits long; re-download or regenerate it"),
+        ('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}", "the shard index is JSON nested thousands of levels deep; re-download or regenerate it"),
+        ("[1, 2]", "the shard index has no 'weight_map' object of key -> file name"),
+        ('{"weights": {}}', "the shard index has no 'weight_map' object of key -> file name"),
+        ('{"weight_map": ["a"]}', "the shard index has no 'weight_map' object of key -> file name"),
+        ('{"weight_map": {"a": 1}}', "the shard index has no 'weight_map' object of key -> file name"),
+        ('{"weight_map": {"a": "x.safetensors", "b": null}}', "the shard index has no 'weight_map' object of key -> file name"),
+        ('{"weight_map": {}}', "the shard index's weight_map is empty: it names no tensor and no shard"),
+        (
+            '{"weight_map": {"a": "s.safetensors", "w": "s.safetensors", "w": "s.safetensors"}}',
+            "the shard index names 'w' twice; which one is meant? (re-download or regenerate it)",
+        ),
+    ],
+    ids=["long-number", "deep", "list", "no-weight-map", "weight-map-list", "not-a-name", "null-name", "empty", "twice"],
+)
+def test_index_errors_are_exact(sharded, text, message):
+    index = _index(sharded, text)
+    assert _sharded_error(sharded) == f"{index}: {message}"
+
+
+def test_a_long_key_named_twice_in_the_index_is_cut(sharded):
+    key = "k" * 300
+    index = _index(sharded, '{"weight_map": {"' + key + '": "a", "' + key + '": "a"}}')
+    assert _sharded_error(sharded) == f"{index}: the shard index names {key[:200]!r} twice; which one is meant? (re-download or regenerate it)"
+
+
+def test_an_index_of_invalid_json_or_text(sharded):
+    index = _index(sharded, '{"weight_map": ')
+    message = _sharded_error(sharded)
+    assert message.startswith(f"{index}: the shard index is not valid JSON (Expecting value")
+    assert message.endswith("); re-download or regenerate it")
+    index.write_bytes(b'{"weight_map": {"\xff": "a"}}')
+    assert _sharded_error(sharded).startswith(f"{index}: the shard index is not valid JSON ('utf-8' codec can't decode")
+
+
+@pytest.mark.parametrize("name", ["..", "../x.safetensors", "a/../../x.safetensors", "/abs/x.safetensors"])
+def test_shards_outside_the_folder(sharded, name):
+    index = _index(sharded, {"weight_map": {"a": FIRST, "b": FIRST, "c": SECOND, "d": name}})
+    assert _sharded_error(sharded) == f"{index}: shard {name!r} lies outside the checkpoint folder; refusing to read it"
+
+
+@pytest.mark.parametrize("name", ["model.bin", "..x", "a/..", "model.safetensors.gz"])
+def test_shards_that_are_not_safetensors(sharded, name):
+    index = _index(sharded, {"weight_map": {"a": FIRST, "b": FIRST, "c": SECOND, "d": name}})
+    assert _sharded_error(sharded) == (
+        f"{index}: shard {name!r} is not a .safetensors file; only sharded safetensors are read "
+        "(load a sharded .bin checkpoint with transformers and save it with save_pretrained first)"
+    )
+
+
+@pytest.mark.parametrize("length", [200, 201])
+def test_a_missing_shard_is_named_and_long_names_are_cut(sharded, length):
+    name = "s" * (length - len(".safetensors")) + ".safetensors"
+    index = _index(sharded, {"weight_map": {"a": FIRST, "b": FIRST, "c": SECOND, "d": name}})
+    if length <= 200:
+        expected = f"shard {name!r} named in the index does not exist (looked for {sharded / name})"
+    else:
+        expected = f"shard {name[:150]!r}... ({length} characters) named in the index does not exist"
+    assert _sharded_error(sharded) == f"{index}: {expected}"
+
+
+def test_a_shard_name_too_long_to_look_up(sharded):
+    name = "s" * 300 + ".safetensors"
+    index = _index(sharded, {"weight_map": {"a": FIRST, "b": FIRST, "c": SECOND, "d": name}})
+    assert _sharded_error(sharded) == (
+        f"{index}: shard {name[:150]!r}... ({len(name)} characters) named in the index cannot be looked up: File name too long"
+    )
+
+
+def test_one_shard_spelled_two_ways_is_read_once(sharded):
+    _index(sharded, {"weight_map": {"a": FIRST, "b": "./" + FIRST, "c": SECOND}})
+    source = ShardedSafetensors(sharded)
+    assert source.files() == [sharded / FIRST, sharded / SECOND]
+    assert torch.equal(source.load("b"), torch.arange(3.0))
+
+
+def test_shards_and_index_that_do_not_belong_together(sharded):
+    index = sharded / INDEX_NAME
+    _index(sharded, {"weight_map": {"a": FIRST, "c": SECOND}})
+    assert _sharded_error(sharded) == (
+        f"{sharded / FIRST}: holds tensor 'b', but {INDEX_NAME} does not list it; the index and the shards do not "
+        "belong together (every tensor a shard holds must be in the index's weight_map)"
+    )
+    _index(sharded, {"weight_map": {"a": FIRST, "b": SECOND, "c": SECOND}})
+    assert _sharded_error(sharded) == (
+        f"{sharded / FIRST}: holds tensor 'b', but {INDEX_NAME} puts it in {SECOND}; the index and the shards do not "
+        "belong together (every tensor a shard holds must be in the index's weight_map)"
+    )
+    _index(sharded, {"weight_map": {"a": FIRST, "b": FIRST, "c": SECOND, "d": SECOND}})
+    assert _sharded_error(sharded) == (
+        f"{index}: the index puts tensor 'd' in {SECOND}, but that shard has no such tensor; "
+        "the index and the shards do not belong together"
+    )
+    _index(sharded, {"weight_map": {"a": FIRST, "b": FIRST, "c": SECOND, "d": SECOND, "e": FIRST, "f": FIRST}})
+    assert _sharded_error(sharded) == (
+        f"{index}: the index puts tensor 'd' in {SECOND}, but that shard has no such tensor (2 more tensors are "
+        "missing too); the index and the shards do not belong together"
+    )
+
+
+def test_a_shard_the_index_does_not_name(sharded):
+    save_file({"d": torch.ones(1)}, sharded / "extra.safetensors")
+    assert _sharded_error(sharded) == (
+        f"{sharded / 'extra.safetensors'}: is in the checkpoint folder but {INDEX_NAME} does not name it, so its tensors "
+        f"would be left out; move it away, or open {sharded / INDEX_NAME} itself to read only the shards it names"
+    )
+    assert list(ShardedSafetensors(sharded, sharded / INDEX_NAME).metas()) == ["a", "b", "c"]
+
+
+def test_without_an_index_a_key_in_two_shards_is_refused(sharded):
+    (sharded / INDEX_NAME).unlink()
+    save_file({"c": torch.ones(1)}, sharded / "model-00003.safetensors")
+    assert _sharded_error(sharded) == f"{sharded / 'model-00003.safetensors'}: tensor 'c' is also in {SECOND}; which one is meant?"
+    for shard in sharded.glob("*.safetensors"):
+        shard.unlink()
+    assert _sharded_error(sharded) == f"{sharded}: no *.safetensors files and no model.safetensors.index.json here"
