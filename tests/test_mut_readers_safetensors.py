@@ -10,6 +10,7 @@ storage order, bytes at their offsets, the boundaries of every limit.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -568,3 +569,69 @@ def test_without_an_index_a_key_in_two_shards_is_refused(sharded):
     for shard in sharded.glob("*.safetensors"):
         shard.unlink()
     assert _sharded_error(sharded) == f"{sharded}: no *.safetensors files and no model.safetensors.index.json here"
+
+
+# -- the fast path: one TensorMeta per (dtype, shape), and nothing it may not take -----------
+
+
+def test_entries_of_one_dtype_and_shape_share_one_meta(tmp_path):
+    """200,000-tensor headers stay small: every entry of a (dtype, shape) pair shares one TensorMeta,
+    whatever the order of its fields, at offset 0 or later, with or without elements."""
+    header = {
+        "a": _entry((0, 8), shape=(2,)),
+        "b": {"shape": [2], "data_offsets": [8, 16], "dtype": "F32"},
+        "c": {"data_offsets": [16, 24], "dtype": "F32", "shape": [2]},
+        "e1": _entry((24, 24), shape=(2, 0)),
+        "e2": {"shape": [2, 0], "dtype": "F32", "data_offsets": [24, 24]},
+        "i": _entry((24, 26), "I16"),
+        "j": _entry((26, 28), "I16"),
+    }
+    path = _write(tmp_path / "m.safetensors", header, bytes(range(28)))
+    source = SafetensorsFile(path)
+    assert source.name == str(path)
+    metas = source.metas()
+    assert metas["a"] is metas["b"] is metas["c"]
+    assert metas["e1"] is metas["e2"]
+    assert metas["i"] is metas["j"]
+    assert metas["a"] is not metas["e1"] and metas["a"].shape == (2,)
+    assert torch.equal(source.load("c"), torch.frombuffer(bytearray(range(16, 24)), dtype=torch.float32))
+
+
+@pytest.mark.parametrize(
+    "entry, problem",
+    [
+        ({"dtyp": "F32", "shape": [1], "data_offsets": [0, 4]}, "unknown dtype None (statebridge reads {known})"),
+        ({"dtype": "F32", "shap": [1], "data_offsets": [0, 4]}, "shape None is not a list of non-negative integers"),
+        ({"dtype": "F32", "shape": [1], "data_offset": [0, 4]}, "data_offsets None are not [begin, end] with 0 <= begin <= end"),
+    ],
+    ids=["dtype", "shape", "data_offsets"],
+)
+def test_a_misspelled_field_in_its_usual_place_is_missing(tmp_path, entry, problem):
+    path = _write(tmp_path / "m.safetensors", {"w": entry}, b"\0" * 4)
+    assert _error(path) == f"{path}: tensor 'w': " + problem.format(known=", ".join(SAFETENSORS_DTYPES))
+
+
+@pytest.mark.parametrize(
+    "known, lying",
+    [([2, 1], "[2, true]"), ([2, 0], "[2, false]"), ([2], "[2.0]"), ([1, 1], "[true, 1.0]")],
+    ids=["true-as-1", "false-as-0", "float", "both"],
+)
+def test_booleans_and_floats_are_never_taken_for_the_integers_they_equal(tmp_path, known, lying):
+    """``(2, True) == (2, 1)``: a dimension that is a boolean or a float must not find the meta of the integers."""
+    nbytes = 4 * math.prod(known)
+    text = '{"a":' + json.dumps(_entry((0, nbytes), shape=tuple(known))) + ',"b":{"dtype":"F32","shape":' + lying
+    text += ',"data_offsets":[' + f"{nbytes},{2 * nbytes}" + "]}}"
+    path = _write(tmp_path / "m.safetensors", text.encode(), b"\0" * (2 * nbytes))
+    shown = repr(json.loads(lying))
+    assert _error(path) == f"{path}: tensor 'b': shape {shown} is not a list of non-negative integers"
+
+
+def test_a_negative_dimension_with_offsets_to_match_is_refused(tmp_path, way):
+    path = _write(tmp_path / "m.safetensors", {**way, "w": _entry((4, 0), shape=(-1,))}, b"\0" * 4)
+    assert _error(path) == f"{path}: tensor 'w': shape [-1] is not a list of non-negative integers"
+
+
+def test_a_header_length_past_2_to_the_63_is_not_negative(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"\xff" * 8 + b'{"w":' + ENTRY.encode() + b"}" + b"\0" * 4)
+    assert _error(path) == f"{path}: header claims {2**64 - 1} bytes (limit {MAX_HEADER_BYTES}); not a safetensors file?"
