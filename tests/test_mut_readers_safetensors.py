@@ -546,6 +546,11 @@ def test_shards_and_index_that_do_not_belong_together(sharded):
         f"{index}: the index puts tensor 'd' in {SECOND}, but that shard has no such tensor; "
         "the index and the shards do not belong together"
     )
+    _index(sharded, {"weight_map": {"a": FIRST, "b": FIRST, "c": SECOND, "d": SECOND, "e": FIRST}})
+    assert _sharded_error(sharded) == (
+        f"{index}: the index puts tensor 'd' in {SECOND}, but that shard has no such tensor (1 more tensors are "
+        "missing too); the index and the shards do not belong together"
+    )
     _index(sharded, {"weight_map": {"a": FIRST, "b": FIRST, "c": SECOND, "d": SECOND, "e": FIRST, "f": FIRST}})
     assert _sharded_error(sharded) == (
         f"{index}: the index puts tensor 'd' in {SECOND}, but that shard has no such tensor (2 more tensors are "
