@@ -338,3 +338,49 @@ def test_finish_and_abort_close_every_file(tmp_path):
             with pytest.raises(OSError):
                 os.fstat(fd)
         assert writer._fds == []
+
+
+def test_two_shards_plan_their_index_and_one_file_plans_none(tmp_path):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    tensors = {"a": TENSORS["a"], "d": TENSORS["d"]}
+    planned = SafetensorsWriter(folder, shard_size=10).layout(_metas(tensors))
+    files = _write_all(SafetensorsWriter(folder, shard_size=10), tensors)
+    assert planned == [PlannedFile(f.name, keys, f.stat().st_size) for f, keys in zip(files, [["a"], ["d"], []])]
+    one = tmp_path / "one.safetensors"
+    planned = SafetensorsWriter(one, shard_size=10).layout(_metas(tensors))
+    assert planned == [PlannedFile("one.safetensors", ["a", "d"], _write_all(SafetensorsWriter(one), tensors)[0].stat().st_size)]
+
+
+def test_files_are_created_readable_by_all_and_writable_by_the_owner(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    path = tmp_path / "one.safetensors"
+    _write_all(SafetensorsWriter(path), TENSORS)
+    assert path.stat().st_mode & 0o777 == 0o644 & ~umask
+
+
+def test_writeback_starts_when_the_bytes_written_reach_the_stretch(tmp_path, monkeypatch):
+    """Every 14 bytes here: a (8) and b (6) make 14, so their range is written back; c (4) waits."""
+    from statebridge.writers import safetensors as module
+
+    calls: list[tuple[int, int]] = []
+    real = module.start_writeback
+    monkeypatch.setattr(module, "WRITEBACK_EVERY", 14)
+    monkeypatch.setattr(module, "start_writeback", lambda fd, offset, length: (calls.append((offset, length)), real(fd, offset, length))[1])
+    path = tmp_path / "one.safetensors"
+    writer = SafetensorsWriter(path)
+    writer.begin(_metas(TENSORS))
+    start = 8 + len(_header_of(writer))
+    writer.write("b", TENSORS["b"])  # at start + 8
+    writer.write("a", TENSORS["a"])  # at start
+    writer.write("c", TENSORS["c"])
+    assert calls == [(start, 14)]
+    writer.write("d", TENSORS["d"])  # 4 + 20 = 24 more: c's and d's range, from c's offset
+    assert calls == [(start, 14), (start + 14, 24)]
+    writer.finish()
+    calls.clear()
+    writer = SafetensorsWriter(tmp_path / "nodurable.safetensors")
+    writer.durable = False
+    _write_all(writer, TENSORS)
+    assert calls == []
