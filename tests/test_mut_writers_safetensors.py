@@ -384,3 +384,11 @@ def test_writeback_starts_when_the_bytes_written_reach_the_stretch(tmp_path, mon
     writer.durable = False
     _write_all(writer, TENSORS)
     assert calls == []
+
+
+def test_tensors_that_fill_the_shard_size_exactly_stay_in_one_file(tmp_path):
+    folder = tmp_path / "exact"
+    folder.mkdir()
+    tensors = {"b": TENSORS["b"], "c": TENSORS["c"]}  # 6 + 4 bytes
+    assert _write_all(SafetensorsWriter(folder, shard_size=10), tensors) == [folder / "model.safetensors"]
+    assert list(load_file(folder / "model.safetensors")) == ["b", "c"]
