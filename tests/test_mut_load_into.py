@@ -241,3 +241,16 @@ def test_a_meta_slot_gets_the_slot_dtype_and_a_real_one_casts_on_copy():
     writer = ModuleWriter(Net())
     kept = state["w"]
     assert writer._cast("w", kept, writer.slots["w"]) is kept  # copy_ casts at commit: a map stays a map until then
+
+
+def test_a_slot_given_itself_is_staged_as_it_is_without_a_copy():
+    """Loading a module from itself unchanged costs no copy: the staged tensor is the slot itself."""
+    model = Pair()
+    writer = ModuleWriter(model)
+    writer.begin({k: TensorMeta.of(v) for k, v in model.state_dict().items()})
+    writer.write("a", model.a)
+    writer.write("b", model.a)  # a's bytes, for b: overwritten by the commit, so copied
+    assert writer._staged["a"] is model.a
+    assert writer._staged["b"].untyped_storage().data_ptr() != model.a.untyped_storage().data_ptr()
+    writer.finish()
+    assert torch.equal(model.b.detach(), model.a.detach())
