@@ -254,3 +254,23 @@ def test_a_slot_given_itself_is_staged_as_it_is_without_a_copy():
     assert writer._staged["b"].untyped_storage().data_ptr() != model.a.untyped_storage().data_ptr()
     writer.finish()
     assert torch.equal(model.b.detach(), model.a.detach())
+
+
+@pytest.mark.parametrize("wide_first", [True, False])
+def test_tied_values_are_compared_in_the_slot_dtype(wide_first):
+    """0.1 in float64 and in float32 are one value for a float32 tie (compared in float64 they differ)."""
+    wide, narrow = torch.full((2, 3), 0.1, dtype=torch.float64), torch.full((2, 3), 0.1, dtype=torch.float32)
+    first, second = (wide, narrow) if wide_first else (narrow, wide)
+    model = Tied()
+    sb.load_into(model, {"first.weight": first, "other": torch.ones(2, 3), "second.weight": second})
+    assert torch.equal(model.second.weight.detach(), narrow)
+
+
+def test_progress_is_shown_when_asked_and_not_otherwise(capsys):
+    state = _state()
+    sb.load_into(Net(), state, progress=True)
+    shown = capsys.readouterr().err
+    assert shown.startswith("\rstatebridge:") and "100%" in shown
+    sb.load_into(Net(), state, progress=False)
+    sb.load_into(Net(), state)  # not a terminal: no bar
+    assert capsys.readouterr().err == ""
