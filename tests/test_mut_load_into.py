@@ -274,3 +274,49 @@ def test_progress_is_shown_when_asked_and_not_otherwise(capsys):
     sb.load_into(Net(), state, progress=False)
     sb.load_into(Net(), state)  # not a terminal: no bar
     assert capsys.readouterr().err == ""
+
+
+class SharedBytes(nn.Module):
+    """Two parameter objects over the same bytes (as ``nn.Parameter(other.data)`` makes): one tensor in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(2, 3))
+        self.b = nn.Parameter(self.a.data)
+
+
+def test_parameters_over_the_same_bytes_are_one_tie():
+    model = SharedBytes()
+    with pytest.raises(ExecutionError) as caught:
+        sb.load_into(model, {"a": torch.ones(2, 3), "b": torch.full((2, 3), 2.0)})
+    assert str(caught.value).startswith("cannot load into SharedBytes: 'a' and 'b' are one tied tensor in the module")
+    assert torch.equal(model.a.detach(), torch.zeros(2, 3))
+    sb.load_into(model, {"b": torch.full((2, 3), 2.0)})  # either name fills the tie
+    assert torch.equal(model.a.detach(), torch.full((2, 3), 2.0))
+
+
+class Empties(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("flat", torch.zeros(0))
+        self.register_buffer("wide", torch.zeros(0, 3, dtype=torch.int64))
+        self.w = nn.Parameter(torch.zeros(2))
+
+
+def test_empty_tensors_are_never_tied_to_each_other():
+    model = Empties()
+    sb.load_into(model, {"flat": torch.zeros(0), "wide": torch.zeros(0, 3, dtype=torch.int64), "w": torch.ones(2)})
+    assert torch.equal(model.w.detach(), torch.ones(2))
+    assert tuple(model.wide.shape) == (0, 3) and model.wide.dtype == torch.int64
+
+
+def test_a_module_writer_is_strict_and_shares_nothing_unless_told():
+    state = _state()
+    writer = ModuleWriter(Net())
+    with pytest.raises(PlanError, match="1 module keys the pipeline does not produce: steps"):
+        writer.begin({k: TensorMeta.of(v) for k, v in state.items() if k != "steps"})
+    source = sb.readers.DictSource(state)
+    writer = ModuleWriter(_meta_net(), source=source)
+    writer.begin({k: TensorMeta.of(v) for k, v in state.items()})
+    writer.write("w", source.load("w"))
+    assert writer._staged["w"].untyped_storage().data_ptr() != state["w"].untyped_storage().data_ptr()
