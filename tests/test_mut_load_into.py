@@ -320,3 +320,29 @@ def test_a_module_writer_is_strict_and_shares_nothing_unless_told():
     writer.begin({k: TensorMeta.of(v) for k, v in state.items()})
     writer.write("w", source.load("w"))
     assert writer._staged["w"].untyped_storage().data_ptr() != state["w"].untyped_storage().data_ptr()
+
+
+class Threads(sb.Transform):
+    """Records how many intra-op threads torch offers while a group computes."""
+
+    name = "record_threads_load_into"
+    seen: list[int] = []
+
+    def plan(self, metas):
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            Threads.seen.append(torch.get_num_threads())
+            return x
+
+        return [sb.Group.map_one(key, key, meta, fn, "record") for key, meta in metas.items()]
+
+
+def test_load_into_runs_one_worker_unless_asked():
+    """One worker by default: torch keeps all its threads for each group."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        Threads.seen = []
+        sb.load_into(Pair(), {"a": torch.ones(2, 3), "b": torch.ones(2, 3)}, [Threads()])
+        assert Threads.seen == [4, 4]
+    finally:
+        torch.set_num_threads(before)
