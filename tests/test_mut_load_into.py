@@ -9,6 +9,7 @@ with the caller's tensors unless asked, and what is left on the meta device.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +36,12 @@ class Net(nn.Module):
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return {k: (torch.rand(v.shape, generator=generator) * 10).to(v.dtype) for k, v in Net().state_dict().items()}
+
+
+def _outside_statebridge(filename: str) -> bool:
+    """Whether a warning points at a line outside statebridge: the caller's (this file's, or the frame
+    mutmut's trampoline adds when it runs the tests)."""
+    return "statebridge" not in Path(filename).parent.parts
 
 
 def _meta_net() -> Net:
@@ -88,7 +95,7 @@ def test_strict_false_warns_once_naming_what_it_skipped(device):
         "load_into(strict=False) into Net: 1 keys the module does not have were not loaded: extra; "
         "1 module keys the pipeline does not produce were left as they were: steps"
     ]
-    assert caught[0].filename == __file__  # the caller's line, not statebridge's
+    assert _outside_statebridge(caught[0].filename)  # the caller's line
     assert torch.equal(model.w.detach(), state["w"]) and not hasattr(model, "extra")
     assert model.steps.is_meta == (device == "meta")
 
@@ -124,7 +131,7 @@ def test_tensors_left_on_meta_are_named_once_but_not_those_strict_false_left():
         "buffers?): cache; build the model with parameters on meta and buffers real (e.g. accelerate.init_empty_weights()) "
         "or re-create them"
     ]
-    assert caught[0].filename == __file__
+    assert _outside_statebridge(caught[0].filename)
     with torch.device("meta"):
         model = WithState()
     del state["steps"]
