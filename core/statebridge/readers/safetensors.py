@@ -258,8 +258,6 @@ def _read_header(
             meta, begin, end = info
         else:
             meta, begin, end = _checked_entry(path, brief, mapping, key, info)
-            if shareable and not floats:
-                known[(meta.dtype.code, meta.shape)] = meta  # type: ignore[index]
         if end > data_size:
             raise SourceError(
                 path,
