@@ -642,8 +642,10 @@ def test_a_header_length_past_2_to_the_63_is_not_negative(tmp_path):
     assert _error(path) == f"{path}: header claims {2**64 - 1} bytes (limit {MAX_HEADER_BYTES}); not a safetensors file?"
 
 
-def test_a_tensor_name_that_is_no_text_is_named_with_the_file(tmp_path, way):
+@pytest.mark.parametrize("escape", ["\\ud800", "\\uDFFF"])
+def test_a_tensor_name_that_is_no_text_is_named_with_the_file(tmp_path, way, escape):
+    """A lone surrogate, spelled as a JSON escape in either case (names are checked only when one is there)."""
     prefix = '{"__metadata__":{"why":"true"},' if way else "{"
-    path = _raw_header(tmp_path, prefix + '"a\\ud800b":' + ENTRY + "}")
-    key = "a\ud800b"
+    path = _raw_header(tmp_path, prefix + '"a' + escape + 'b":' + ENTRY + "}")
+    key = "a" + json.loads('"' + escape + '"') + "b"
     assert _error(path) == f"{path}: tensor name {key!r} {key_problem(key)}"

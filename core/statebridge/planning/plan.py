@@ -73,10 +73,12 @@ class Plan:
         options = dict(options or {})
         metas = source.metas()
         composition = compose(pipeline.steps, metas, on_collision=options.get("on_collision") or "error", carried=True)
-        outputs: dict[str, TensorMeta] = {}
-        for group in composition.ordered:
-            for key, meta in group.outputs.items():
-                outputs[key] = _stored_only_if_carried(key, meta, group, metas) if meta.stored else meta
+        outputs = dict(composition.metas)  # every output, in write order (composition.ordered's)
+        if any(meta.stored for meta in outputs.values()):
+            for group in composition.ordered:
+                for key, meta in group.outputs.items():
+                    if meta.stored:
+                        outputs[key] = _stored_only_if_carried(key, meta, group, metas)
         consumed, dropped = set(composition.consumed), set(composition.dropped) | set(composition.overwritten)
         dropped_only, overwritten = set(composition.dropped), set(composition.overwritten)
         return cls(

@@ -388,6 +388,14 @@ def _check_step(
     Returns the groups to run: unchanged, or with collisions resolved in favour
     of the last writer when ``on_collision="warn"`` (each one noted in ``notes``).
     """
+    # The usual case, checked with sets (a step renaming 200,000 tensors): every input in the state,
+    # none read twice, no output written twice or over a tensor the step keeps.  Anything else
+    # goes through the loops below, which find the first fault and name it.
+    reads = [key for group in groups for key in group.inputs]
+    writes = [key for group in groups for key in group.outputs]
+    read, written = set(reads), set(writes)
+    if len(read) == len(reads) and len(written) == len(writes) and read <= state.keys() and written & state.keys() <= read:
+        return groups
     readers: dict[str, Group] = {}
     writers: dict[str, int] = {}
     for group in groups:
