@@ -432,3 +432,15 @@ def test_a_stored_type_is_kept_only_for_a_whole_copy_of_a_tensor_of_that_type(qu
     group = Group(inputs=("blk.0.w", "norm"), outputs={"a": w}, compute=lambda t: {"a": t["blk.0.w"]}, pieces={"a": (piece(w.nbytes),)})
     plan = sb.plan(quantized, [_Groups(group)])
     assert plan.outputs["a"].stored is None and plan.outputs["a"].dtype == w.dtype
+
+
+def test_walk_yields_every_step_however_nested() -> None:
+    """``Transform.walk``: what a ``validate_plan`` hook looks through to find its own steps."""
+    from statebridge.transforms.composite import Parallel
+    from statebridge.transforms.rename import Drop
+
+    inner = Rename(mapping={"w": "a"})
+    drop = Drop(keys=["v"])
+    nested = Pipeline([Parallel([inner, drop]), Cast(pattern="a", dtype="float16")])
+    assert [type(step).__name__ for step in nested.walk()] == ["Pipeline", "Parallel", "Rename", "Drop", "Cast"]
+    assert list(inner.walk()) == [inner]

@@ -177,13 +177,14 @@ def compress_keys(keys: Sequence[str]) -> list[str]:
         families.setdefault(family(key), []).append(tuple(int(m) for m in NUMBER.findall(key)))
     out = []
     for pieces, numbers in families.items():
-        columns = [_span(sorted(set(column))) for column in zip(*numbers)]
+        columns = [number_range(sorted(set(column))) for column in zip(*numbers)]
         text = pieces[0] + "".join(number + piece for number, piece in zip(columns, pieces[1:]))
         out.append(shown(text))
     return out
 
 
-def _span(values: Sequence[int]) -> str:
+def number_range(values: Sequence[int]) -> str:
+    """Sorted layer numbers as a fold shows them: ``3``, ``{0..31}`` or ``{0,2,5}``."""
     if len(values) == 1:
         return str(values[0])
     if values == list(range(values[0], values[-1] + 1)):

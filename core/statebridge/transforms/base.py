@@ -266,6 +266,15 @@ class Transform(ABC):
         """
         return {}
 
+    def walk(self) -> Iterator["Transform"]:
+        """This step and, for a step made of steps (sequential, parallel, scope), every step inside it, in order.
+
+        What a ``validate_plan`` hook looks through to find its own transform wherever a config nested it.
+        """
+        yield self
+        for step in getattr(self, "steps", None) or ():
+            yield from step.walk()
+
     def inverse(self, metas: Mapping[str, TensorMeta]) -> "Transform":
         """A transform undoing this one on a state with these (pre-step) tensors."""
         raise NotInvertibleError(f"{self.name!r} has no exact inverse")

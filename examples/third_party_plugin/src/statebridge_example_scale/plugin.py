@@ -13,7 +13,6 @@ Use the transform in a config like any built-in one::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import click
 
@@ -27,13 +26,6 @@ def register_transforms(register):
     register(ScaleByName)
 
 
-def _steps(transform: object) -> Iterator[object]:
-    """``transform`` and, for composites (sequential, parallel, scope), every step inside it."""
-    yield transform
-    for step in getattr(transform, "steps", None) or ():
-        yield from _steps(step)
-
-
 @statebridge.hookimpl
 def validate_plan(plan) -> list[statebridge.Finding]:
     """Warn about every ``scale_by_name`` step whose factor is 0 (it zeroes the tensors it matches)."""
@@ -45,7 +37,7 @@ def validate_plan(plan) -> list[statebridge.Finding]:
             f"scale_by_name with factor 0 sets every tensor matching {step.params.pattern!r} to zero",
             check="example_scale.zero_factor",
         )
-        for step in _steps(plan.pipeline)
+        for step in plan.pipeline.walk()
         if isinstance(step, ScaleByName) and step.params.factor == 0
     ]
 
@@ -57,7 +49,7 @@ def scale_factors(config: str) -> None:
     from .transforms import ScaleByName
 
     pipeline = statebridge.load_config(config).pipeline()
-    for step in _steps(pipeline):
+    for step in pipeline.walk():
         if isinstance(step, ScaleByName):
             click.echo(f"{step.params.pattern}: x{step.params.factor:g}")
 

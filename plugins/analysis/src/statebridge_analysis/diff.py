@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from statebridge.tensors.patterns import shown
+from statebridge.tensors.patterns import number_range, shown
 
 if TYPE_CHECKING:
     from statebridge import Source, TensorMeta
@@ -215,7 +215,7 @@ class DiffReport:
     @staticmethod
     def _fold(template: tuple[str, ...], numbers: list[tuple[str, ...]]) -> str:
         """One family's keys as one pattern: each layer-number position as a value, a range or a list."""
-        columns = [_span(sorted(map(int, {n[j] for n in numbers}))) for j in range(len(template) - 1)]  # dedupe the text first
+        columns = [number_range(sorted(map(int, {n[j] for n in numbers}))) for j in range(len(template) - 1)]  # dedupe the text first
         return shown(template[0] + "".join(c + piece for c, piece in zip(columns, template[1:])))
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,14 +259,6 @@ def values_text(max_abs_diff: float, cosine: float) -> str:
         return "values equal"
     close = f"1 - {1 - cosine:.2g}" if 0 < 1 - cosine < 5e-7 else f"{cosine:.6f}"
     return f"values differ: max abs diff {max_abs_diff:.3g}, cosine {close}"
-
-
-def _span(values: Sequence[int]) -> str:
-    if len(values) == 1:
-        return str(values[0])
-    if values == list(range(values[0], values[-1] + 1)):
-        return f"{{{values[0]}..{values[-1]}}}"
-    return "{" + ",".join(map(str, values)) + "}"
 
 
 def _kind_of(meta: TensorMeta) -> str:

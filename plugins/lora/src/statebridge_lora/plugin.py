@@ -12,7 +12,6 @@ light: the transforms, pydantic and torch are imported inside the hooks and comm
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -35,13 +34,6 @@ def register_transforms(register):
 RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
 
 
-def _steps(transform: object) -> Iterator[object]:
-    """``transform`` and, for composites (sequential, parallel, scope), every step inside it."""
-    yield transform
-    for step in getattr(transform, "steps", None) or ():
-        yield from _steps(step)
-
-
 @statebridge.hookimpl
 def validate_plan(plan) -> list[statebridge.Finding]:
     """Warn when an adapter was initialised by PiSSA, OLoRA, CorDA or LoftQ without conversion.
@@ -55,7 +47,7 @@ def validate_plan(plan) -> list[statebridge.Finding]:
     from .transforms import LoraMerge
 
     findings = []
-    for step in _steps(plan.pipeline):
+    for step in plan.pipeline.walk():
         if not isinstance(step, LoraMerge):
             continue
         for ref in step.refs():
