@@ -182,3 +182,25 @@ def run_cli(args: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: s
         cwd=cwd,
         stdin=subprocess.DEVNULL,
     )
+
+
+#: the command line, then the process's own high-water mark of resident memory on stderr (VmHWM belongs
+#: to the new program image; rusage would also count the pages of the parent it was forked from)
+_PEAK = """
+import atexit, sys
+def _peak():
+    with open("/proc/self/status") as f:
+        sys.stderr.write(next(line for line in f if line.startswith("VmHWM:")))
+atexit.register(_peak)
+from statebridge.cli import main
+sys.exit(main())
+"""
+
+
+def run_cli_peak(args: Sequence[str]) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run ``statebridge ARGS`` in a fresh process as :func:`run_cli` does; also return its peak RSS in bytes (Linux)."""
+    done = subprocess.run([sys.executable, "-c", _PEAK, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    lines = done.stderr.splitlines()
+    peak = next(int(line.split()[1]) * 1024 for line in lines if line.startswith("VmHWM:"))
+    done.stderr = "".join(line + "\n" for line in lines if not line.startswith("VmHWM:"))
+    return done, peak

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import statebridge as sb
-from statebridge.testing import run_cli
+from statebridge.testing import run_cli, run_cli_peak
 from statebridge_analysis.content import content_diff, describe_permutation, rotary_permutation
 from statebridge_analysis.diff import KINDS, DiffReport, compare
 from statebridge_analysis.html import COLOURS
@@ -31,15 +30,10 @@ GGUF = {
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Path:
+def llama(tmp_path_factory, tiny_llama) -> Path:
     """A tiny random Llama as transformers saves it: q 32 rows in 4 heads, k and v 16 rows in 2 (grouped-query attention)."""
     folder = tmp_path_factory.mktemp("content") / "llama"
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_llama(folder, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS)
     return folder
 
 
@@ -234,16 +228,6 @@ def test_content_reads_safetensors_without_torch_and_is_deterministic(llama, tmp
     assert (counts["transposed"], counts["permuted"], counts["values_changed"], counts["added"]) == (1, 1, 1, 1)
 
 
-PEAK = """
-import atexit, sys
-def _peak():
-    with open("/proc/self/status") as f:
-        sys.stderr.write(next(line for line in f if line.startswith("VmHWM:")))
-atexit.register(_peak)
-from statebridge.cli import main
-sys.exit(main())
-"""
-
 
 @pytest.mark.slow
 def test_content_of_large_tensors_is_read_a_chunk_at_a_time(tmp_path) -> None:
@@ -254,15 +238,13 @@ def test_content_of_large_tensors_is_read_a_chunk_at_a_time(tmp_path) -> None:
     big[2999, 9999] += 0.5
     save_file({"big": big, "t_renamed": t.t().contiguous(), "q": llama_cpp_permute(q, 8, 8).contiguous()}, tmp_path / "b.safetensors")
     del big, t, q
-    done = subprocess.run([sys.executable, "-c", PEAK, "diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--content"],
-                          capture_output=True, text=True)
+    done, peak = run_cli_peak(["diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--content"])
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert "  permuted      q -> q  (rows permuted: rotary interleave (heads=8))" in lines
     assert "  transposed    t -> t_renamed  ([2000, 5000] -> [5000, 2000]; paired by content, transposed)" in lines
     assert any(line.startswith("  values_changed big -> big  (values differ: max abs diff 0.5, cosine 1 - ") for line in lines), done.stdout
-    peak_mb = int(next(l for l in done.stderr.splitlines() if l.startswith("VmHWM:")).split()[1]) / 1024
-    assert peak_mb < 150, f"peak RSS {peak_mb:.0f} MB for 176 MB tensors"
+    assert peak < 150 * 2**20, f"peak RSS {peak / 2**20:.0f} MB for 176 MB tensors"
 
 
 def test_values_moved_onto_another_name_are_followed_and_nothing_is_paired_twice(llama, tmp_path) -> None:

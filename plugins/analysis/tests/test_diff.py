@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import statebridge as sb
 from statebridge.testing import run_cli, write_many_tensors
@@ -38,15 +37,10 @@ GGUF_NAMES = {
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Path:
+def llama(tmp_path_factory, tiny_llama) -> Path:
     """A tiny random Llama as transformers saves it; q is 32 rows, k and v 16 (grouped-query attention)."""
     folder = tmp_path_factory.mktemp("diff") / "llama"
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_llama(folder, layers=LAYERS)
     return folder
 
 

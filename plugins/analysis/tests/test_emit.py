@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import statebridge as sb
 from statebridge.testing import run_cli
@@ -16,14 +15,9 @@ LAYERS = 3
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Path:
+def llama(tmp_path_factory, tiny_llama) -> Path:
     folder = tmp_path_factory.mktemp("emit") / "llama"
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_llama(folder, layers=LAYERS, vocab=64, seed=1)
     return folder
 
 

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import statebridge as sb
-from statebridge.testing import run_cli
+from statebridge.testing import run_cli, run_cli_peak
 from statebridge_analysis import scan
 from statebridge_analysis.lint import lint
 from statebridge_analysis.scan import Scanner
@@ -23,22 +22,14 @@ from statebridge_analysis.scan import Scanner
 LAYERS = 3
 
 
-def _llama(folder: Path, tie: bool) -> LlamaForCausalLM:
-    """A tiny random Llama saved by transformers itself (config.json and model.safetensors)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=LAYERS,
-        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie,
-    )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    return model
+#: the tiny Llama these tests lint (``tiny_llama(folder, **SHAPE, tie=...)``)
+SHAPE = {"layers": LAYERS, "vocab": 64, "hidden": 16, "intermediate": 32, "heads": 2, "kv_heads": 1}
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory) -> Path:
+def clean(tmp_path_factory, tiny_llama) -> Path:
     folder = tmp_path_factory.mktemp("lint") / "clean"
-    _llama(folder, tie=False)
+    tiny_llama(folder, **SHAPE, tie=False)
     return folder
 
 
@@ -105,9 +96,9 @@ def test_without_a_model_only_the_checkpoint_itself_is_judged(faulty) -> None:
     assert done.returncode == 1  # the NaN
 
 
-def test_tied_weights_that_differ_and_a_tied_head_left_out(tmp_path) -> None:
+def test_tied_weights_that_differ_and_a_tied_head_left_out(tmp_path, tiny_llama) -> None:
     folder = tmp_path / "tied"
-    model = _llama(folder, tie=True)
+    model = tiny_llama(folder, **SHAPE, tie=True)
     assert run_cli(["lint", str(folder)]).returncode == 0  # transformers saved no lm_head: it is tied
     state = load_file(folder / "model.safetensors")
     state["lm_head.weight"] = model.lm_head.weight.detach() + 1
@@ -279,17 +270,6 @@ def test_a_model_folder_transformers_cannot_build_is_linted_alone_with_a_warning
     assert done.returncode == 2 and done.stderr.startswith("statebridge: error: ")
 
 
-#: runs the command line, then prints the process's own high-water mark of resident memory (as tests/test_torch_free.py)
-PEAK = """
-import atexit, sys
-def _peak():
-    with open("/proc/self/status") as f:
-        sys.stderr.write(next(line for line in f if line.startswith("VmHWM:")))
-atexit.register(_peak)
-from statebridge.cli import main
-sys.exit(main())
-"""
-
 
 @pytest.mark.slow
 def test_a_tensor_larger_than_memory_allows_is_read_a_chunk_at_a_time(tmp_path) -> None:
@@ -298,7 +278,6 @@ def test_a_tensor_larger_than_memory_allows_is_read_a_chunk_at_a_time(tmp_path) 
     x[59_999_999] = float("inf")
     save_file({"big": x}, tmp_path / "big.safetensors")
     del x
-    done = subprocess.run([sys.executable, "-c", PEAK, "lint", str(tmp_path / "big.safetensors")], capture_output=True, text=True)
+    done, peak = run_cli_peak(["lint", str(tmp_path / "big.safetensors")])
     assert done.returncode == 1 and "0 NaN and 1 Inf of 60000000 values, the first at flat index 59999999" in done.stdout, done.stdout + done.stderr
-    peak_mb = int(next(l for l in done.stderr.splitlines() if l.startswith("VmHWM:")).split()[1]) / 1024
-    assert peak_mb < 120, f"peak RSS {peak_mb:.0f} MB for a 240 MB tensor"
+    assert peak < 120 * 2**20, f"peak RSS {peak / 2**20:.0f} MB for a 240 MB tensor"
