@@ -245,6 +245,9 @@ class _Composer:
     def apply(self, index: int, label: str, step: Transform) -> None:
         planned = self._plan(label, step)
         state, producer, lineage = self.state, self.producer, self.lineage
+        if not producer:  # no step wrote anything yet (the first step): every group reads source tensors only
+            self._apply_to_sources(index, label, planned)
+            return
         # Pass 1: read every group's inputs against the state before this step
         # (so a step may swap names), merging the components that feed each group.
         # ``units[i]`` is what group i joined: its own stage (it read source tensors only), or a
@@ -299,6 +302,40 @@ class _Composer:
                 lineage[key] = shared or after[key]  # type: ignore[index]
                 producer[key] = comp
                 live[key] = origin
+        self._record(planned)
+
+    def _apply_to_sources(self, index: int, label: str, planned: _Planned) -> None:
+        """:meth:`apply` for a step none of whose groups reads a tensor an earlier step wrote.
+
+        Each group stands for itself (no component to merge), so the passes of ``apply`` reduce
+        to bulk list and dict work: a first step renaming 200,000 tensors is most of a large plan.
+        """
+        groups, state, lineage, producer = planned.groups, self.state, self.lineage, self.producer
+        new_tuple = _new_lineage
+        stages = [new_tuple(_Stage, (index, gi, label, group)) for gi, group in enumerate(groups)]
+        read = [key for group in groups for key in group.inputs]
+        self.consumed.extend(read)
+        self.units.extend(stages)
+        forget_state, forget_lineage = state.pop, lineage.pop
+        for key in read:
+            forget_state(key, None)
+            forget_lineage(key, None)
+        for stage, after in zip(stages, planned.lineage):
+            outputs = stage.group.outputs
+            if type(after) is Lineage:
+                state.update(outputs)
+                for key in outputs:
+                    lineage[key] = after
+                    producer[key] = stage
+            else:
+                for key, meta in outputs.items():
+                    state[key] = meta
+                    lineage[key] = after[key]  # type: ignore[index]
+                    producer[key] = stage
+        self._record(planned)
+
+    def _record(self, planned: _Planned) -> None:
+        """Keep a planned step's drops, overwrites and collision notes."""
         self.dropped.extend(planned.dropped)
         self.overwritten.extend(planned.overwritten)
         self.collisions.extend(planned.collisions)
