@@ -344,9 +344,14 @@ def compare(a: Source, b: Source) -> DiffReport:
     return DiffReport(a.name, b.name, diff(a.metas(), b.metas(), names), names)
 
 
-def diff(ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], names: Names | None = None) -> list[Change | FamilyChange]:
+def diff(
+    ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], names: Names | None = None, shapes_known: bool = True
+) -> list[Change | FamilyChange]:
     """Every key of ``ma`` and ``mb`` in exactly one change (a :class:`Change`, or a :class:`FamilyChange` for
-    a family paired whole), ordered by each one's first key of A in A's storage order, then B's (added)."""
+    a family paired whole), ordered by each one's first key of A in A's storage order, then B's (added).
+
+    ``shapes_known=False`` (``automap`` against a list of names: every shape given as ``()``): shapes tell
+    nothing, so a pair is never accepted for being the only one its shapes allow; names decide alone."""
     names = names or Names()
     changes: list[Change | FamilyChange] = []
     fa = _families(k for k in ma if k not in mb)
@@ -370,7 +375,7 @@ def diff(ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], names: Name
     used_a, used_b = _joins(left_a, left_b, ma, mb, names, changes)
     fa = _families(k for k in left_a if k not in used_a)
     fb = _families(k for k in left_b if k not in used_b)
-    _pair_families(fa, fb, ma, mb, changes, min_score=0.3)
+    _pair_families(fa, fb, ma, mb, changes, min_score=0.3, shapes_known=shapes_known)
     changes.extend(Change("removed", (k,), ()) for f in fa.values() for k in f.members.values())
     changes.extend(Change("added", (), (k,)) for f in fb.values() for k in f.members.values())
     order_a = {k: i for i, k in enumerate(ma)}
@@ -429,7 +434,8 @@ def _signature(family: _Family, metas: Mapping[str, TensorMeta]) -> tuple[Any, .
 
 
 def _pair_families(
-    fa: dict, fb: dict, ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], changes: list, min_score: float
+    fa: dict, fb: dict, ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], changes: list, min_score: float,
+    shapes_known: bool = True,
 ) -> None:
     """Pair A's leftover families with B's: same member count and shapes, layer numbers aligned (maybe shifted), best names first.
 
@@ -444,7 +450,7 @@ def _pair_families(
     for side_a, side_b in buckets.values():
         if not side_a or not side_b:
             continue
-        unique = len(side_a) == 1 and len(side_b) == 1
+        unique = shapes_known and len(side_a) == 1 and len(side_b) == 1
         scored = sorted(
             ((similarity(a.template, b.template), i, j) for i, a in enumerate(side_a) for j, b in enumerate(side_b)),
             key=lambda s: (-s[0], s[1], s[2]),

@@ -23,6 +23,7 @@ Tensors only B has cannot be made from A: they are listed as comments.
 from __future__ import annotations
 
 import itertools
+import os
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -40,9 +41,19 @@ def _glob(template: tuple[str, ...]) -> str:
     return "*".join(template)
 
 
-def emit_rules(report: DiffReport, a: Source, b: Source) -> tuple[str, list[str]]:
-    """The config text, and the ways its plan's outputs differ from B (empty when they match B's headers)."""
-    ma, mb = a.metas(), b.metas()
+def emit_rules(
+    report: DiffReport, a: Source, b: Source | None, *, metas: tuple[Mapping[str, TensorMeta], Mapping[str, TensorMeta]] | None = None,
+    compared: frozenset[str] = frozenset({"shape", "dtype"}), made_by: str = "statebridge diff A B --emit-rules",
+) -> tuple[str, list[str]]:
+    """The config text, and the ways its plan's outputs differ from B (empty when they match B's headers).
+
+    ``b`` is None when B has no values to read (``automap``'s target: a model, a key list): the parts of a
+    merge or split are then ordered by their names.  ``metas`` are the two sides' metadata the report was
+    made from (default: the sources'), ``compared`` what of a tensor the check against B compares beside
+    its name (``shape``, ``dtype``).
+    """
+    assert b is not None or metas is not None
+    ma, mb = metas or (a.metas(), b.metas())
     names = report.names
     groups = report.groups(skip=frozenset({"unchanged"}))
     families_a: dict[tuple[str, ...], int] = defaultdict(int)
@@ -84,27 +95,30 @@ def emit_rules(report: DiffReport, a: Source, b: Source) -> tuple[str, list[str]
         steps.append(parallel[0] if len(parallel) == 1 else {"parallel": {"steps": parallel}})
     steps.extend(after)
     steps.extend(_casts(report.changes, ma, mb, names))
-    text = _render(report, steps, notes)
-    return text, _check(a, steps, mb)
+    text = _render(report, steps, notes, made_by)
+    return text, _check(a, steps, mb, compared)
 
 
 def _join_rule(
-    kind: str, first: Change, templates_a: tuple, templates_b: tuple, a: Source, b: Source,
+    kind: str, first: Change, templates_a: tuple, templates_b: tuple, a: Source, b: Source | None,
     ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], notes: list[str],
 ) -> dict[str, Any]:
-    """A ``concat`` (merge) or ``split`` rule over a family, its parts in the order the first layer's values show."""
+    """A ``concat`` (merge) or ``split`` rule over a family, its parts in the order the first layer's values show
+    (in the order their names take in the whole's name when B has no values)."""
     dim = first.dim
     assert dim is not None
-    if kind == "merged":
-        order = _order(first.a, first.b[0], a, b, dim)
+    parts, whole = (first.a, first.b[0]) if kind == "merged" else (first.b, first.a[0])
+    if b is None:
+        order = named_order(parts, whole)
+        notes.append(f"{whole}: the order of its parts {', '.join(parts[i] for i in order)} is read from the names "
+                     "(the target has no values); check it")
+    else:
+        order = _order(parts, whole, a, b, dim) if kind == "merged" else _order(parts, whole, b, a, dim)
         if order is None:
-            notes.append(f"{first.b[0]}: no order of {', '.join(first.a)} gives its values; storage order kept")
-            order = list(range(len(first.a)))
+            notes.append(f"{whole}: no order of {', '.join(parts)} gives its values; storage order kept")
+            order = list(range(len(parts)))
+    if kind == "merged":
         return {"concat": {"inputs": [_glob(templates_a[i]) for i in order], "output": _glob(templates_b[0]), "dim": dim}}
-    order = _order(first.b, first.a[0], b, a, dim)
-    if order is None:
-        notes.append(f"{first.a[0]}: no order of {', '.join(first.b)} gives its values; storage order kept")
-        order = list(range(len(first.b)))
     return {
         "split": {
             "input": _glob(templates_a[0]),
@@ -113,6 +127,17 @@ def _join_rule(
             "sizes": [mb[first.b[i]].shape[dim] for i in order],
         }
     }
+
+
+def named_order(parts: tuple[str, ...], whole: str) -> list[int]:
+    """The parts ordered by where the text that tells them apart stands in the whole's name
+    (``q``, ``k``, ``v`` in ``qkv_proj``; ``gate``, ``up`` in ``gate_up_proj``); storage order where that says nothing."""
+    prefix = len(os.path.commonprefix(list(parts)))
+    suffix = len(os.path.commonprefix([p[::-1] for p in parts]))
+    telling = [p[prefix : len(p) - suffix] if len(p) - suffix > prefix else p for p in parts]
+    rest = whole[prefix:] if whole[:prefix] == parts[0][:prefix] else whole
+    where = [rest.find(t) if t and rest.find(t) >= 0 else len(rest) for t in telling]
+    return sorted(range(len(parts)), key=lambda i: (where[i], i))
 
 
 def _order(parts: tuple[str, ...], whole: str, parts_source: Source, whole_source: Source, dim: int) -> list[int] | None:
@@ -160,9 +185,9 @@ def _casts(changes: list[Change], ma: Mapping[str, TensorMeta], mb: Mapping[str,
     return rules
 
 
-def _render(report: DiffReport, steps: list[dict[str, Any]], notes: list[str]) -> str:
+def _render(report: DiffReport, steps: list[dict[str, Any]], notes: list[str], made_by: str) -> str:
     head = [
-        "# Rules that turn A into B, emitted by `statebridge diff A B --emit-rules`: review them before use.",
+        f"# Rules that turn A into B, emitted by `{made_by}`: review them before use.",
         f"# A: {report.a}",
         f"# B: {report.b}",
         "# Run: statebridge run THIS_FILE --source A --target OUT",
@@ -171,8 +196,8 @@ def _render(report: DiffReport, steps: list[dict[str, Any]], notes: list[str]) -
     return "\n".join(head) + "\n" + yaml.safe_dump({"steps": steps}, sort_keys=False, width=120, default_flow_style=None)
 
 
-def _check(a: Source, steps: list[dict[str, Any]], mb: Mapping[str, TensorMeta]) -> list[str]:
-    """How the plan of ``steps`` on A differs from B's headers (names, shapes, dtypes); empty when it matches."""
+def _check(a: Source, steps: list[dict[str, Any]], mb: Mapping[str, TensorMeta], compared: frozenset[str]) -> list[str]:
+    """How the plan of ``steps`` on A differs from B's headers (names, and the ``compared`` of shapes and dtypes); empty when it matches."""
     import statebridge as sb
 
     try:
@@ -184,6 +209,9 @@ def _check(a: Source, steps: list[dict[str, Any]], mb: Mapping[str, TensorMeta])
     problems += [
         f"{k}: the rules make {outputs[k]}, B has {mb[k]}"
         for k in outputs
-        if k in mb and (outputs[k].shape != mb[k].shape or outputs[k].dtype != mb[k].dtype or outputs[k].stored != mb[k].stored)
+        if k in mb and (
+            ("shape" in compared and outputs[k].shape != mb[k].shape)
+            or ("dtype" in compared and (outputs[k].dtype != mb[k].dtype or outputs[k].stored != mb[k].stored))
+        )
     ]
     return problems

@@ -95,10 +95,7 @@ def diff(a: str, b: str, as_json: bool, content: bool, html_to: str | None, rule
             from .emit import emit_rules
 
             text, problems = emit_rules(report, source_a, source_b)
-            try:
-                Path(rules_to).write_text(text, encoding="utf-8")
-            except OSError as e:
-                raise statebridge.SourceError(rules_to, f"cannot write the rules: {e.strerror or e}") from None
+            _write(rules_to, text, "rules")
         if content:  # after the rules: they are made from the header-only pairing, which the content report refines
             from .content import content_diff
 
@@ -106,21 +103,70 @@ def diff(a: str, b: str, as_json: bool, content: bool, html_to: str | None, rule
     if html_to:
         from .html import render_html
 
-        try:
-            Path(html_to).write_text(render_html(report), encoding="utf-8")
-        except OSError as e:
-            raise statebridge.SourceError(html_to, f"cannot write the page: {e.strerror or e}") from None
+        _write(html_to, render_html(report), "page")
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
     if rules_to:
-        for problem in problems[:20]:
-            click.echo(f"statebridge: warning: rules in {rules_to}: {problem}", err=True)
-        if len(problems) > 20:
-            click.echo(f"statebridge: warning: rules in {rules_to}: ... and {len(problems) - 20} more differences from B", err=True)
-        if not problems:
-            click.echo(f"rules written to {rules_to}; planned against A, they give B's names, shapes and dtypes", err=True)
+        _warn_problems(rules_to, problems, "A", "B", "names, shapes and dtypes")
+
+
+@click.command()
+@click.argument("source", type=click.Path())
+@click.option("--target", "target", required=True, metavar="T",
+              help="what the keys should become: a checkpoint, a key list (text: key, or key<TAB>shape<TAB>dtype, a line), "
+              "a model folder's config.json (built on the meta device through transformers), or module:factory (returns an nn.Module)")
+@click.option("--emit-rules", "rules_to", metavar="FILE", type=click.Path(dir_okay=False),
+              help="write the candidate rules as a pipeline config (YAML) to review and run")
+@click.option("--json", "as_json", is_flag=True, help="print the candidate rules and the coverage as JSON")
+def automap(source: str, target: str, rules_to: str | None, as_json: bool) -> None:
+    """Suggest rules that turn SOURCE's keys into the target's, scored by name similarity and shape.
+
+    Prints each candidate rule (renames over layer numbers, merges, splits) with its score, and the
+    coverage the rules would reach: how many source and target keys they match, and which are left.
+    Never applies them: --emit-rules writes them as a config for a person to review. Reads headers only
+    (and, for a checkpoint target, the first layer of each merge or split to order its parts).
+    """
+    from .automap import automap as run_automap
+    from .automap import read_target
+    from .emit import emit_rules
+
+    wanted = read_target(target)
+    with statebridge.open_source(source) as opened:
+        found, ma, mb = run_automap(opened.metas(), opened.name, wanted)
+        if rules_to:
+            if wanted.checkpoint is not None:
+                with statebridge.open_source(wanted.checkpoint) as values:
+                    text, problems = emit_rules(found.report, opened, values, metas=(ma, mb), compared=wanted.compared,
+                                                made_by="statebridge automap SRC --target T --emit-rules")
+            else:
+                text, problems = emit_rules(found.report, opened, None, metas=(ma, mb), compared=wanted.compared,
+                                            made_by="statebridge automap SRC --target T --emit-rules")
+            _write(rules_to, text, "rules")
+    click.echo(json.dumps(found.to_dict(), indent=2) if as_json else found.render())
+    if rules_to:
+        known = {"shape": "shapes", "dtype": "dtypes"}
+        compared = ", ".join(["names", *(known[c] for c in sorted(wanted.compared, reverse=True))])
+        _warn_problems(rules_to, problems, "the source", "the target", compared)
+
+
+def _write(path: str, text: str, what: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise statebridge.SourceError(path, f"cannot write the {what}: {e.strerror or e}") from None
+
+
+def _warn_problems(rules_to: str, problems: list[str], source: str, other: str, compared: str) -> None:
+    """The ways the emitted rules, planned against the source, differ from what they should make (or that they match)."""
+    for problem in problems[:20]:
+        click.echo(f"statebridge: warning: rules in {rules_to}: {problem}", err=True)
+    if len(problems) > 20:
+        click.echo(f"statebridge: warning: rules in {rules_to}: ... and {len(problems) - 20} more differences from {other}", err=True)
+    if not problems:
+        click.echo(f"rules written to {rules_to}; planned against {source}, they give {other}'s {compared}", err=True)
 
 
 @statebridge.hookimpl
 def register_commands(register):
     register(lint)
     register(diff)
+    register(automap)
