@@ -30,6 +30,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from statebridge.tensors.patterns import number_range, shown
@@ -266,6 +267,7 @@ def _kind_of(meta: TensorMeta) -> str:
     return f"{meta.dtype.name} (stored {meta.stored})" if meta.stored else meta.dtype.name
 
 
+@lru_cache(maxsize=1 << 16)
 def _words(template: tuple[str, ...]) -> frozenset[str]:
     """The words of a family's name, Hugging Face and llama.cpp spellings made alike (see :data:`_COMPONENTS`)."""
     words = set()

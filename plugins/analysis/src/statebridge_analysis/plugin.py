@@ -166,6 +166,14 @@ def _warn_problems(rules_to: str, problems: list[str], source: str, other: str, 
 
 
 @statebridge.hookimpl
+def suggest_keys(unmatched, candidates):
+    """Did you mean: the target's keys nearest to each unmatched key, by name (the diff's similarity) and shape."""
+    from .suggest import nearest
+
+    return nearest(unmatched, candidates)
+
+
+@statebridge.hookimpl
 def register_commands(register):
     register(lint)
     register(diff)
