@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import statebridge as sb
 from statebridge.testing import run_cli
@@ -21,10 +22,10 @@ def llama(tmp_path_factory, tiny_llama) -> Path:
     return folder
 
 
-def _emit_run_compare(a: Path, b: Path, tmp_path: Path) -> str:
+def _emit_run_compare(a: Path, b: Path, tmp_path: Path, *flags: str) -> str:
     """Emit rules from A to B, run them on A, and check every tensor of the result equals B's, bit for bit."""
     rules = tmp_path / "rules.yaml"
-    done = run_cli(["diff", str(a), str(b), "--emit-rules", str(rules)])
+    done = run_cli(["diff", str(a), str(b), "--emit-rules", str(rules), *flags])
     assert done.returncode == 0, done.stderr
     assert "planned against A, they give B's names, shapes and dtypes" in done.stderr, done.stderr
     out = tmp_path / "out.safetensors"
@@ -76,8 +77,6 @@ def test_shifted_layers_become_a_mapping(llama, tmp_path) -> None:
 
 
 def test_what_b_alone_has_is_reported_not_invented(llama, tmp_path) -> None:
-    from safetensors.torch import load_file, save_file
-
     state = load_file(llama / "model.safetensors")
     state["extra.bias"] = torch.ones(3)
     save_file(state, tmp_path / "b.safetensors")
@@ -136,3 +135,49 @@ def test_a_transposed_head_and_a_dropped_layer_norm(llama, tmp_path) -> None:
     rules = _emit_run_compare(llama, b, tmp_path)
     assert "- transpose: {pattern: lm_head.weight}" in rules
     assert "keys: [model.layers.1.input_layernorm.weight]" in rules  # one layer's: named, not globbed
+
+
+def test_content_rules_rename_by_values_transpose_a_square_weight_undo_the_rotary_interleave_and_fuse_on_dim_1(
+    llama, tmp_path, llama_cpp
+) -> None:
+    """What only --content can tell, as rules: opaque renames, a transposed square o_proj (its shape does not change),
+    q and k through llama.cpp's rotary interleave, one layer's v rows reversed, and gate and up fused along dim 1."""
+    state = load_file(llama / "model.safetensors")
+    b_state: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith("q_proj.weight"):
+            value = llama_cpp.permute(value, 4, 4)
+        elif key.endswith("k_proj.weight"):
+            value = llama_cpp.permute(value, 4, 2)
+        elif key.endswith("o_proj.weight"):
+            value = value.t()
+        elif key == "model.layers.1.self_attn.v_proj.weight":
+            value = value.flip(0)
+        elif key.endswith(("gate_proj.weight", "up_proj.weight")):
+            continue
+        b_state[{"model.embed_tokens.weight": "w.b", "lm_head.weight": "w.a"}.get(key) or llama_cpp.name(key)] = value.contiguous()
+    for i in range(LAYERS):
+        gate, up = (state[f"model.layers.{i}.mlp.{x}_proj.weight"] for x in ("gate", "up"))
+        b_state[f"blk.{i}.ffn_gate_up.weight"] = torch.cat([gate, up], dim=1)
+    b = tmp_path / "b.safetensors"
+    save_file(b_state, b)
+    rules = _emit_run_compare(llama, b, tmp_path, "--content")
+    for rule in ("- transpose: {pattern: blk.*.attn_output.weight}",
+                 "- permute_rows: {pattern: blk.*.attn_q.weight, rotary_heads: 4}",
+                 "- permute_rows: {pattern: blk.*.attn_k.weight, rotary_heads: 2}",
+                 "- permute_rows:\n    pattern: blk.1.attn_v.weight\n    order: [15, 14,",
+                 "inputs: [model.layers.*.mlp.gate_proj.weight, model.layers.*.mlp.up_proj.weight]\n        output: blk.*.ffn_gate_up.weight\n        dim: 1",
+                 "rename: {pattern: model.embed_tokens.weight, to: w.b}", "rename: {pattern: lm_head.weight, to: w.a}"):
+        assert rule in rules, rule
+    # every step is undone by --inverse (which reads the original layout from the config's source): A back bit for bit
+    (tmp_path / "with-source.yaml").write_text(f"source: {llama}\n{rules}")
+    back = tmp_path / "back.safetensors"
+    done = run_cli(["run", str(tmp_path / "with-source.yaml"), "--inverse", "--source", str(tmp_path / "out.safetensors"),
+                    "--target", str(back), "--no-progress"])
+    assert done.returncode == 0, done.stderr
+    again = load_file(back)
+    assert set(again) == set(state) and all(torch.equal(again[k], v) for k, v in state.items())
+    # without --content the header-only rules cannot say any of it
+    header_only = tmp_path / "header.yaml"
+    done = run_cli(["diff", str(llama), str(b), "--emit-rules", str(header_only)])
+    assert "permute_rows" not in header_only.read_text() and "transpose" not in header_only.read_text()

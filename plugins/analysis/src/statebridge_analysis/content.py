@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -183,28 +183,50 @@ def rotary_permutation(rows: int, heads: int) -> list[int]:
     return [h * 2 * half + s * half + i for h in range(heads) for i in range(half) for s in range(2)]
 
 
-def describe_permutation(rows_a: bytes, rows_b: bytes) -> str | None:
-    """How B's rows are A's rows reordered (the row hashes of each, 8 bytes a row), or None when they are not."""
+def row_order(rows_a: bytes, rows_b: bytes) -> list[int] | None:
+    """For each row of B, the row of A it holds (the row hashes of each, 8 bytes a row), or None when B's rows
+    are not A's reordered (or not reordered at all).  Equal rows are matched in order."""
     a = [rows_a[i : i + 8] for i in range(0, len(rows_a), 8)]
     b = [rows_b[i : i + 8] for i in range(0, len(rows_b), 8)]
     if len(a) != len(b) or sorted(a) != sorted(b) or a == b:
         return None
-    n = len(a)
+    where: dict[bytes, list[int]] = defaultdict(list)
+    for i, h in enumerate(a):
+        where[h].append(i)
+    for held in where.values():
+        held.reverse()  # popped from the end: the first of equal rows first
+    return [where[h].pop() for h in b]
+
+
+def rotary_of(order: Sequence[int]) -> tuple[int, bool] | None:
+    """(heads, reversed) when ``order`` is llama.cpp's rotary interleave with that many heads, or its reverse; else None."""
+    n = len(order)
     for heads in range(1, n // 2 + 1):
         if n % (2 * heads):
             continue
         forward = rotary_permutation(n, heads)
-        if all(b[j] == a[forward[j]] for j in range(n)):
-            return f"rows permuted: rotary interleave (heads={heads})"
-        if all(a[j] == b[forward[j]] for j in range(n)):
-            return f"rows permuted: rotary interleave reversed (heads={heads})"
-    where: dict[bytes, list[int]] = defaultdict(list)
-    for i, h in enumerate(a):
-        where[h].append(i)
-    mapping = [where[h].pop(0) for h in b]
-    moved = sum(1 for j, i in enumerate(mapping) if i != j)
-    shown = ", ".join(f"{j}<-{i}" for j, i in enumerate(mapping) if i != j)
-    return f"rows permuted: {moved} of {n} rows moved ({shown[:60]}{'...' if len(shown) > 60 else ''})"
+        if all(order[j] == forward[j] for j in range(n)):
+            return heads, False
+        if all(order[forward[j]] == j for j in range(n)):
+            return heads, True
+    return None
+
+
+def describe_order(order: Sequence[int]) -> str:
+    """``rows permuted: rotary interleave (heads=4)`` (``reversed``), or which rows moved where."""
+    rotary = rotary_of(order)
+    if rotary is not None:
+        heads, back = rotary
+        return f"rows permuted: rotary interleave{' reversed' if back else ''} (heads={heads})"
+    moved = sum(1 for j, i in enumerate(order) if i != j)
+    shown = ", ".join(f"{j}<-{i}" for j, i in enumerate(order) if i != j)
+    return f"rows permuted: {moved} of {len(order)} rows moved ({shown[:60]}{'...' if len(shown) > 60 else ''})"
+
+
+def describe_permutation(rows_a: bytes, rows_b: bytes) -> str | None:
+    """How B's rows are A's rows reordered (the row hashes of each, 8 bytes a row), or None when they are not."""
+    order = row_order(rows_a, rows_b)
+    return describe_order(order) if order is not None else None
 
 
 def content_diff(report: DiffReport, a: Source, b: Source) -> DiffReport:
@@ -282,9 +304,9 @@ def _decide(
         candidates = [y for y in rows_of.get((ma[k].shape, ma[k].dtype, _multiset(rows_a)), []) if y not in done_b]
         pair = disputed.get(k)
         y = pair.b[0] if pair is not None and pair.b[0] in candidates else next(iter(candidates), None)
-        permuted = describe_permutation(rows_a, rb.rows(y, mb[y])) if y is not None else None
-        if permuted:
-            out.append(Change("permuted", (k,), (y,), permuted))
+        order = row_order(rows_a, rb.rows(y, mb[y])) if y is not None else None
+        if order is not None:
+            out.append(Change("permuted", (k,), (y,), describe_order(order), rows=tuple(order)))
             done_a.add(k)
             done_b.add(y)
     # 3. pairs the names made and the values did not confirm: how far their values are apart
@@ -326,11 +348,14 @@ def _transposes(
     left_a: list[str], left_b: list[str], ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta],
     ra: Reader, rb: Reader, disputed: Mapping[str, Change],
 ) -> list[Change]:
-    """2-D tensors of A whose transpose is a tensor of B (same element type): a bilinear fingerprint of each candidate."""
+    """2-D tensors of A whose transpose is a tensor of B (same element type): a bilinear fingerprint of each candidate.
+
+    Square ones too, which headers cannot tell from an untransposed tensor: a transposed square weight under its
+    own name (or another) is paired here before its values are called changed."""
     swapped: dict[tuple, list[str]] = defaultdict(list)
     for y in left_b:
         m = mb[y]
-        if len(m.shape) == 2 and not m.stored and m.shape[0] != m.shape[1] and m.numel:  # empty: nothing to tell
+        if len(m.shape) == 2 and not m.stored and m.numel:  # square ones too: only values tell them; empty: nothing to tell
             swapped[(m.shape[1], m.shape[0], m.dtype)].append(y)
     out: list[Change] = []
     prints_b: dict[str, int] = {}

@@ -84,6 +84,8 @@ class Change(NamedTuple):
     dim: int | None = None
     #: with ``--content``, for a pair whose values differ: (largest absolute difference, cosine similarity)
     values: tuple[float, float] | None = None
+    #: with ``--content``, for a permutation of rows: for each row of B, the row of A it holds
+    rows: tuple[int, ...] | None = None
 
 
 class Names:

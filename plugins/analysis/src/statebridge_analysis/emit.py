@@ -1,14 +1,17 @@
 """``statebridge diff A B --emit-rules FILE``: a pipeline config that turns A into B, for a person to review.
 
-Built from the diff's folded groups, so each rule covers a whole family of layers:
+Built from the diff's folded groups (the header-only diff's, or ``--content``'s, which pairs
+by values), so each rule covers a whole family of layers:
 
 - ``drop`` for what B lacks (a family's glob when all of it goes, else the keys);
 - in one ``parallel`` step (so no rule renames what another wrote): ``concat`` for merges and
-  ``split`` for splits, with globs over the layer numbers; ``rename`` with a glob for each
-  renamed or moved family; ``rename`` with a ``mapping`` for families whose layer numbers shifted
-  (a glob cannot add to a number);
-- ``transpose`` where B holds the transpose, ``cast`` where B's dtype differs, ``quantize`` where B
-  stores a tensor in a GGML type (Q8_0, Q4_K, ...) its source is not stored in.
+  ``split`` for splits (along any dim), with globs over the layer numbers; ``rename`` with a glob
+  for each family renamed whole with its layer numbers; ``rename`` with a ``mapping`` for the
+  rest (layer numbers shifted, a family paired piecemeal: a glob cannot say either);
+- on B's names: ``transpose`` where B holds the transpose (square ones found by ``--content``),
+  ``permute_rows`` where B holds the rows in another order (the rotary interleave by its heads,
+  else the order), ``cast`` where B's dtype differs, ``quantize`` where B stores a tensor in a GGML
+  type (Q8_0, Q4_K, ...) its source is not stored in.
 
 The order in which parts were concatenated cannot be read from headers (q, k and v of
 grouped-query attention: k and v have one size), so for each merge or split family the first
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from .content import rotary_of
 from .diff import Change, DiffReport
 
 if TYPE_CHECKING:
@@ -59,35 +63,49 @@ def emit_rules(
     families_a: dict[tuple[str, ...], int] = defaultdict(int)
     for key in ma:
         families_a[names(key)[0]] += 1
+    families_b: dict[tuple[str, ...], int] = defaultdict(int)
+    for key in mb:
+        families_b[names(key)[0]] += 1
     drops: list[str] = []
     parallel: list[dict[str, Any]] = []
-    after: list[dict[str, Any]] = []
     notes: list[str] = []
-    shifted: dict[str, str] = {}
-    for (kind, _, templates_a, templates_b), changes in groups.items():
+    #: (A's template, B's template) -> the (A key, B key) pairs that change name
+    renames: dict[tuple[tuple[str, ...], tuple[str, ...]], list[tuple[str, str]]] = defaultdict(list)
+    #: a per-key step on B's names (``transpose``, ``permute_rows``) -> B's keys it applies to, by B's template
+    per_key: dict[tuple[str, tuple[str, ...], tuple[Any, ...]], list[str]] = defaultdict(list)
+    for (kind, detail, templates_a, templates_b), changes in groups.items():
         if kind == "removed":
             (template,) = templates_a
             whole = families_a[template] == len(changes)
             drops.extend([_glob(template)] if whole else [c.a[0] for c in changes])
-        elif kind in ("renamed", "moved"):
-            if changes[0].detail.startswith("layer ") or any(c.detail.startswith("layer ") for c in changes):
-                shifted.update((c.a[0], c.b[0]) for c in changes)
-            else:
-                rule = {"rename": {"pattern": _glob(templates_a[0]), "to": _glob(templates_b[0])}}
-                if rule not in parallel:  # a family whose members differ in dtype comes in several groups
-                    parallel.append(rule)
         elif kind in ("merged", "split"):
             parallel.append(_join_rule(kind, changes[0], templates_a, templates_b, a, b, ma, mb, notes))
-        elif kind == "shape_changed":
-            for c in changes:
-                if ma[c.a[0]].shape == tuple(reversed(mb[c.b[0]].shape)) and len(ma[c.a[0]].shape) == 2:
-                    after.append({"transpose": {"pattern": c.b[0]}})
-                else:
-                    notes.append(f"{c.a[0]}: {c.detail}; no rule reshapes it")
         elif kind == "added":
             notes.extend(f"{c.b[0]}: only in B; no rule can make it from A" for c in changes)
-    if shifted:
-        parallel.append({"rename": {"mapping": shifted}})
+        elif kind == "shape_changed" and not _transposes(changes[0], ma, mb):
+            notes.extend(f"{c.a[0]}: {c.detail}; no rule reshapes it" for c in changes)
+        else:  # one tensor of A for one of B: renamed, moved, transposed, permuted, cast, values changed
+            renames[(templates_a[0], templates_b[0])].extend((c.a[0], c.b[0]) for c in changes if c.a[0] != c.b[0])
+            for c in changes:
+                if kind == "transposed" or kind == "shape_changed":
+                    per_key[("transpose", templates_b[0], ())].append(c.b[0])
+                elif kind == "permuted" and c.rows is not None:
+                    per_key[("permute_rows", templates_b[0], _row_params(c.rows))].append(c.b[0])
+            notes.extend(_value_notes(changes, ma, mb))
+    mapping: dict[str, str] = {}
+    for (template_a, template_b), pairs in renames.items():
+        if not pairs:
+            continue
+        if len(pairs) == families_a[template_a] and all(names(x)[1] == names(y)[1] for x, y in pairs):
+            parallel.append({"rename": {"pattern": _glob(template_a), "to": _glob(template_b)}})
+        else:  # part of a family, or layer numbers that moved: a glob cannot say it
+            mapping.update(pairs)
+    if mapping:
+        parallel.append({"rename": {"mapping": mapping}})
+    after: list[dict[str, Any]] = []
+    for (step, template_b, params), keys in per_key.items():
+        patterns = [_glob(template_b)] if len(keys) == families_b[template_b] else keys
+        after.extend({step: {"pattern": p, **{k: list(v) if isinstance(v, tuple) else v for k, v in params}}} for p in patterns)
     steps: list[dict[str, Any]] = []
     if drops:
         steps.append({"drop": {"keys": drops}})
@@ -97,6 +115,32 @@ def emit_rules(
     steps.extend(_casts(report.changes, ma, mb, names))
     text = _render(report, steps, notes, made_by)
     return text, _check(a, steps, mb, compared)
+
+
+def _transposes(c: Change, ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta]) -> bool:
+    """Whether a shape change is a transpose (a 2-D tensor of the swapped shape), which a rule can undo."""
+    return len(ma[c.a[0]].shape) == 2 and ma[c.a[0]].shape == tuple(reversed(mb[c.b[0]].shape))
+
+
+def _row_params(rows: tuple[int, ...]) -> tuple[tuple[str, Any], ...]:
+    """``permute_rows``'s parameters for a permutation of rows: the rotary interleave by its heads, or the order."""
+    rotary = rotary_of(rows)
+    if rotary is None:
+        return (("order", rows),)
+    heads, back = rotary
+    return (("rotary_heads", heads), ("reverse", True)) if back else (("rotary_heads", heads),)
+
+
+def _value_notes(changes: list[Change], ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta]) -> list[str]:
+    """A note for a group whose values ``--content`` found different (a cast explains its own): no rule makes them."""
+    differ = [
+        c for c in changes
+        if ma[c.a[0]].dtype == mb[c.b[0]].dtype and ((c.values is not None and c.values[0] != 0) or c.detail.endswith("content differs"))
+    ]
+    if not differ:
+        return []
+    more = f" (and {len(differ) - 1} more like it)" if len(differ) > 1 else ""
+    return [f"{differ[0].b[0]}{more}: B's values differ from A's ({differ[0].detail or 'values changed'}); the rules carry A's values"]
 
 
 def _join_rule(

@@ -1,9 +1,10 @@
-"""The statebridge-analysis plugin: ``statebridge lint`` and ``statebridge diff``.
+"""The statebridge-analysis plugin: ``statebridge lint``, ``diff`` and ``automap``, the ``permute_rows``
+transform, and "did you mean" for the core's errors (the ``suggest_keys`` hook).
 
 statebridge imports this module at start-up (``statebridge --help`` included), so it holds
-only the click commands; their work is imported inside them, and header-only work
-(``diff``, and ``lint`` of safetensors and plain GGUF files without ``--model``) never
-imports torch.
+only the click commands and hooks; their work is imported inside them, and header-only work
+(``diff``, ``automap`` against a checkpoint or key list, and ``lint`` of safetensors and plain
+GGUF files without ``--model``) never imports torch.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def _own_config(checkpoint: str) -> bool:
 @click.option("--html", "html_to", metavar="FILE", type=click.Path(dir_okay=False),
               help="also write the folded diff as one self-contained HTML page (counts, patterns coloured by kind)")
 @click.option("--emit-rules", "rules_to", metavar="FILE", type=click.Path(dir_okay=False),
-              help="write a pipeline config (YAML) whose steps turn A into B, to review; "
-              "reads the first layer of each merged or split family to order its parts")
+              help="write a pipeline config (YAML) whose steps turn A into B, to review; with --content, from the content "
+              "pairing (renames by values, transposes, row permutations); reads the first layer of each merge or split to order its parts")
 def diff(a: str, b: str, as_json: bool, content: bool, html_to: str | None, rules_to: str | None) -> None:
     """Compare two checkpoints from headers: renames, moves, merges, splits.
 
@@ -91,15 +92,15 @@ def diff(a: str, b: str, as_json: bool, content: bool, html_to: str | None, rule
 
     with statebridge.open_source(a) as source_a, statebridge.open_source(b) as source_b:
         report = compare(source_a, source_b)
-        if rules_to:
+        if content:
+            from .content import content_diff
+
+            report = content_diff(report, source_a, source_b)
+        if rules_to:  # from the content pairing when there is one: renames by values, transposes, permutations
             from .emit import emit_rules
 
             text, problems = emit_rules(report, source_a, source_b)
             _write(rules_to, text, "rules")
-        if content:  # after the rules: they are made from the header-only pairing, which the content report refines
-            from .content import content_diff
-
-            report = content_diff(report, source_a, source_b)
     if html_to:
         from .html import render_html
 
@@ -163,6 +164,13 @@ def _warn_problems(rules_to: str, problems: list[str], source: str, other: str, 
         click.echo(f"statebridge: warning: rules in {rules_to}: ... and {len(problems) - 20} more differences from {other}", err=True)
     if not problems:
         click.echo(f"rules written to {rules_to}; planned against {source}, they give {other}'s {compared}", err=True)
+
+
+@statebridge.hookimpl
+def register_transforms(register):
+    from .transforms import PermuteRows
+
+    register(PermuteRows)
 
 
 @statebridge.hookimpl
