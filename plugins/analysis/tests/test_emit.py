@@ -181,3 +181,29 @@ def test_content_rules_rename_by_values_transpose_a_square_weight_undo_the_rotar
     header_only = tmp_path / "header.yaml"
     done = run_cli(["diff", str(llama), str(b), "--emit-rules", str(header_only)])
     assert "permute_rows" not in header_only.read_text() and "transpose" not in header_only.read_text()
+
+
+def test_a_gguf_written_by_the_core_with_llama_cpp_names_and_the_rotary_interleave(llama, tmp_path, llama_cpp) -> None:
+    """What convert_hf_to_gguf.py makes of a Llama (its names, q and k interleaved), written as GGUF by the core:
+    --content --emit-rules, run into a .gguf, gives B's tensors bit for bit."""
+    state = load_file(llama / "model.safetensors")
+    permuted = {}
+    for key, value in state.items():
+        if key.endswith(("q_proj.weight", "k_proj.weight")):
+            value = llama_cpp.permute(value, 4, 4 if "q_proj" in key else 2)
+        permuted[llama_cpp.name(key)] = value.contiguous()
+    save_file(permuted, tmp_path / "permuted.safetensors")
+    b = tmp_path / "b.gguf"
+    sb.run(tmp_path / "permuted.safetensors", [], b, progress=False)
+    rules = _emit_run_compare(llama, b, tmp_path, "--content")
+    assert "- permute_rows: {pattern: blk.*.attn_q.weight, rotary_heads: 4}" in rules
+
+
+def test_permute_rows_refuses_what_it_cannot_do_in_one_line(llama, tmp_path) -> None:
+    for params, message in (({"pattern": "lm_head.weight"}, "give either order or rotary_heads"),
+                            ({"pattern": "lm_head.weight", "order": [0, 0]}, "is not a permutation"),
+                            ({"pattern": "lm_head.weight", "order": [1, 0]}, "order has 2 rows, 'lm_head.weight'"),
+                            ({"pattern": "model.norm.weight", "rotary_heads": 5}, "not a multiple of 2 x 5 heads")):
+        (tmp_path / "c.yaml").write_text(json.dumps({"steps": [{"permute_rows": params}]}))
+        done = run_cli(["plan", str(tmp_path / "c.yaml"), "--source", str(llama)])
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
