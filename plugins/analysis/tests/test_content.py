@@ -166,6 +166,25 @@ def test_changed_values_are_measured_and_joins_confirmed(llama, tmp_path) -> Non
     assert f"  values_changed {q} -> {q}  (values differ: max abs diff " in text
 
 
+def test_joins_along_other_dims_are_confirmed_with_their_order(llama, tmp_path) -> None:
+    """up and gate side by side (dim 1, up first), and down split in three along dim 1: the values name the order;
+    a join whose values are not its parts' (layer 2's up changed) is refuted."""
+    state = _state(llama)
+    for i in range(LAYERS):
+        gate, up = (state.pop(f"model.layers.{i}.mlp.{x}_proj.weight") for x in ("gate", "up"))
+        state[f"model.layers.{i}.mlp.fused.weight"] = torch.cat([up if i != 2 else up + 1, gate], dim=1)
+        a, b, c = state.pop(f"model.layers.{i}.mlp.down_proj.weight").split([8, 16, 24], dim=1)
+        state.update({f"model.layers.{i}.mlp.down_a.weight": a, f"model.layers.{i}.mlp.down_b.weight": b,
+                      f"model.layers.{i}.mlp.down_c.weight": c})
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "b.safetensors")
+    report = _content(llama, tmp_path / "b.safetensors")
+    notes = {(c.kind, c.a[0] if c.kind == "split" else c.b[0]): c.detail.rsplit("; ", 1)[1] for c in report.changes if c.kind in ("merged", "split")}
+    for i in range(LAYERS):
+        assert notes[("merged", f"model.layers.{i}.mlp.fused.weight")] == (
+            "content differs" if i == 2 else "content equal, in the order up_proj, gate_proj")
+        assert notes[("split", f"model.layers.{i}.mlp.down_proj.weight")] == "content equal, in the order down_a, down_b, down_c"
+
+
 def test_the_html_page_holds_the_counts_and_every_pattern_escaped(llama, tmp_path) -> None:
     state = _state(llama)
     state["model.layers.0.mlp.<b>odd</b>.weight"] = state.pop("model.layers.0.mlp.up_proj.weight")
