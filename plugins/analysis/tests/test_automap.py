@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,35 @@ def test_bad_targets_are_one_line(gguf_named, tmp_path, target, message) -> None
     done = run_cli(["automap", str(gguf_named), "--target", target])
     assert done.returncode == 2 and done.stderr.startswith("statebridge: error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert message in done.stderr
+
+
+def test_a_tied_head_is_filled_by_its_tie_not_missing(tmp_path, tiny_llama, llama_cpp) -> None:
+    """A model that ties lm_head to the embedding: the checkpoint holds one of them; the tie fills the other."""
+    folder = tmp_path / "tied"
+    tiny_llama(folder, layers=2, tie=True)
+    state = load_file(folder / "model.safetensors")
+    assert "lm_head.weight" not in state  # transformers saves a tied tensor once
+    source = tmp_path / "gguf-names.safetensors"
+    save_file({llama_cpp.name(k): v for k, v in state.items()}, source)
+    rules = tmp_path / "rules.yaml"
+    done = run_cli(["automap", str(source), "--target", str(folder / "config.json"), "--emit-rules", str(rules)])
+    assert done.returncode == 0, done.stderr
+    assert "target keys a tie fills (loading gives them their partner's tensor):\n  lm_head.weight (tied to model.embed_tokens.weight)" in done.stdout
+    assert "target keys no rule makes" not in done.stdout and "warning" not in done.stderr
+    assert f"{3 + 9 * 2} of {3 + 9 * 2} target keys (100%)" in done.stdout
+    assert "# NOTE: lm_head.weight: tied to model.embed_tokens.weight in B; loading fills it" in rules.read_text()
+    made = tmp_path / "out.safetensors"
+    assert run_cli(["run", str(rules), "--source", str(source), "--target", str(made), "--no-progress"]).returncode == 0
+    model = LlamaForCausalLM(AutoConfig.from_pretrained(folder))
+    sb.load_into(model, made)  # strict: the tie counts as present
+    assert torch.equal(model.lm_head.weight, state["model.embed_tokens.weight"])
+
+
+def test_automap_against_a_key_list_never_imports_torch(gguf_named, tmp_path) -> None:
+    listing = tmp_path / "keys.txt"
+    listing.write_text("model.layers.0.self_attn.q_proj.weight\n")
+    code = ("import sys\nfrom statebridge.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, "automap", str(gguf_named), "--target", str(listing),
+                           "--emit-rules", str(tmp_path / "r.yaml")], capture_output=True, text=True)
+    assert done.stdout.strip().endswith("False"), done.stdout + done.stderr

@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ class Target:
     compared: frozenset[str]
     #: a checkpoint target's path, opened again to read values (the order of a merge's parts); None for the others
     checkpoint: str | None = None
+    #: a model's groups of tied names (one tensor under each): loading fills every name from any one
+    tied: list[tuple[str, ...]] = field(default_factory=list)
 
 
 def read_target(spec: str) -> Target:
@@ -93,9 +95,11 @@ def _from_module(spec: str) -> Target:
 
 
 def _module_target(module: Any, name: str) -> Target:
-    """A module's ``state_dict()`` keys and shapes (a meta-device module costs no memory)."""
+    """A module's ``state_dict()`` keys and shapes, and its tied names (a meta-device module costs no memory)."""
+    from .model import tied_groups
+
     metas = {k: TensorMeta(tuple(v.shape), _ANY) for k, v in module.state_dict(keep_vars=True).items()}
-    return Target(name, dict(metas), frozenset({"shape"}))
+    return Target(name, dict(metas), frozenset({"shape"}), tied=tied_groups(module))
 
 
 def _from_key_list(path: Path) -> Target:
@@ -157,14 +161,25 @@ class Automap:
     sources: int
     targets: int
 
+    def filled(self) -> dict[str, str]:
+        """Target keys no rule makes that a tie fills (loading gives them a matched partner's tensor): key -> partner."""
+        made = {k for c in self.report.changes if c.kind != "added" for k in c.b}
+        out = {}
+        for group in self.target.tied:
+            partner = next((k for k in group if k in made), None)
+            if partner is not None:
+                out.update((k, partner) for k in group if k not in made)
+        return out
+
     def coverage(self) -> dict[str, Any]:
-        """How many source keys the rules use and target keys they make, and which are left over."""
+        """How many source keys the rules use and target keys they make (or a tie fills), and which are left over."""
+        filled = self.filled()
         left_a = [k for c in self.report.changes if c.kind == "removed" for k in c.a]
-        left_b = [k for c in self.report.changes if c.kind == "added" for k in c.b]
+        left_b = [k for c in self.report.changes if c.kind == "added" for k in c.b if k not in filled]
         return {
             "source_matched": self.sources - len(left_a), "source_keys": self.sources,
             "target_matched": self.targets - len(left_b), "target_keys": self.targets,
-            "source_unmatched": left_a, "target_unmatched": left_b,
+            "source_unmatched": left_a, "target_unmatched": left_b, "target_tied": filled,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,7 +192,10 @@ class Automap:
     def render(self) -> str:
         compared = ", ".join(["names", *(f"{c}s" for c in sorted(self.target.compared))])
         lines = [f"source: {self.report.a}", f"target: {self.report.b} (compared: {compared})", "candidate rules:"]
-        rows = self.report.folded()
+        c = self.coverage()
+        report = self.report
+        kept = [i for i in report.items if not (i.kind == "added" and i.b[0] in c["target_tied"])]
+        rows = DiffReport(report.a, report.b, kept, report.names).folded()
         for row in rows:
             if row["kind"] in _UNMATCHED:
                 continue
@@ -185,11 +203,13 @@ class Automap:
             if "confidence" in row:
                 extra.append(f"score {row['confidence']:.2f}")
             lines.append(f"  {row['kind']:<13} {row['a']} -> {row['b']}" + (f"  ({'; '.join(extra)})" if extra else ""))
-        c = self.coverage()
         lines.append(
             f"coverage: {c['source_matched']} of {c['source_keys']} source keys ({_share(c['source_matched'], c['source_keys'])}), "
             f"{c['target_matched']} of {c['target_keys']} target keys ({_share(c['target_matched'], c['target_keys'])})"
         )
+        if c["target_tied"]:
+            lines.append("target keys a tie fills (loading gives them their partner's tensor):")
+            lines.extend(f"  {k} (tied to {partner})" for k, partner in c["target_tied"].items())
         for kind, what in (("removed", "source keys no rule uses (the rules drop them)"), ("added", "target keys no rule makes")):
             left = [r for r in rows if r["kind"] == kind]
             if left:

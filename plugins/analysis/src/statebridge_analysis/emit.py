@@ -48,14 +48,17 @@ def _glob(template: tuple[str, ...]) -> str:
 def emit_rules(
     report: DiffReport, a: Source, b: Source | None, *, metas: tuple[Mapping[str, TensorMeta], Mapping[str, TensorMeta]] | None = None,
     compared: frozenset[str] = frozenset({"shape", "dtype"}), made_by: str = "statebridge diff A B --emit-rules",
+    filled: Mapping[str, str] | None = None,
 ) -> tuple[str, list[str]]:
     """The config text, and the ways its plan's outputs differ from B (empty when they match B's headers).
 
     ``b`` is None when B has no values to read (``automap``'s target: a model, a key list): the parts of a
     merge or split are then ordered by their names.  ``metas`` are the two sides' metadata the report was
     made from (default: the sources'), ``compared`` what of a tensor the check against B compares beside
-    its name (``shape``, ``dtype``).
+    its name (``shape``, ``dtype``).  ``filled``: B's keys a tie fills from a partner the rules make (a model's
+    tied ``lm_head``), noted as such rather than as missing.
     """
+    filled = filled or {}
     assert b is not None or metas is not None
     ma, mb = metas or (a.metas(), b.metas())
     names = report.names
@@ -81,7 +84,10 @@ def emit_rules(
         elif kind in ("merged", "split"):
             parallel.append(_join_rule(kind, changes[0], templates_a, templates_b, a, b, ma, mb, notes))
         elif kind == "added":
-            notes.extend(f"{c.b[0]}: only in B; no rule can make it from A" for c in changes)
+            notes.extend(
+                f"{c.b[0]}: tied to {filled[c.b[0]]} in B; loading fills it" if c.b[0] in filled
+                else f"{c.b[0]}: only in B; no rule can make it from A" for c in changes
+            )
         elif kind == "shape_changed" and not _transposes(changes[0], ma, mb):
             notes.extend(f"{c.a[0]}: {c.detail}; no rule reshapes it" for c in changes)
         else:  # one tensor of A for one of B: renamed, moved, transposed, permuted, cast, values changed
@@ -114,7 +120,7 @@ def emit_rules(
     steps.extend(after)
     steps.extend(_casts(report.changes, ma, mb, names))
     text = _render(report, steps, notes, made_by)
-    return text, _check(a, steps, mb, compared)
+    return text, [p for p in _check(a, steps, mb, compared) if p.removesuffix(": only in B") not in filled]
 
 
 def _transposes(c: Change, ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta]) -> bool:

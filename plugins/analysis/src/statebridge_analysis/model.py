@@ -44,13 +44,17 @@ def config_path(model: str | Path) -> Path:
 def expected_from_config(model: str | Path) -> Expected:
     """Build the model of ``model`` (a folder or its ``config.json``) on the meta device and list what it expects."""
     module, path = module_from_config(model)
+    shapes = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    return Expected(f"{type(module).__name__} from {path}", shapes, tied_groups(module))
+
+
+def tied_groups(module: Any) -> list[tuple[str, ...]]:
+    """The module's parameters that are one object under several names (``lm_head.weight`` and
+    ``model.embed_tokens.weight`` when the config ties them), each group in the module's order."""
     names: dict[int, list[str]] = {}
     for name, parameter in module.named_parameters(remove_duplicate=False):
         names.setdefault(id(parameter), []).append(name)
-    state = module.state_dict()
-    shapes = {key: tuple(value.shape) for key, value in state.items()}
-    tied = [tuple(group) for group in names.values() if len(group) > 1]
-    return Expected(f"{type(module).__name__} from {path}", shapes, tied)
+    return [tuple(group) for group in names.values() if len(group) > 1]
 
 
 def module_from_config(model: str | Path) -> tuple[Any, Path]:

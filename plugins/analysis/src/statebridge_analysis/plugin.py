@@ -9,6 +9,7 @@ GGUF files without ``--model``) never imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -133,14 +134,10 @@ def automap(source: str, target: str, rules_to: str | None, as_json: bool) -> No
     wanted = read_target(target)
     with statebridge.open_source(source) as opened:
         found, ma, mb = run_automap(opened.metas(), opened.name, wanted)
-        if rules_to:
-            if wanted.checkpoint is not None:
-                with statebridge.open_source(wanted.checkpoint) as values:
-                    text, problems = emit_rules(found.report, opened, values, metas=(ma, mb), compared=wanted.compared,
-                                                made_by="statebridge automap SRC --target T --emit-rules")
-            else:
-                text, problems = emit_rules(found.report, opened, None, metas=(ma, mb), compared=wanted.compared,
-                                            made_by="statebridge automap SRC --target T --emit-rules")
+        if rules_to:  # a checkpoint target is opened again: its values order the parts of a merge
+            with statebridge.open_source(wanted.checkpoint) if wanted.checkpoint else contextlib.nullcontext() as values:
+                text, problems = emit_rules(found.report, opened, values, metas=(ma, mb), compared=wanted.compared,
+                                            made_by="statebridge automap SRC --target T --emit-rules", filled=found.filled())
             _write(rules_to, text, "rules")
     click.echo(json.dumps(found.to_dict(), indent=2) if as_json else found.render())
     if rules_to:
