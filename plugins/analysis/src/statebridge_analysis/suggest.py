@@ -30,9 +30,9 @@ CLOSEST = 200
 #: the least score a suggestion needs
 LEAST = 0.45
 #: a suggestion beside the best needs this share of the best's score (``q_proj``, not also ``o_proj``)
-CLOSE = 0.85
+CLOSE = 0.95
 #: candidate families per unmatched family whose members are looked at (the best by name)
-BEST = 20
+BEST = 5
 
 
 def nearest(unmatched: Mapping[str, Any], candidates: Mapping[str, Any], n: int = 3) -> dict[str, list[str]]:
