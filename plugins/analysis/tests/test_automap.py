@@ -192,3 +192,41 @@ def test_automap_against_a_key_list_never_imports_torch(gguf_named, tmp_path) ->
     done = subprocess.run([sys.executable, "-c", code, "automap", str(gguf_named), "--target", str(listing),
                            "--emit-rules", str(tmp_path / "r.yaml")], capture_output=True, text=True)
     assert done.stdout.strip().endswith("False"), done.stdout + done.stderr
+
+
+def test_meta_llama_names_are_mapped_too(llama, tmp_path) -> None:
+    """Meta's original Llama layout (tok_embeddings, attention.wq, feed_forward.w1/w2/w3, attention_norm) to the model."""
+    meta_names = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+    parts = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+
+    def meta_name(key: str) -> str:
+        if key in meta_names:
+            return meta_names[key]
+        for hf, meta in parts.items():
+            key = key.replace(f".{hf}.", f".{meta}.")
+        return key.removeprefix("model.")
+
+    source = tmp_path / "consolidated.safetensors"
+    save_file({meta_name(k): v for k, v in load_file(llama / "model.safetensors").items()}, source)
+    rules = tmp_path / "rules.yaml"
+    out = _automap(source, str(llama / "config.json"), rules)
+    assert "renamed       layers.{0..2}.feed_forward.w1.weight -> model.layers.{0..2}.mlp.gate_proj.weight  (score 1.00)" in out
+    assert f"coverage: {3 + 9 * LAYERS} of {3 + 9 * LAYERS} source keys (100%)" in out
+    made = tmp_path / "out.safetensors"
+    assert run_cli(["run", str(rules), "--source", str(source), "--target", str(made), "--no-progress"]).returncode == 0
+    _loads_strictly(llama, made)
+
+
+def test_what_nothing_matches_gets_a_did_you_mean(gguf_named, tmp_path, llama) -> None:
+    """A source key whose name says nothing the matching trusts: left for a person, with the nearest target key."""
+    keys = [k.replace("model.norm.weight", "model.outnorm.weight") for k in sb.open_source(llama).metas()]
+    listing = tmp_path / "keys.txt"
+    listing.write_text("\n".join(keys) + "\n")
+    done = run_cli(["automap", str(gguf_named), "--target", str(listing), "--json"])
+    data = json.loads(done.stdout)
+    assert data["coverage"]["source_unmatched"] == ["output_norm.weight"]
+    assert data["suggestions"] == {"output_norm.weight": ["model.outnorm.weight"]}
+    text = run_cli(["automap", str(gguf_named), "--target", str(listing)]).stdout
+    assert "did you mean (nearest target keys no rule makes, for a rule to write by hand):\n  output_norm.weight -> model.outnorm.weight" in text

@@ -36,6 +36,8 @@ _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 _ANY = DTYPES["float32"]
 #: kinds of change that leave a key unmatched
 _UNMATCHED = frozenset({"removed", "added"})
+#: suggestions for unmatched keys shown in the text (``--json`` gives all)
+SHOWN = 10
 
 
 @dataclass
@@ -160,6 +162,8 @@ class Automap:
     target: Target
     sources: int
     targets: int
+    #: both sides' metadata as the matching compared them (what the suggestions compare too)
+    metas: tuple[dict[str, TensorMeta], dict[str, TensorMeta]]
 
     def filled(self) -> dict[str, str]:
         """Target keys no rule makes that a tie fills (loading gives them a matched partner's tensor): key -> partner."""
@@ -182,11 +186,21 @@ class Automap:
             "source_unmatched": left_a, "target_unmatched": left_b, "target_tied": filled,
         }
 
+    def suggestions(self, coverage: Mapping[str, Any]) -> dict[str, list[str]]:
+        """Did you mean: for each source key no rule uses, the nearest target keys no rule makes (names and shapes)."""
+        from .suggest import nearest
+
+        ma, mb = self.metas
+        left_b = {k: mb[k] for k in coverage["target_unmatched"]}
+        return nearest({k: ma[k] for k in coverage["source_unmatched"]}, left_b) if left_b else {}
+
     def to_dict(self) -> dict[str, Any]:
         rows = self.report.folded()
+        coverage = self.coverage()
         return {
             "source": self.report.a, "target": self.report.b, "compared": sorted({"name", *self.target.compared}),
-            "rules": [r for r in rows if r["kind"] not in _UNMATCHED], "coverage": self.coverage(),
+            "rules": [r for r in rows if r["kind"] not in _UNMATCHED], "coverage": coverage,
+            "suggestions": self.suggestions(coverage),
         }
 
     def render(self) -> str:
@@ -215,6 +229,12 @@ class Automap:
             if left:
                 lines.append(f"{what}:")
                 lines.extend(f"  {r['a'] if kind == 'removed' else r['b']}" for r in left)
+        near = self.suggestions(c)
+        if near:
+            lines.append("did you mean (nearest target keys no rule makes, for a rule to write by hand):")
+            lines.extend(f"  {k} -> {' or '.join(v)}" for k, v in list(near.items())[:SHOWN])
+            if len(near) > SHOWN:
+                lines.append(f"  ... and {len(near) - SHOWN} more (--json lists them all)")
         return "\n".join(lines)
 
 
@@ -227,4 +247,4 @@ def automap(source_metas: Mapping[str, TensorMeta], source_name: str, target: Ta
     ma, mb = matched_metas(source_metas, target)
     names = Names()
     report = DiffReport(source_name, target.name, diff(ma, mb, names, shapes_known="shape" in target.compared), names)
-    return Automap(report, target, len(ma), len(mb)), ma, mb
+    return Automap(report, target, len(ma), len(mb), (ma, mb)), ma, mb

@@ -49,10 +49,12 @@ KINDS = (
     "dtype_changed", "shape_changed", "removed", "added",
 )
 
-#: Hugging Face and llama.cpp (GGUF) component names, each as the words it means, so that
-#: ``model.layers.0.self_attn.q_proj.weight`` and ``blk.0.attn_q.weight`` read alike
+#: Hugging Face, llama.cpp (GGUF) and Meta's original Llama component names, each as the words it means, so
+#: that ``model.layers.0.self_attn.q_proj.weight``, ``blk.0.attn_q.weight`` and ``layers.0.attention.wq.weight`` read alike
 _COMPONENTS = {
-    "token_embd": "embed token", "embed_tokens": "embed token", "wte": "embed token",
+    "token_embd": "embed token", "embed_tokens": "embed token", "wte": "embed token", "tok_embeddings": "embed token",
+    "wq": "attn q", "wk": "attn k", "wv": "attn v", "wo": "attn o", "attention_norm": "attn norm",
+    "w1": "ffn gate", "w3": "ffn up", "w2": "ffn down",
     "output_norm": "final norm", "norm": "final norm", "ln_f": "final norm",
     "output": "lm head", "lm_head": "lm head",
     "attn_q": "attn q", "q_proj": "attn q", "attn_k": "attn k", "k_proj": "attn k",
