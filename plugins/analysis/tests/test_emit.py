@@ -197,6 +197,10 @@ def test_a_gguf_written_by_the_core_with_llama_cpp_names_and_the_rotary_interlea
     sb.run(tmp_path / "permuted.safetensors", [], b, progress=False)
     rules = _emit_run_compare(llama, b, tmp_path, "--content")
     assert "- permute_rows: {pattern: blk.*.attn_q.weight, rotary_heads: 4}" in rules
+    # and back: the GGUF to the Hugging Face layout, the interleave undone
+    (tmp_path / "back").mkdir()
+    rules = _emit_run_compare(b, llama, tmp_path / "back", "--content")
+    assert "- permute_rows: {pattern: model.layers.*.self_attn.k_proj.weight, rotary_heads: 2, reverse: true}" in rules
 
 
 def test_permute_rows_refuses_what_it_cannot_do_in_one_line(llama, tmp_path) -> None:
