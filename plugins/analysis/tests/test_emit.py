@@ -211,3 +211,19 @@ def test_permute_rows_refuses_what_it_cannot_do_in_one_line(llama, tmp_path) -> 
         (tmp_path / "c.yaml").write_text(json.dumps({"steps": [{"permute_rows": params}]}))
         done = run_cli(["plan", str(tmp_path / "c.yaml"), "--source", str(llama)])
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+
+
+def test_values_no_rule_makes_are_noted_not_invented(llama, tmp_path) -> None:
+    """--content finds layer 1's renamed up_proj changed: the rules rename it and say they carry A's values."""
+    b = tmp_path / "b.safetensors"
+    sb.run(llama, [{"rename": {"pattern": "model.layers.*.mlp.up_proj.weight", "to": "blk.*.ffn_up.weight"}}], b, progress=False)
+    state = load_file(b)
+    state["blk.1.ffn_up.weight"] = state["blk.1.ffn_up.weight"] * 2
+    save_file(state, b)
+    rules = tmp_path / "rules.yaml"
+    done = run_cli(["diff", str(llama), str(b), "--content", "--emit-rules", str(rules)])
+    assert done.returncode == 0, done.stderr
+    text = rules.read_text()
+    assert "rename: {pattern: model.layers.*.mlp.up_proj.weight, to: blk.*.ffn_up.weight}" in text
+    assert "# NOTE: blk.1.ffn_up.weight: B's values differ from A's (values differ: max abs diff " in text
+    assert "the rules carry A's values" in text and text.count("# NOTE:") == 1

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .content import rotary_of
-from .diff import Change, DiffReport
+from .diff import Change, DiffReport, values_text
 
 if TYPE_CHECKING:
     from statebridge import Source, TensorMeta
@@ -145,8 +145,10 @@ def _value_notes(changes: list[Change], ma: Mapping[str, TensorMeta], mb: Mappin
     ]
     if not differ:
         return []
+    first = differ[0]
+    how = values_text(*first.values) if first.values is not None else "content differs"
     more = f" (and {len(differ) - 1} more like it)" if len(differ) > 1 else ""
-    return [f"{differ[0].b[0]}{more}: B's values differ from A's ({differ[0].detail or 'values changed'}); the rules carry A's values"]
+    return [f"{first.b[0]}{more}: B's values differ from A's ({how}); the rules carry A's values"]
 
 
 def _join_rule(
