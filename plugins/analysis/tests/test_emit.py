@@ -137,7 +137,7 @@ def test_a_transposed_head_and_a_dropped_layer_norm(llama, tmp_path) -> None:
     assert "keys: [model.layers.1.input_layernorm.weight]" in rules  # one layer's: named, not globbed
 
 
-def test_content_rules_rename_by_values_transpose_a_square_weight_undo_the_rotary_interleave_and_fuse_on_dim_1(
+def test_content_rules_rename_by_values_transpose_a_square_weight_apply_the_rotary_interleave_and_fuse_on_dim_1(
     llama, tmp_path, llama_cpp
 ) -> None:
     """What only --content can tell, as rules: opaque renames, a transposed square o_proj (its shape does not change),
