@@ -55,14 +55,15 @@ class Target:
 
 
 def read_target(spec: str) -> Target:
-    """The target named by ``spec``: ``module:factory``, a ``.json`` model config (or a folder holding only one),
-    a key list (a text file the core does not read as a checkpoint), or a checkpoint."""
+    """The target named by ``spec``: ``module:factory``, a ``.json`` model config (or a folder holding one and no
+    tensors), a key list (``.txt``, ``.tsv``, ``.keys``, ``.list``), or a checkpoint (anything else, a shard
+    index ``*.index.json`` included)."""
     import statebridge as sb
 
     path = Path(spec)
     if not path.exists() and _FACTORY.fullmatch(spec):
         return _from_module(spec)
-    if path.suffix == ".json" or (path.is_dir() and (path / "config.json").is_file() and not _has_tensors(path)):
+    if (path.suffix == ".json" and not path.name.endswith(".index.json")) or (path.is_dir() and (path / "config.json").is_file() and not _has_tensors(path)):
         from .model import module_from_config
 
         module, config = module_from_config(path)
