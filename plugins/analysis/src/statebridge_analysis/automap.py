@@ -205,8 +205,7 @@ class Automap:
         }
 
     def render(self) -> str:
-        compared = ", ".join(["names", *(f"{c}s" for c in sorted(self.target.compared))])
-        lines = [f"source: {self.report.a}", f"target: {self.report.b} (compared: {compared})", "candidate rules:"]
+        lines = [f"source: {self.report.a}", f"target: {self.report.b} (compared: {compared_text(self.target)})", "candidate rules:"]
         c = self.coverage()
         report = self.report
         kept = [i for i in report.items if not (i.kind == "added" and i.b[0] in c["target_tied"])]
@@ -237,6 +236,11 @@ class Automap:
             if len(near) > SHOWN:
                 lines.append(f"  ... and {len(near) - SHOWN} more (--json lists them all)")
         return "\n".join(lines)
+
+
+def compared_text(target: Target) -> str:
+    """What the matching compared: ``names``, ``names, shapes`` or ``names, shapes, dtypes``."""
+    return ", ".join(["names", *(f"{c}s" for c in ("shape", "dtype") if c in target.compared)])
 
 
 def _share(part: int, whole: int) -> str:

@@ -128,7 +128,7 @@ def automap(source: str, target: str, rules_to: str | None, as_json: bool) -> No
     (and, for a checkpoint target, the first layer of each merge or split to order its parts).
     """
     from .automap import automap as run_automap
-    from .automap import read_target
+    from .automap import compared_text, read_target
     from .emit import emit_rules
 
     wanted = read_target(target)
@@ -141,9 +141,7 @@ def automap(source: str, target: str, rules_to: str | None, as_json: bool) -> No
             _write(rules_to, text, "rules")
     click.echo(json.dumps(found.to_dict(), indent=2) if as_json else found.render())
     if rules_to:
-        known = {"shape": "shapes", "dtype": "dtypes"}
-        compared = ", ".join(["names", *(known[c] for c in sorted(wanted.compared, reverse=True))])
-        _warn_problems(rules_to, problems, "the source", "the target", compared)
+        _warn_problems(rules_to, problems, "the source", "the target", compared_text(wanted))
 
 
 def _write(path: str, text: str, what: str) -> None:
