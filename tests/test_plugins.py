@@ -298,7 +298,7 @@ def test_a_plugin_name_that_breaks_the_rules_is_refused(site):
 
 def test_every_hook_is_documented():
     specs = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)]
-    assert sorted(specs) == sorted([*(f"register_{k}" for k in ("transforms", "writers", "gates", "analyses", "commands")), "validate_plan"])
+    assert sorted(specs) == sorted([*(f"register_{k}" for k in ("transforms", "writers", "gates", "analyses", "commands")), "validate_plan", "suggest_keys"])
     manual = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
     assert "hookspecs.py" in manual
     for name in specs:

@@ -60,6 +60,74 @@ def test_target_spec_missing_extra_shape_dtype(llama_file, tmp_path):
     assert {f.check for f in plan.findings if f.level == "warning"} >= {"no_missing", "no_extra"}
 
 
+class _Suggests:
+    """A plugin answering the suggest_keys hook with the key spelled as the spec spells it, and what it was asked."""
+
+    def __init__(self, fails: bool = False) -> None:
+        self.fails, self.asked = fails, []
+
+    @sb.hookimpl
+    def suggest_keys(self, unmatched, candidates):
+        self.asked.append((dict(unmatched), dict(candidates)))
+        if self.fails:
+            raise RuntimeError("a broken plugin")
+        return {k: [c for c in candidates if k.replace("_proj", "") == c.replace("_proj", "")] for k in unmatched}
+
+
+@pytest.fixture
+def core_only(monkeypatch):
+    """The plugins of this process: the core's alone (no installed plugin answers suggest_keys), reloaded after."""
+    from statebridge.plugins import installed, reset_plugins
+
+    monkeypatch.setenv("STATEBRIDGE_LOAD_PLUGINS", "")
+    reset_plugins()
+    yield installed()
+    monkeypatch.delenv("STATEBRIDGE_LOAD_PLUGINS")
+    reset_plugins()
+
+
+def test_a_missed_target_asks_the_suggest_keys_hook_and_errors_alone_without_it(llama_file, core_only):
+    """``require`` against ``expect``: the spec's keys nothing makes are offered for the keys made that it lacks."""
+    spec = [k.replace("q_proj", "q") for k in llama_state_dict(LlamaShape(layers=2))]
+    require = {"no_missing": True, "no_extra": True}
+    with pytest.raises(PlanError) as plain:
+        sb.plan(llama_file, None, expect=spec, require=require)
+    assert "did you mean" not in str(plain.value)
+    suggests = _Suggests()
+    core_only.add(suggests, "suggests")
+    with pytest.raises(PlanError) as e:
+        sb.plan(llama_file, None, expect=spec, require=require)
+    (unmatched, candidates), = suggests.asked  # once: both findings share one question
+    assert set(unmatched) == {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)}
+    assert set(candidates) == {f"model.layers.{i}.self_attn.q.weight" for i in range(2)} and unmatched[next(iter(unmatched))].shape == (64, 64)
+    assert str(e.value) == str(plain.value).replace(
+        "model.layers.{0..1}.self_attn.q.weight\n",
+        "model.layers.{0..1}.self_attn.q.weight; did you mean: 'model.layers.0.self_attn.q_proj.weight' -> "
+        "'model.layers.0.self_attn.q.weight'; 'model.layers.1.self_attn.q_proj.weight' -> 'model.layers.1.self_attn.q.weight'?\n")
+
+
+def test_a_suggest_keys_plugin_that_fails_leaves_the_error_as_it_was(llama_file, core_only):
+    spec = [k.replace("q_proj", "q") for k in llama_state_dict(LlamaShape(layers=2))]
+    with pytest.raises(PlanError) as plain:
+        sb.plan(llama_file, None, expect=spec, require={"no_missing": True})
+    core_only.add(_Suggests(fails=True), "fails")
+    with pytest.raises(PlanError) as e:
+        sb.plan(llama_file, None, expect=spec, require={"no_missing": True})
+    assert str(e.value) == str(plain.value)
+
+
+def test_a_strict_load_into_names_the_nearest_module_keys_through_the_hook(llama_sd, core_only):
+    holder = torch.nn.Module()
+    holder.register_parameter("w_proj", torch.nn.Parameter(torch.zeros(256, 64)))
+    with pytest.raises(PlanError) as plain:
+        sb.load_into(holder, {"w": llama_sd["lm_head.weight"]})
+    assert "did you mean" not in str(plain.value)
+    core_only.add(_Suggests(), "suggests")
+    with pytest.raises(PlanError) as e:
+        sb.load_into(holder, {"w": llama_sd["lm_head.weight"]})
+    assert str(e.value) == str(plain.value) + "; did you mean: 'w' -> 'w_proj'?"
+
+
 def test_target_spec_from_a_module_checks_shapes(llama_sd):
     holder = torch.nn.Module()
     holder.register_parameter("w", torch.nn.Parameter(torch.zeros(300, 64)))

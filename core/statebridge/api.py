@@ -90,7 +90,7 @@ def plan(source: SourceLike | Plan, pipeline: PipelineLike = None, **options: An
         built = Plan.build(opened, as_pipeline(pipeline, plugins), settings, plugins.providers())
         folder = source_folder(source, opened)
         built.folder = read_folder(folder, built.pipeline, opened) if folder is not None else None
-        validate(built, plugins.hook.validate_plan)
+        validate(built, plugins.hook.validate_plan, plugins.hook.suggest_keys)
     return built
 
 
@@ -278,7 +278,7 @@ def load_into(
     """
     with open_source(source) as src:
         built = plan(src, pipeline)
-        writer = ModuleWriter(model, strict=strict, share=share, source=src)
+        writer = ModuleWriter(model, strict=strict, share=share, source=src, suggest=installed().hook.suggest_keys)
         fit_types(built, writer)  # a module holds no block types: a quantize to one is refused, not skipped
         try:
             execute(built, writer, progress=progress, max_memory=max_memory, workers=workers)

@@ -47,3 +47,19 @@ def register_commands(register):
 @hookspec
 def validate_plan(plan):
     """Return :class:`statebridge.Finding` objects about ``plan`` (no data read); errors stop the run."""
+
+
+@hookspec(firstresult=True)
+def suggest_keys(unmatched, candidates):
+    """Did you mean: for each key a pipeline makes that its target does not want, the target's nearest keys.
+
+    Called only when a plan is about to fail for keys that do not match a known target: a
+    ``load_into`` module with ``strict`` (keys the module lacks), or ``require: {no_missing}`` /
+    ``{no_extra}`` against ``expect:`` (a checkpoint, a module, a key list).  ``unmatched`` maps the
+    keys made but not wanted, ``candidates`` the target's keys that nothing makes, each to its
+    :class:`statebridge.TensorMeta` (or None when only the name is known: a key list).  Return
+    ``{unmatched key: [candidate keys, best first]}`` (keys without a suggestion left out), or None
+    to let the next plugin answer.  The first answer that is not None is used; the error names the
+    first few suggestions.  Without an implementation (or if it raises) the error is unchanged.
+    Keep it quick on 100,000 keys: it runs on the error path of every such failure.
+    """

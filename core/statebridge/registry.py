@@ -30,6 +30,7 @@ FIRST_PARTY_TRANSFORMS: Mapping[str, str] = {
     "grow_depth": "progressive",
     "grow_width": "progressive",
     "seeddelta": "seeddelta",
+    "permute_rows": "analysis",
 }
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -124,6 +125,29 @@ def closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     hints = closest(name, candidates)
     return f"; did you mean {' or '.join(repr(h) for h in hints)}?" if hints else ""
+
+
+def suggested_keys(
+    suggest: Callable[..., Mapping[str, Sequence[str]] | None] | None, unmatched: Mapping[str, Any], candidates: Mapping[str, Any],
+    shown: int = 5,
+) -> str:
+    """``; did you mean: 'a' -> 'b'; ...`` from the ``suggest_keys`` hook caller ``suggest`` (see :mod:`statebridge.hookspecs`)
+    for keys made but not wanted (``unmatched``) and wanted but not made (``candidates``), or ``""`` when no plugin suggests any.
+
+    A plugin's failure here must not hide the error the suggestions decorate: it is turned into no suggestion.
+    """
+    if suggest is None or not unmatched or not candidates:
+        return ""
+    try:
+        found = suggest(unmatched=unmatched, candidates=candidates) or {}
+        pairs = [(k, [str(c) for c in found[k]][:3]) for k in unmatched if found.get(k)]
+    except Exception:  # noqa: BLE001 - a suggestion is a courtesy; the error it would decorate is what matters
+        return ""
+    if not pairs:
+        return ""
+    text = "; ".join(f"{k!r} -> {' or '.join(map(repr, near))}" for k, near in pairs[:shown])
+    more = f" (and {len(pairs) - shown} more)" if len(pairs) > shown else ""
+    return f"; did you mean: {text}{more}?"
 
 
 def key_problem(key: object) -> str | None:

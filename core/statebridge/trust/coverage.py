@@ -90,12 +90,14 @@ def findings(plan: "Plan") -> list[Finding]:
         return out
     missing = [k for k in spec if k not in plan.outputs]
     extra = [k for k in plan.outputs if k not in spec]
+    # what a did-you-mean may pair: keys made that the spec lacks, with the spec's keys nothing makes
+    near = ({k: plan.outputs[k] for k in extra}, {k: spec[k] for k in missing}) if missing and extra else None
     if missing:
         level = "error" if require.no_missing else "warning"
-        out.append(Finding(level, f"{len(missing)} keys of the target spec are not produced: {describe_keys(missing)}", "no_missing"))
+        out.append(Finding(level, f"{len(missing)} keys of the target spec are not produced: {describe_keys(missing)}", "no_missing", near=near))
     if extra:
         level = "error" if require.no_extra else "warning"
-        out.append(Finding(level, f"{len(extra)} produced keys are not in the target spec: {describe_keys(extra)}", "no_extra"))
+        out.append(Finding(level, f"{len(extra)} produced keys are not in the target spec: {describe_keys(extra)}", "no_extra", near=near))
     shapes = [k for k, m in plan.outputs.items() if spec.get(k) is not None and spec[k].shape != m.shape]
     dtypes = [k for k, m in plan.outputs.items() if spec.get(k) is not None and spec[k].dtype != m.dtype]
     for keys, what, strict in ((shapes, "shape", require.match_shapes), (dtypes, "dtype", require.match_dtypes)):

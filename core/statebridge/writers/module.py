@@ -38,15 +38,15 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ExecutionError, PlanError
 from ..readers.base import Source
 from ..readers.memory import DictSource
 from ..tensors.meta import TensorMeta
-from ..tensors.patterns import describe_keys
+from ..tensors.patterns import describe_keys, suggested_keys
 from .base import Writer
 
 if TYPE_CHECKING:
@@ -62,8 +62,13 @@ class ModuleWriter(Writer):
 
     format = "module"
 
-    def __init__(self, module: nn.Module, *, strict: bool = True, share: bool = False, source: Source | None = None) -> None:
+    def __init__(
+        self, module: nn.Module, *, strict: bool = True, share: bool = False, source: Source | None = None,
+        suggest: Callable[..., Any] | None = None,
+    ) -> None:
         super().__init__(Path("<module>"))
+        #: the ``suggest_keys`` hook caller: a strict load that fails for unmatched keys names the nearest module keys
+        self.suggest = suggest
         self.module = module
         self.strict = strict
         self.share = share
@@ -92,7 +97,11 @@ class ModuleWriter(Writer):
             if slot is not None and tuple(slot.shape) != meta.shape:
                 problems.append(f"{key!r}: the pipeline makes {meta} but the module expects {list(slot.shape)}")
         if problems:
-            raise PlanError(f"cannot load into {self._name}: " + "; ".join(problems))
+            near = ""
+            if self.strict and unexpected and missing:
+                wanted = {k: TensorMeta(tuple(self.slots[k].shape), self.slots[k].dtype) for k in missing}
+                near = suggested_keys(self.suggest, {k: metas[k] for k in unexpected}, wanted)
+            raise PlanError(f"cannot load into {self._name}: " + "; ".join(problems) + near)
         self.skipped, self.missing = unexpected, missing
 
     def write(self, key: str, tensor: torch.Tensor) -> None:

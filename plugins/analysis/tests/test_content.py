@@ -21,12 +21,6 @@ from statebridge_analysis.html import COLOURS
 
 LAYERS = 4
 HEADS, KV_HEADS = 4, 2
-GGUF = {
-    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-}
 
 
 @pytest.fixture(scope="module")
@@ -51,24 +45,6 @@ def _content(a: Path, b: Path) -> DiffReport:
 
 def _pairs(report: DiffReport) -> dict[tuple[str, str], tuple[str, str]]:
     return {(c.a[0], c.b[0]): (c.kind, c.detail) for c in report.changes if c.a and c.b}
-
-
-def _gguf_name(key: str) -> str:
-    """Hugging Face Llama names as llama.cpp's convert_hf_to_gguf.py writes them."""
-    if key in GGUF:
-        return GGUF[key]
-    for hf, gg in GGUF.items():
-        key = key.replace(f".{hf}.", f".{gg}.")
-    return key.replace("model.layers.", "blk.")
-
-
-def llama_cpp_permute(weights: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.Tensor:
-    """``LlamaModel.permute`` of llama.cpp's convert_hf_to_gguf.py, as written there."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2)
-            .reshape(weights.shape))
 
 
 def test_renames_no_name_explains_are_paired_by_content(llama, tmp_path) -> None:
@@ -116,16 +92,16 @@ def test_transposes_are_found_under_the_same_name_and_under_another(llama, tmp_p
     assert pairs[("lm_head.weight", "lm_head.weight")][0] == "shape_changed"
 
 
-def test_q_and_k_rows_permuted_by_llama_cpp_are_the_rotary_interleave(llama, tmp_path) -> None:
+def test_q_and_k_rows_permuted_by_llama_cpp_are_the_rotary_interleave(llama, tmp_path, llama_cpp) -> None:
     """What convert_hf_to_gguf.py does to Llama's q and k, with its names: the header pairs by names, the rows say how."""
     state = _state(llama)
     out = {}
     for key, value in state.items():
         if key.endswith("q_proj.weight"):
-            value = llama_cpp_permute(value, HEADS, HEADS)
+            value = llama_cpp.permute(value, HEADS, HEADS)
         elif key.endswith("k_proj.weight"):
-            value = llama_cpp_permute(value, HEADS, KV_HEADS)
-        out[_gguf_name(key)] = value.contiguous()
+            value = llama_cpp.permute(value, HEADS, KV_HEADS)
+        out[llama_cpp.name(key)] = value.contiguous()
     save_file(out, tmp_path / "gguf_names.safetensors")
     report = _content(llama, tmp_path / "gguf_names.safetensors")
     rows = {(r["kind"], r["a"], r["b"], r["detail"]) for r in report.folded()}
@@ -144,10 +120,10 @@ def test_q_and_k_rows_permuted_by_llama_cpp_are_the_rotary_interleave(llama, tmp
     assert data["counts"]["permuted"] == 2 * LAYERS
 
 
-def test_the_permutation_helpers_agree_with_llama_cpp() -> None:
+def test_the_permutation_helpers_agree_with_llama_cpp(llama_cpp) -> None:
     w = torch.arange(24 * 3).reshape(24, 3)
     for heads in (1, 2, 3, 6):
-        assert llama_cpp_permute(w, heads, heads)[:, 0].tolist() == [3 * i for i in rotary_permutation(24, heads)]
+        assert llama_cpp.permute(w, heads, heads)[:, 0].tolist() == [3 * i for i in rotary_permutation(24, heads)]
     rows = [bytes([i]) * 8 for i in range(6)]
     swapped = [rows[1], rows[0], *rows[2:]]
     assert describe_permutation(b"".join(rows), b"".join(swapped)) == "rows permuted: 2 of 6 rows moved (0<-1, 1<-0)"
@@ -190,6 +166,25 @@ def test_changed_values_are_measured_and_joins_confirmed(llama, tmp_path) -> Non
     assert f"  values_changed {q} -> {q}  (values differ: max abs diff " in text
 
 
+def test_joins_along_other_dims_are_confirmed_with_their_order(llama, tmp_path) -> None:
+    """up and gate side by side (dim 1, up first), and down split in three along dim 1: the values name the order;
+    a join whose values are not its parts' (layer 2's up changed) is refuted."""
+    state = _state(llama)
+    for i in range(LAYERS):
+        gate, up = (state.pop(f"model.layers.{i}.mlp.{x}_proj.weight") for x in ("gate", "up"))
+        state[f"model.layers.{i}.mlp.fused.weight"] = torch.cat([up if i != 2 else up + 1, gate], dim=1)
+        a, b, c = state.pop(f"model.layers.{i}.mlp.down_proj.weight").split([8, 16, 24], dim=1)
+        state.update({f"model.layers.{i}.mlp.down_a.weight": a, f"model.layers.{i}.mlp.down_b.weight": b,
+                      f"model.layers.{i}.mlp.down_c.weight": c})
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "b.safetensors")
+    report = _content(llama, tmp_path / "b.safetensors")
+    notes = {(c.kind, c.a[0] if c.kind == "split" else c.b[0]): c.detail.rsplit("; ", 1)[1] for c in report.changes if c.kind in ("merged", "split")}
+    for i in range(LAYERS):
+        assert notes[("merged", f"model.layers.{i}.mlp.fused.weight")] == (
+            "content differs" if i == 2 else "content equal, in the order up_proj, gate_proj")
+        assert notes[("split", f"model.layers.{i}.mlp.down_proj.weight")] == "content equal, in the order down_a, down_b, down_c"
+
+
 def test_the_html_page_holds_the_counts_and_every_pattern_escaped(llama, tmp_path) -> None:
     state = _state(llama)
     state["model.layers.0.mlp.<b>odd</b>.weight"] = state.pop("model.layers.0.mlp.up_proj.weight")
@@ -207,10 +202,10 @@ def test_the_html_page_holds_the_counts_and_every_pattern_escaped(llama, tmp_pat
     assert set(COLOURS) == set(KINDS)  # every kind has its colour
 
 
-def test_content_reads_safetensors_without_torch_and_is_deterministic(llama, tmp_path) -> None:
+def test_content_reads_safetensors_without_torch_and_is_deterministic(llama, tmp_path, llama_cpp) -> None:
     state = _state(llama)
     state["lm_head.weight"] = state["lm_head.weight"].t().contiguous()
-    state["model.layers.0.self_attn.q_proj.weight"] = llama_cpp_permute(state["model.layers.0.self_attn.q_proj.weight"], HEADS, HEADS)
+    state["model.layers.0.self_attn.q_proj.weight"] = llama_cpp.permute(state["model.layers.0.self_attn.q_proj.weight"], HEADS, HEADS)
     state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"] * 2
     state["empty.weight"] = torch.zeros(0, 3)
     save_file(state, tmp_path / "edited.safetensors")
@@ -230,13 +225,13 @@ def test_content_reads_safetensors_without_torch_and_is_deterministic(llama, tmp
 
 
 @pytest.mark.slow
-def test_content_of_large_tensors_is_read_a_chunk_at_a_time(tmp_path) -> None:
+def test_content_of_large_tensors_is_read_a_chunk_at_a_time(tmp_path, llama_cpp) -> None:
     """176 MB a side: values compared, a transpose and a rotary interleave found, in a peak RSS far below the tensors."""
     torch.manual_seed(0)
     big, t, q = torch.randn(3000, 10000), torch.randn(2000, 5000), torch.randn(1024, 4096)
     save_file({"big": big, "t": t, "q": q}, tmp_path / "a.safetensors")
     big[2999, 9999] += 0.5
-    save_file({"big": big, "t_renamed": t.t().contiguous(), "q": llama_cpp_permute(q, 8, 8).contiguous()}, tmp_path / "b.safetensors")
+    save_file({"big": big, "t_renamed": t.t().contiguous(), "q": llama_cpp.permute(q, 8, 8).contiguous()}, tmp_path / "b.safetensors")
     del big, t, q
     done, peak = run_cli_peak(["diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--content"])
     assert done.returncode == 0, done.stderr
@@ -261,12 +256,10 @@ def test_values_moved_onto_another_name_are_followed_and_nothing_is_paired_twice
     assert report.counts()["values_changed"] == 0
 
 
-def test_content_across_formats_a_gguf_written_by_the_core_and_a_torch_pickle(llama, tmp_path) -> None:
+def test_content_across_formats_a_gguf_written_by_the_core_and_a_torch_pickle(llama, tmp_path, llama_cpp) -> None:
     """The bytes hashed are the elements row-major whatever the format: a GGUF (llama.cpp names) and a .pt confirm every pairing."""
-    globs = {f"model.layers.*.{hf}.weight": f"blk.*.{gg}.weight" for hf, gg in GGUF.items() if "." not in gg and not hf.startswith("model.")}
-    globs.update({k: v for k, v in GGUF.items() if k.startswith(("model.embed", "model.norm", "lm_head"))})
     gguf = tmp_path / "llama.gguf"
-    sb.run(llama, [{"rename": {"pattern": p, "to": t}} for p, t in globs.items()], gguf, progress=False)
+    sb.run(llama, [{"rename": {"pattern": p, "to": t}} for p, t in llama_cpp.renames.items()], gguf, progress=False)
     report = _content(llama, gguf)
     assert report.counts()["renamed"] == 3 + 9 * LAYERS
     assert all(c.detail.endswith("content equal") for c in report.changes)

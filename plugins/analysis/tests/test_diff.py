@@ -19,21 +19,6 @@ from statebridge.testing import run_cli, write_many_tensors
 from statebridge_analysis.diff import DiffReport, Names, diff, similarity
 
 LAYERS = 4
-#: Hugging Face Llama names -> llama.cpp's GGUF names
-GGUF_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "model.layers.*.self_attn.q_proj.weight": "blk.*.attn_q.weight",
-    "model.layers.*.self_attn.k_proj.weight": "blk.*.attn_k.weight",
-    "model.layers.*.self_attn.v_proj.weight": "blk.*.attn_v.weight",
-    "model.layers.*.self_attn.o_proj.weight": "blk.*.attn_output.weight",
-    "model.layers.*.mlp.gate_proj.weight": "blk.*.ffn_gate.weight",
-    "model.layers.*.mlp.up_proj.weight": "blk.*.ffn_up.weight",
-    "model.layers.*.mlp.down_proj.weight": "blk.*.ffn_down.weight",
-    "model.layers.*.input_layernorm.weight": "blk.*.attn_norm.weight",
-    "model.layers.*.post_attention_layernorm.weight": "blk.*.ffn_norm.weight",
-}
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +59,8 @@ def test_the_same_checkpoint_is_unchanged(llama) -> None:
     assert report.render().splitlines()[-1] == f"{3 + 9 * LAYERS} unchanged"
 
 
-def test_renamed_to_gguf_names_pairs_every_family(llama, tmp_path) -> None:
-    renamed = _run(llama, tmp_path / "renamed.safetensors", [{"rename": {"pattern": p, "to": t}} for p, t in GGUF_NAMES.items()])
+def test_renamed_to_gguf_names_pairs_every_family(llama, tmp_path, llama_cpp) -> None:
+    renamed = _run(llama, tmp_path / "renamed.safetensors", [{"rename": {"pattern": p, "to": t}} for p, t in llama_cpp.renames.items()])
     report = _report(llama, renamed)
     assert report.counts()["renamed"] == 3 + 9 * LAYERS
     rows = _rows(report)
@@ -88,8 +73,8 @@ def test_renamed_to_gguf_names_pairs_every_family(llama, tmp_path) -> None:
     assert len(rows) == 12  # one row per family
 
 
-def test_saved_as_gguf_by_the_core_is_read_back_and_paired(llama, tmp_path) -> None:
-    gguf = _run(llama, tmp_path / "llama.gguf", [{"rename": {"pattern": p, "to": t}} for p, t in GGUF_NAMES.items()])
+def test_saved_as_gguf_by_the_core_is_read_back_and_paired(llama, tmp_path, llama_cpp) -> None:
+    gguf = _run(llama, tmp_path / "llama.gguf", [{"rename": {"pattern": p, "to": t}} for p, t in llama_cpp.renames.items()])
     done = run_cli(["diff", str(llama), str(gguf), "--json"])
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)

@@ -26,8 +26,9 @@ the chunk and the row count.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -114,14 +115,20 @@ class Reader:
         """``sum_ij u_i v_j bits(x_ij) mod 2**64`` with ``u`` over rows and ``v`` over columns (swapped when ``transposed``)."""
         m, n = meta.shape
         u, v = (_weights(m, 2), _weights(n, 1)) if transposed else (_weights(m, 1), _weights(n, 2))
-        view, total, done = UINT[meta.dtype.itemsize], np.uint64(0), 0
-        row = n * meta.dtype.itemsize
+        return int(self.fingerprints(key, meta, n, u, v[:, None])[0])
+
+    def fingerprints(self, key: str, meta: TensorMeta, width: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """``sum_ij u_i v_jc bits(x_ij) mod 2**64`` for each column ``c`` of ``v``, the tensor's elements seen as rows of
+        ``width`` (``u``: one weight a row; ``v``: ``width`` weights a column), in one streamed read."""
+        view, done = UINT[meta.dtype.itemsize], 0
+        total = np.zeros(v.shape[1], dtype=np.uint64)
+        row = width * meta.dtype.itemsize
         with np.errstate(over="ignore"):
             for chunk in self.chunks(key, meta, max(row, CHUNK // row * row)):
-                x = np.frombuffer(chunk, dtype=view).reshape(-1, n).astype(np.uint64)
-                total += (x @ v) @ u[done : done + len(x)]
+                x = np.frombuffer(chunk, dtype=view).reshape(-1, width).astype(np.uint64)
+                total += u[done : done + len(x)] @ (x @ v)
                 done += len(x)
-        return int(total)
+        return total
 
     def values(self, key: str, meta: TensorMeta) -> Iterator[np.ndarray]:
         """The tensor's values as float64, :data:`ELEMENTS` at a time (raises KeyError for a type without a known layout)."""
@@ -183,28 +190,50 @@ def rotary_permutation(rows: int, heads: int) -> list[int]:
     return [h * 2 * half + s * half + i for h in range(heads) for i in range(half) for s in range(2)]
 
 
-def describe_permutation(rows_a: bytes, rows_b: bytes) -> str | None:
-    """How B's rows are A's rows reordered (the row hashes of each, 8 bytes a row), or None when they are not."""
+def row_order(rows_a: bytes, rows_b: bytes) -> list[int] | None:
+    """For each row of B, the row of A it holds (the row hashes of each, 8 bytes a row), or None when B's rows
+    are not A's reordered (or not reordered at all).  Equal rows are matched in order."""
     a = [rows_a[i : i + 8] for i in range(0, len(rows_a), 8)]
     b = [rows_b[i : i + 8] for i in range(0, len(rows_b), 8)]
     if len(a) != len(b) or sorted(a) != sorted(b) or a == b:
         return None
-    n = len(a)
+    where: dict[bytes, list[int]] = defaultdict(list)
+    for i, h in enumerate(a):
+        where[h].append(i)
+    for held in where.values():
+        held.reverse()  # popped from the end: the first of equal rows first
+    return [where[h].pop() for h in b]
+
+
+def rotary_of(order: Sequence[int]) -> tuple[int, bool] | None:
+    """(heads, reversed) when ``order`` is llama.cpp's rotary interleave with that many heads, or its reverse; else None."""
+    n = len(order)
     for heads in range(1, n // 2 + 1):
         if n % (2 * heads):
             continue
         forward = rotary_permutation(n, heads)
-        if all(b[j] == a[forward[j]] for j in range(n)):
-            return f"rows permuted: rotary interleave (heads={heads})"
-        if all(a[j] == b[forward[j]] for j in range(n)):
-            return f"rows permuted: rotary interleave reversed (heads={heads})"
-    where: dict[bytes, list[int]] = defaultdict(list)
-    for i, h in enumerate(a):
-        where[h].append(i)
-    mapping = [where[h].pop(0) for h in b]
-    moved = sum(1 for j, i in enumerate(mapping) if i != j)
-    shown = ", ".join(f"{j}<-{i}" for j, i in enumerate(mapping) if i != j)
-    return f"rows permuted: {moved} of {n} rows moved ({shown[:60]}{'...' if len(shown) > 60 else ''})"
+        if all(order[j] == forward[j] for j in range(n)):
+            return heads, False
+        if all(order[forward[j]] == j for j in range(n)):
+            return heads, True
+    return None
+
+
+def describe_order(order: Sequence[int]) -> str:
+    """``rows permuted: rotary interleave (heads=4)`` (``reversed``), or which rows moved where."""
+    rotary = rotary_of(order)
+    if rotary is not None:
+        heads, back = rotary
+        return f"rows permuted: rotary interleave{' reversed' if back else ''} (heads={heads})"
+    moved = sum(1 for j, i in enumerate(order) if i != j)
+    shown = ", ".join(f"{j}<-{i}" for j, i in enumerate(order) if i != j)
+    return f"rows permuted: {moved} of {len(order)} rows moved ({shown[:60]}{'...' if len(shown) > 60 else ''})"
+
+
+def describe_permutation(rows_a: bytes, rows_b: bytes) -> str | None:
+    """How B's rows are A's rows reordered (the row hashes of each, 8 bytes a row), or None when they are not."""
+    order = row_order(rows_a, rows_b)
+    return describe_order(order) if order is not None else None
 
 
 def content_diff(report: DiffReport, a: Source, b: Source) -> DiffReport:
@@ -282,9 +311,9 @@ def _decide(
         candidates = [y for y in rows_of.get((ma[k].shape, ma[k].dtype, _multiset(rows_a)), []) if y not in done_b]
         pair = disputed.get(k)
         y = pair.b[0] if pair is not None and pair.b[0] in candidates else next(iter(candidates), None)
-        permuted = describe_permutation(rows_a, rb.rows(y, mb[y])) if y is not None else None
-        if permuted:
-            out.append(Change("permuted", (k,), (y,), permuted))
+        order = row_order(rows_a, rb.rows(y, mb[y])) if y is not None else None
+        if order is not None:
+            out.append(Change("permuted", (k,), (y,), describe_order(order), rows=tuple(order)))
             done_a.add(k)
             done_b.add(y)
     # 3. pairs the names made and the values did not confirm: how far their values are apart
@@ -326,11 +355,14 @@ def _transposes(
     left_a: list[str], left_b: list[str], ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta],
     ra: Reader, rb: Reader, disputed: Mapping[str, Change],
 ) -> list[Change]:
-    """2-D tensors of A whose transpose is a tensor of B (same element type): a bilinear fingerprint of each candidate."""
+    """2-D tensors of A whose transpose is a tensor of B (same element type): a bilinear fingerprint of each candidate.
+
+    Square ones too, which headers cannot tell from an untransposed tensor: a transposed square weight under its
+    own name (or another) is paired here before its values are called changed."""
     swapped: dict[tuple, list[str]] = defaultdict(list)
     for y in left_b:
         m = mb[y]
-        if len(m.shape) == 2 and not m.stored and m.shape[0] != m.shape[1] and m.numel:  # empty: nothing to tell
+        if len(m.shape) == 2 and not m.stored and m.numel:  # square ones too: only values tell them; empty: nothing to tell
             swapped[(m.shape[1], m.shape[0], m.dtype)].append(y)
     out: list[Change] = []
     prints_b: dict[str, int] = {}
@@ -355,12 +387,31 @@ def _transposes(
 
 
 def _join(c: Change, ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], ra: Reader, rb: Reader) -> Change:
-    """A merge or split along dim 0 is confirmed when the whole's rows are the parts' rows, the parts in some order."""
+    """A merge or split is confirmed when the whole's values are the parts' joined in some order, which is named:
+    along dim 0 by row hashes, along another dim by bilinear fingerprints."""
     parts, whole = (c.a, c.b[0]) if c.kind == "merged" else (c.b, c.a[0])
     mp, mw = (ma, mb) if c.kind == "merged" else (mb, ma)
     rp, rw = (ra, rb) if c.kind == "merged" else (rb, ra)
-    if c.dim != 0 or any(_row_bytes(mp[p]) == 0 for p in parts) or _row_bytes(mw[whole]) == 0 or any(mp[p].dtype != mw[whole].dtype for p in parts):
-        return c._replace(detail=_with(c.detail, "content not checked (rows of dim 0 only)"))
+    if any(mp[p].dtype != mw[whole].dtype or mp[p].stored for p in parts) or mw[whole].stored or c.dim is None:
+        return c._replace(detail=_with(c.detail, "content not checked (block-quantized or cast)"))
+    if c.dim != 0 or any(_row_bytes(mp[p]) == 0 for p in parts) or _row_bytes(mw[whole]) == 0:
+        order = _columns_order(parts, whole, mp, mw, rp, rw, c.dim)
+    else:
+        order = _rows_order(parts, whole, mp, mw, rp, rw)
+    if order is None:
+        return c._replace(detail=_with(c.detail, "content differs"))
+    if not order:
+        return c._replace(detail=_with(c.detail, f"content not checked (more than {MOST_ORDERED} parts)"))
+    names = ", ".join(p.rsplit(".", 2)[-2] for p in order)
+    return c._replace(detail=_with(c.detail, f"content equal, in the order {names}"))
+
+
+#: the most parts of a join along a dim other than 0 whose orders are tried (each order is a sum of fingerprints)
+MOST_ORDERED = 6
+
+
+def _rows_order(parts, whole, mp, mw, rp: Reader, rw: Reader) -> list[str] | None:
+    """The parts in the order whose rows, laid end to end, are the whole's rows (row hashes), or None."""
     rows = rw.rows(whole, mw[whole])
     of = {p: rp.rows(p, mp[p]) for p in parts}
     at, order = 0, []
@@ -368,9 +419,41 @@ def _join(c: Change, ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta],
     while remaining:
         found = next((p for p in remaining if rows[at : at + len(of[p])] == of[p]), None)
         if found is None:
-            return c._replace(detail=_with(c.detail, "content differs"))
+            return None
         order.append(found)
         remaining.remove(found)
         at += len(of[found])
-    names = ", ".join(p.rsplit(".", 2)[-2] for p in order)
-    return c._replace(detail=_with(c.detail, f"content equal, in the order {names}"))
+    return order
+
+
+def _columns_order(parts, whole, mp, mw, rp: Reader, rw: Reader, dim: int) -> list[str] | None:
+    """The parts in the order whose concatenation along ``dim`` is the whole, or None; ``[]`` when not tried.
+
+    Each tensor is seen as rows of the elements from ``dim`` on (``outer`` rows: the product of the dims before):
+    the whole's row is the parts' rows side by side.  A bilinear fingerprint with weights ``u`` over the rows and
+    ``v`` over the whole's columns is, for the whole, the sum of each part's fingerprint with the slice of ``v``
+    where that part stands; each part is read once for every place it could stand (after any subset of the others).
+    """
+    if len(parts) > MOST_ORDERED:
+        return []
+    shape = mw[whole].shape
+    outer = int(np.prod(shape[:dim], dtype=np.int64))
+    inner = int(np.prod(shape[dim + 1 :], dtype=np.int64))
+    widths = {p: mp[p].shape[dim] * inner for p in parts}
+    u, v = _weights(outer, 1), _weights(shape[dim] * inner, 2)
+    target = rw.fingerprints(whole, mw[whole], shape[dim] * inner, u, v[:, None])[0]
+    prints: dict[str, dict[int, np.uint64]] = {}
+    for p in parts:
+        others = [widths[o] for o in parts if o != p]
+        offsets = sorted({sum(s) for n in range(len(others) + 1) for s in itertools.combinations(others, n)})
+        columns = np.stack([v[at : at + widths[p]] for at in offsets], axis=1)
+        prints[p] = dict(zip(offsets, rp.fingerprints(p, mp[p], widths[p], u, columns)))
+    for order in itertools.permutations(parts):
+        at, total = 0, np.uint64(0)
+        with np.errstate(over="ignore"):
+            for p in order:
+                total += prints[p][at]
+                at += widths[p]
+        if total == target:
+            return list(order)
+    return None

@@ -28,8 +28,9 @@ from __future__ import annotations
 import itertools
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from statebridge.tensors.patterns import number_range, shown
@@ -48,10 +49,12 @@ KINDS = (
     "dtype_changed", "shape_changed", "removed", "added",
 )
 
-#: Hugging Face and llama.cpp (GGUF) component names, each as the words it means, so that
-#: ``model.layers.0.self_attn.q_proj.weight`` and ``blk.0.attn_q.weight`` read alike
+#: Hugging Face, llama.cpp (GGUF) and Meta's original Llama component names, each as the words it means, so
+#: that ``model.layers.0.self_attn.q_proj.weight``, ``blk.0.attn_q.weight`` and ``layers.0.attention.wq.weight`` read alike
 _COMPONENTS = {
-    "token_embd": "embed token", "embed_tokens": "embed token", "wte": "embed token",
+    "token_embd": "embed token", "embed_tokens": "embed token", "wte": "embed token", "tok_embeddings": "embed token",
+    "wq": "attn q", "wk": "attn k", "wv": "attn v", "wo": "attn o", "attention_norm": "attn norm",
+    "w1": "ffn gate", "w3": "ffn up", "w2": "ffn down",
     "output_norm": "final norm", "norm": "final norm", "ln_f": "final norm",
     "output": "lm head", "lm_head": "lm head",
     "attn_q": "attn q", "q_proj": "attn q", "attn_k": "attn k", "k_proj": "attn k",
@@ -83,6 +86,8 @@ class Change(NamedTuple):
     dim: int | None = None
     #: with ``--content``, for a pair whose values differ: (largest absolute difference, cosine similarity)
     values: tuple[float, float] | None = None
+    #: with ``--content``, for a permutation of rows: for each row of B, the row of A it holds
+    rows: tuple[int, ...] | None = None
 
 
 class Names:
@@ -266,6 +271,7 @@ def _kind_of(meta: TensorMeta) -> str:
     return f"{meta.dtype.name} (stored {meta.stored})" if meta.stored else meta.dtype.name
 
 
+@lru_cache(maxsize=1 << 16)
 def _words(template: tuple[str, ...]) -> frozenset[str]:
     """The words of a family's name, Hugging Face and llama.cpp spellings made alike (see :data:`_COMPONENTS`)."""
     words = set()
@@ -344,9 +350,14 @@ def compare(a: Source, b: Source) -> DiffReport:
     return DiffReport(a.name, b.name, diff(a.metas(), b.metas(), names), names)
 
 
-def diff(ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], names: Names | None = None) -> list[Change | FamilyChange]:
+def diff(
+    ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], names: Names | None = None, shapes_known: bool = True
+) -> list[Change | FamilyChange]:
     """Every key of ``ma`` and ``mb`` in exactly one change (a :class:`Change`, or a :class:`FamilyChange` for
-    a family paired whole), ordered by each one's first key of A in A's storage order, then B's (added)."""
+    a family paired whole), ordered by each one's first key of A in A's storage order, then B's (added).
+
+    ``shapes_known=False`` (``automap`` against a list of names: every shape given as ``()``): shapes tell
+    nothing, so a pair is never accepted for being the only one its shapes allow; names decide alone."""
     names = names or Names()
     changes: list[Change | FamilyChange] = []
     fa = _families(k for k in ma if k not in mb)
@@ -370,7 +381,7 @@ def diff(ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], names: Name
     used_a, used_b = _joins(left_a, left_b, ma, mb, names, changes)
     fa = _families(k for k in left_a if k not in used_a)
     fb = _families(k for k in left_b if k not in used_b)
-    _pair_families(fa, fb, ma, mb, changes, min_score=0.3)
+    _pair_families(fa, fb, ma, mb, changes, min_score=0.3, shapes_known=shapes_known)
     changes.extend(Change("removed", (k,), ()) for f in fa.values() for k in f.members.values())
     changes.extend(Change("added", (), (k,)) for f in fb.values() for k in f.members.values())
     order_a = {k: i for i, k in enumerate(ma)}
@@ -429,7 +440,8 @@ def _signature(family: _Family, metas: Mapping[str, TensorMeta]) -> tuple[Any, .
 
 
 def _pair_families(
-    fa: dict, fb: dict, ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], changes: list, min_score: float
+    fa: dict, fb: dict, ma: Mapping[str, TensorMeta], mb: Mapping[str, TensorMeta], changes: list, min_score: float,
+    shapes_known: bool = True,
 ) -> None:
     """Pair A's leftover families with B's: same member count and shapes, layer numbers aligned (maybe shifted), best names first.
 
@@ -444,7 +456,7 @@ def _pair_families(
     for side_a, side_b in buckets.values():
         if not side_a or not side_b:
             continue
-        unique = len(side_a) == 1 and len(side_b) == 1
+        unique = shapes_known and len(side_a) == 1 and len(side_b) == 1
         scored = sorted(
             ((similarity(a.template, b.template), i, j) for i, a in enumerate(side_a) for j, b in enumerate(side_b)),
             key=lambda s: (-s[0], s[1], s[2]),

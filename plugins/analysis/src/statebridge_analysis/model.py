@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from statebridge.errors import ConfigError, SourceError
 
@@ -42,12 +43,32 @@ def config_path(model: str | Path) -> Path:
 
 def expected_from_config(model: str | Path) -> Expected:
     """Build the model of ``model`` (a folder or its ``config.json``) on the meta device and list what it expects."""
+    module, path = module_from_config(model)
+    shapes = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    return Expected(f"{type(module).__name__} from {path}", shapes, tied_groups(module))
+
+
+def tied_groups(module: Any) -> list[tuple[str, ...]]:
+    """The module's parameters that are one object under several names (``lm_head.weight`` and
+    ``model.embed_tokens.weight`` when the config ties them), each group in the module's order."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return [tuple(group) for group in names.values() if len(group) > 1]
+
+
+def module_from_config(model: str | Path) -> tuple[Any, Path]:
+    """The model of ``model`` (a folder or its ``config.json``) built on the meta device, and the config file's path.
+
+    The class the config's ``architectures`` names, else ``AutoModelForCausalLM``, else ``AutoModel``
+    (the first that builds); no weights are allocated.
+    """
     path = config_path(model)
     try:
         import torch
         import transformers
     except ImportError as e:
-        raise ConfigError(f"--model {model}: checking against a model needs transformers and torch ({e})") from None
+        raise ConfigError(f"{model}: building a model from its config needs transformers and torch ({e})") from None
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
@@ -59,23 +80,14 @@ def expected_from_config(model: str | Path) -> Expected:
         raise SourceError(path, f"transformers cannot read this config: {_one_line(e)}") from None
     named = [c for c in (getattr(transformers, a, None) for a in raw.get("architectures") or []) if c is not None]
     builders = [*named[:1], transformers.AutoModelForCausalLM.from_config, transformers.AutoModel.from_config]
-    module, failures = None, []
+    failures = []
     with torch.device("meta"):
         for build in builders:
             try:
-                module = build(config)
-                break
+                return build(config), path
             except Exception as e:  # an auto class without this model_type, or a model that cannot be built from it
                 failures.append(f"{getattr(build, '__qualname__', build)}: {_one_line(e)}")
-    if module is None:
-        raise SourceError(path, f"transformers cannot build a model of type {raw.get('model_type')!r} from it ({'; '.join(failures)})")
-    names: dict[int, list[str]] = {}
-    for name, parameter in module.named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), []).append(name)
-    state = module.state_dict()
-    shapes = {key: tuple(value.shape) for key, value in state.items()}
-    tied = [tuple(group) for group in names.values() if len(group) > 1]
-    return Expected(f"{type(module).__name__} from {path}", shapes, tied)
+    raise SourceError(path, f"transformers cannot build a model of type {raw.get('model_type')!r} from it ({'; '.join(failures)})")
 
 
 def _one_line(error: Exception) -> str:

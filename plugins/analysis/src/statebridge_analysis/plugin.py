@@ -1,13 +1,15 @@
-"""The statebridge-analysis plugin: ``statebridge lint`` and ``statebridge diff``.
+"""The statebridge-analysis plugin: ``statebridge lint``, ``diff`` and ``automap``, the ``permute_rows``
+transform, and "did you mean" for the core's errors (the ``suggest_keys`` hook).
 
 statebridge imports this module at start-up (``statebridge --help`` included), so it holds
-only the click commands; their work is imported inside them, and header-only work
-(``diff``, and ``lint`` of safetensors and plain GGUF files without ``--model``) never
-imports torch.
+only the click commands and hooks; their work is imported inside them, and header-only work
+(``diff``, ``automap`` against a checkpoint or key list, and ``lint`` of safetensors and plain
+GGUF files without ``--model``) never imports torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -76,8 +78,8 @@ def _own_config(checkpoint: str) -> bool:
 @click.option("--html", "html_to", metavar="FILE", type=click.Path(dir_okay=False),
               help="also write the folded diff as one self-contained HTML page (counts, patterns coloured by kind)")
 @click.option("--emit-rules", "rules_to", metavar="FILE", type=click.Path(dir_okay=False),
-              help="write a pipeline config (YAML) whose steps turn A into B, to review; "
-              "reads the first layer of each merged or split family to order its parts")
+              help="write a pipeline config (YAML) whose steps turn A into B, to review; with --content, from the content "
+              "pairing (renames by values, transposes, row permutations); reads the first layer of each merge or split to order its parts")
 def diff(a: str, b: str, as_json: bool, content: bool, html_to: str | None, rules_to: str | None) -> None:
     """Compare two checkpoints from headers: renames, moves, merges, splits.
 
@@ -91,36 +93,91 @@ def diff(a: str, b: str, as_json: bool, content: bool, html_to: str | None, rule
 
     with statebridge.open_source(a) as source_a, statebridge.open_source(b) as source_b:
         report = compare(source_a, source_b)
-        if rules_to:
-            from .emit import emit_rules
-
-            text, problems = emit_rules(report, source_a, source_b)
-            try:
-                Path(rules_to).write_text(text, encoding="utf-8")
-            except OSError as e:
-                raise statebridge.SourceError(rules_to, f"cannot write the rules: {e.strerror or e}") from None
-        if content:  # after the rules: they are made from the header-only pairing, which the content report refines
+        if content:
             from .content import content_diff
 
             report = content_diff(report, source_a, source_b)
+        if rules_to:  # from the content pairing when there is one: renames by values, transposes, permutations
+            from .emit import emit_rules
+
+            text, problems = emit_rules(report, source_a, source_b)
+            _write(rules_to, text, "rules")
     if html_to:
         from .html import render_html
 
-        try:
-            Path(html_to).write_text(render_html(report), encoding="utf-8")
-        except OSError as e:
-            raise statebridge.SourceError(html_to, f"cannot write the page: {e.strerror or e}") from None
+        _write(html_to, render_html(report), "page")
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
     if rules_to:
-        for problem in problems[:20]:
-            click.echo(f"statebridge: warning: rules in {rules_to}: {problem}", err=True)
-        if len(problems) > 20:
-            click.echo(f"statebridge: warning: rules in {rules_to}: ... and {len(problems) - 20} more differences from B", err=True)
-        if not problems:
-            click.echo(f"rules written to {rules_to}; planned against A, they give B's names, shapes and dtypes", err=True)
+        _warn_problems(rules_to, problems, "A", "B", "names, shapes and dtypes")
+
+
+@click.command()
+@click.argument("source", type=click.Path())
+@click.option("--target", "target", required=True, metavar="T",
+              help="what the keys should become: a checkpoint, a key list (text: key, or key<TAB>shape<TAB>dtype, a line), "
+              "a model folder's config.json (built on the meta device through transformers), or module:factory (returns an nn.Module)")
+@click.option("--emit-rules", "rules_to", metavar="FILE", type=click.Path(dir_okay=False),
+              help="write the candidate rules as a pipeline config (YAML) to review and run")
+@click.option("--json", "as_json", is_flag=True, help="print the candidate rules and the coverage as JSON")
+def automap(source: str, target: str, rules_to: str | None, as_json: bool) -> None:
+    """Suggest rules that turn SOURCE's keys into the target's, scored by name similarity and shape.
+
+    Prints each candidate rule (renames over layer numbers, merges, splits) with its score, and the
+    coverage the rules would reach: how many source and target keys they match, and which are left.
+    Never applies them: --emit-rules writes them as a config for a person to review. Reads headers only
+    (and, for a checkpoint target, the first layer of each merge or split to order its parts).
+    """
+    from .automap import automap as run_automap
+    from .automap import compared_text, read_target
+    from .emit import emit_rules
+
+    wanted = read_target(target)
+    with statebridge.open_source(source) as opened:
+        found, ma, mb = run_automap(opened.metas(), opened.name, wanted)
+        if rules_to:  # a checkpoint target is opened again: its values order the parts of a merge
+            with statebridge.open_source(wanted.checkpoint) if wanted.checkpoint else contextlib.nullcontext() as values:
+                text, problems = emit_rules(found.report, opened, values, metas=(ma, mb), compared=wanted.compared,
+                                            made_by="statebridge automap SRC --target T --emit-rules", filled=found.filled())
+            _write(rules_to, text, "rules")
+    click.echo(json.dumps(found.to_dict(), indent=2) if as_json else found.render())
+    if rules_to:
+        _warn_problems(rules_to, problems, "the source", "the target", compared_text(wanted))
+
+
+def _write(path: str, text: str, what: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise statebridge.SourceError(path, f"cannot write the {what}: {e.strerror or e}") from None
+
+
+def _warn_problems(rules_to: str, problems: list[str], source: str, other: str, compared: str) -> None:
+    """The ways the emitted rules, planned against the source, differ from what they should make (or that they match)."""
+    for problem in problems[:20]:
+        click.echo(f"statebridge: warning: rules in {rules_to}: {problem}", err=True)
+    if len(problems) > 20:
+        click.echo(f"statebridge: warning: rules in {rules_to}: ... and {len(problems) - 20} more differences from {other}", err=True)
+    if not problems:
+        click.echo(f"rules written to {rules_to}; planned against {source}, they give {other}'s {compared}", err=True)
+
+
+@statebridge.hookimpl
+def register_transforms(register):
+    from .transforms import PermuteRows
+
+    register(PermuteRows)
+
+
+@statebridge.hookimpl
+def suggest_keys(unmatched, candidates):
+    """Did you mean: the target's keys nearest to each unmatched key, by name (the diff's similarity) and shape."""
+    from .suggest import nearest
+
+    return nearest(unmatched, candidates)
 
 
 @statebridge.hookimpl
 def register_commands(register):
     register(lint)
     register(diff)
+    register(automap)
