@@ -1,0 +1,6 @@
+"""placeholder"""
+import statebridge as sb
+class GrowWidth(sb.Transform):
+    name = "grow_width"
+    def plan(self, metas):
+        return []
