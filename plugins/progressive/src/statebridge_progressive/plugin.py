@@ -98,6 +98,61 @@ def depth(source: str, out: str, method: str, num_layers: int | None, slices: st
     _run(source, GrowDepth(params), out, overwrite, as_json)
 
 
+def _head_dim(source: str) -> int:
+    """The head size config.json of the SOURCE folder gives (head_dim, or hidden_size / num_attention_heads)."""
+    path = Path(source) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        raise statebridge.ConfigError(f"{path}: no head size to read (head_dim, or hidden_size and "
+                                      "num_attention_heads); give --head-dim") from None
+
+
+@grow.command()
+@click.argument("source", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--factor", type=click.IntRange(min=1), help="every width times this (HyperCloning)")
+@click.option("--hidden-size", type=click.IntRange(min=1), help="explicit sizes, any larger ones (the others stay)")
+@click.option("--intermediate-size", type=click.IntRange(min=1))
+@click.option("--num-attention-heads", type=click.IntRange(min=1))
+@click.option("--num-key-value-heads", type=click.IntRange(min=1))
+@click.option("--residual", type=click.Choice(["auto", "clone", "zero"]), default="auto", show_default=True,
+              help="how the residual stream grows: cloned channels (integer factor) or zero channels")
+@click.option("--noise-std", type=click.FloatRange(min=0.0), default=0.0, help="symmetry-breaking noise that keeps the function")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--head-dim", type=click.IntRange(min=1), help="the current head size (default: from SOURCE/config.json)")
+@click.option("--new-head-dim", type=click.IntRange(min=1), help="a new head size: needs --not-function-preserving")
+@click.option("--not-function-preserving", is_flag=True, help="allow a change that does not keep the function")
+@click.option("--prefix", help="the blocks' name prefix, e.g. model.layers")
+@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print the run as JSON")
+def width(source: str, out: str, factor: int | None, hidden_size: int | None, intermediate_size: int | None,
+          num_attention_heads: int | None, num_key_value_heads: int | None, residual: str, noise_std: float, seed: int,
+          head_dim: int | None, new_head_dim: int | None, not_function_preserving: bool, prefix: str | None,
+          overwrite: bool, as_json: bool) -> None:
+    """Widen SOURCE, writing OUT: the same function (max |logit change| ~1e-6 in float32), config.json edited."""
+    from .width import GrowWidth
+
+    params = {"factor": factor, "hidden_size": hidden_size, "intermediate_size": intermediate_size,
+              "num_attention_heads": num_attention_heads, "num_key_value_heads": num_key_value_heads,
+              "residual": residual, "noise_std": noise_std, "seed": seed, "new_head_dim": new_head_dim,
+              "function_preserving": not not_function_preserving, "prefix": prefix,
+              "head_dim": head_dim or _head_dim(source)}
+    _run(source, GrowWidth(params), out, overwrite, as_json)
+
+
+@statebridge.hookimpl
+def validate_plan(plan) -> list[statebridge.Finding]:
+    """A widening that does not keep the function says so in the plan's findings, not only in its ops."""
+    from .width import GrowWidth
+
+    return [statebridge.Finding("warning", f"grow_width with function_preserving: false (head size "
+                                f"{step.params.head_dim} -> {step.params.new_head_dim}): the grown model computes "
+                                "a different function and needs training", check="progressive.function_preserving")
+            for step in plan.pipeline.walk() if isinstance(step, GrowWidth) and not step.params.function_preserving]
+
+
 @statebridge.hookimpl
 def register_commands(register):
     register(grow)
