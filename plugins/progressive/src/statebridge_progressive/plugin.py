@@ -37,12 +37,21 @@ def grow() -> None:
 
 
 def _run(source: str, step: statebridge.Transform, out: str, overwrite: bool, as_json: bool) -> None:
-    """Plan ``step`` on ``source`` (bad input: exit 2), run it into ``out`` (a failure mid-run: exit 1), print the report."""
-    built = statebridge.plan(source, [step])
-    try:
-        report = statebridge.run(built, None, out, overwrite=overwrite, progress=False)
-    except statebridge.SourceError as e:
-        raise statebridge.ExecutionError(str(e)) from None
+    """Plan ``step`` on ``source`` (bad input: exit 2), run it into ``out`` (a failure mid-run: exit 1), print the report.
+
+    A ``.tprog`` source or target goes through the progressive format, which records the growth in
+    ``expansion_history``.
+    """
+    from . import tprog
+
+    if tprog.is_tprog(source) or str(out).endswith(tprog.SUFFIX):
+        report = tprog.grow(source, [step], out, overwrite=overwrite)
+    else:
+        built = statebridge.plan(source, [step])
+        try:
+            report = statebridge.run(built, None, out, overwrite=overwrite, progress=False)
+        except statebridge.SourceError as e:
+            raise statebridge.ExecutionError(str(e)) from None
     if as_json:
         click.echo(json.dumps({"target": str(report.target), "files": [str(f) for f in report.files]}, indent=2))
     else:
