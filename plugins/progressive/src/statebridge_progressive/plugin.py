@@ -151,6 +151,63 @@ def width(source: str, out: str, factor: int | None, hidden_size: int | None, in
     _run(source, GrowWidth(params), out, overwrite, as_json)
 
 
+@grow.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="calibration text (UTF-8)")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=2048, show_default=True)
+@click.option("--duplicate", type=click.IntRange(min=1), help="how many blocks to recommend duplicating (default: a quarter)")
+@click.option("--json", "as_json", is_flag=True, help="print the analysis as JSON")
+def importance(model: str, text_file: str, max_tokens: int, duplicate: int | None, as_json: bool) -> None:
+    """Block Influence of each block of MODEL over calibration text (ShortGPT: 1 - cos(input, output)).
+
+    MODEL is a transformers model folder or a .tprog; a .tprog gets the scores in its
+    progressive.json (layer_analysis) and the blocks to duplicate (recommended_expansion).
+    """
+    from . import importance as bi
+    from . import tprog
+
+    path = Path(model)
+    network, tokenizer = _load_model(path)
+    try:
+        text = Path(text_file).read_text(encoding="utf-8")
+        analysis, recommended = bi.analyze(network, tokenizer, text, max_tokens, duplicate=duplicate)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise statebridge.ConfigError(f"{text_file}: {e}") from None
+    if tprog.is_tprog(path):
+        meta = tprog.read_meta(path).model_copy(update={"layer_analysis": analysis, "recommended_expansion": recommended})
+        (path / tprog.META).write_text(meta.dump(), encoding="utf-8")
+    if as_json:
+        click.echo(json.dumps({"layer_analysis": analysis.model_dump(mode="json"),
+                               "recommended_expansion": recommended.model_dump(mode="json")}, indent=2))
+        return
+    click.echo(f"Block Influence over {analysis.calibration_tokens} tokens (1 - cos(block input, block output)):")
+    for i, score in enumerate(analysis.importance_scores):
+        click.echo(f"  block {i:3d}  {score:.6f}")
+    click.echo(f"recommended to duplicate: {recommended.layer_duplication_indices}"
+               + (f" (recorded in {path / tprog.META})" if tprog.is_tprog(path) else ""))
+
+
+def _load_model(path: Path) -> tuple[Any, Any]:
+    """A transformers causal LM and its tokenizer from a model folder or a .tprog (whose tokenizer is in tokenizer/)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from . import tprog
+
+    tokenizer_folder = path / "tokenizer" if tprog.is_tprog(path) else path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    except (OSError, ValueError) as e:
+        raise statebridge.SourceError(tokenizer_folder, f"no tokenizer to read the calibration text ({str(e).splitlines()[0]})") from None
+    if tprog.is_tprog(path):
+        checkpoint = tprog.read(path)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**checkpoint.config))
+        checkpoint.load_into(model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    return model.float().eval(), tokenizer
+
+
 @statebridge.hookimpl
 def validate_plan(plan) -> list[statebridge.Finding]:
     """A widening that does not keep the function says so in the plan's findings, not only in its ops."""
