@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,9 +50,10 @@ def test_llama_pro_layout_matches_llama_pro_and_copies_bytes(tmp_path: Path) -> 
         assert not after[f"model.layers.{new}.self_attn.o_proj.weight"].any()
         assert not after[f"model.layers.{new}.mlp.down_proj.weight"].any()
     assert torch.equal(after["model.layers.3.self_attn.o_proj.weight"], before["model.layers.2.self_attn.o_proj.weight"])
-    computed = [k for g in built.groups for k in g.outputs if k not in built.raw_spans(g)]
-    assert sorted(computed) == sorted(f"model.layers.{n}.{m}.weight" for n in (2, 5)
-                                      for m in ("self_attn.o_proj", "mlp.down_proj"))
+    spans = {k: s for g in built.groups for k, s in built.raw_spans(g).items()}
+    assert all(k in spans for g in built.groups for k in g.outputs)  # nothing is computed: bytes, or zero bytes
+    zeros = sorted(k for k, s in spans.items() if s[0].path is None)
+    assert zeros == sorted(f"model.layers.{n}.{m}.weight" for n in (2, 5) for m in ("self_attn.o_proj", "mlp.down_proj"))
     assert len(after) == len(before) + 2 * 9
 
 
@@ -125,3 +127,14 @@ def test_command_line(tmp_path: Path) -> None:
     assert load(tmp_path / "out").config.num_hidden_layers == 4
     bad = run_cli(["grow", "depth", str(src), str(tmp_path / "bad"), "--method", "slices", "--slices", "0-2"])
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--slices '0-2'" in bad.stderr
+
+
+def test_llama_pro_is_raw_bytes_only_and_never_imports_torch(tmp_path: Path) -> None:
+    src = save("llama", tmp_path / "src", layers=4)
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "statebridge", "grow", "depth", str(src),
+                           str(tmp_path / "out"), "--method", "llama_pro", "--num-layers", "6"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported
+    assert "57 tensors (57 copied as raw bytes)" in done.stdout  # 6 blocks of 9 and 3 others: zeros included

@@ -14,7 +14,8 @@ Three methods give the new stack as a list of source blocks:
   seeded Gaussian noise (``noise_std``) to break the symmetry between the two.
 
 Every tensor of a block that keeps its bytes is a raw copy (a rename, or several outputs from
-one read); only zeroed and noisy tensors are computed.  ``config.json`` gets the new block
+one read) and zeroed tensors are written as zero bytes (``Group.zeros``), so a ``llama_pro`` or
+``slices`` run never imports torch; only noisy copies are computed.  ``config.json`` gets the new block
 count and every per-layer list re-indexed (:func:`~statebridge_progressive.layers.per_layer_edits`).
 """
 
@@ -142,12 +143,8 @@ class GrowDepth(sb.Transform):
                                        f"(it has e.g. {example}); name this architecture's output projections")
 
     def _zero_group(self, key: str, meta: sb.TensorMeta, old: int) -> sb.Group:
-        def compute(_: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            import torch
-
-            return {key: torch.zeros(meta.shape, dtype=meta.dtype.torch)}
-
-        return sb.Group(inputs=(), outputs={key: meta}, compute=compute, ops=(f"grow_depth(llama_pro: zero, copy of block {old})",))
+        # zero bytes, written without a tensor: a llama_pro run copies everything else raw and never imports torch
+        return sb.Group.zeros(key, meta, f"grow_depth(llama_pro: zero, copy of block {old})")
 
     def _carry_group(self, stack: Stack, key: str, rest: str, meta: sb.TensorMeta, old: int,
                      places: list[tuple[int, Kind]]) -> sb.Group:

@@ -36,7 +36,7 @@ def grow() -> None:
     """Grow a model: more blocks, wider blocks, and which blocks matter."""
 
 
-def _run(source: str, step: statebridge.Transform, out: str, overwrite: bool, as_json: bool) -> None:
+def _run(source: str, step: statebridge.Transform, out: str, overwrite: bool, as_json: bool, durable: bool = True) -> None:
     """Plan ``step`` on ``source`` (bad input: exit 2), run it into ``out`` (a failure mid-run: exit 1), print the report.
 
     A ``.tprog`` source or target goes through the progressive format, which records the growth in
@@ -45,11 +45,11 @@ def _run(source: str, step: statebridge.Transform, out: str, overwrite: bool, as
     from . import tprog
 
     if tprog.is_tprog(source) or str(out).endswith(tprog.SUFFIX):
-        report = tprog.grow(source, [step], out, overwrite=overwrite)
+        report = tprog.grow(source, [step], out, overwrite=overwrite, durable=durable)
     else:
         built = statebridge.plan(source, [step])
         try:
-            report = statebridge.run(built, None, out, overwrite=overwrite, progress=False)
+            report = statebridge.run(built, None, out, overwrite=overwrite, progress=False, durable=durable)
         except statebridge.SourceError as e:
             raise statebridge.ExecutionError(str(e)) from None
     if as_json:
@@ -85,9 +85,11 @@ def _ints(text: str, option: str) -> list[int]:
 @click.option("--zero", "zero", multiple=True, help="llama_pro: a module zeroed in the copies (repeatable; default o_proj, down_proj)")
 @click.option("--prefix", help="the blocks' name prefix, e.g. model.layers (found when there is one stack)")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@click.option("--no-fsync", is_flag=True, help="commit without fsync: still atomic, but like cp not safe against a power cut")
 @click.option("--json", "as_json", is_flag=True, help="print the run as JSON")
 def depth(source: str, out: str, method: str, num_layers: int | None, slices: str | None, indices: str | None,
-          noise_std: float, seed: int, zero: tuple[str, ...], prefix: str | None, overwrite: bool, as_json: bool) -> None:
+          noise_std: float, seed: int, zero: tuple[str, ...], prefix: str | None, overwrite: bool, no_fsync: bool,
+          as_json: bool) -> None:
     """Grow SOURCE by blocks, writing OUT (a model folder gives a model folder with config.json edited).
 
     llama_pro inserts copies with zeroed output projections: OUT computes exactly what SOURCE
@@ -104,7 +106,7 @@ def depth(source: str, out: str, method: str, num_layers: int | None, slices: st
         params["indices"] = _ints(indices, "--indices")
     if zero:
         params["zero"] = list(zero)
-    _run(source, GrowDepth(params), out, overwrite, as_json)
+    _run(source, GrowDepth(params), out, overwrite, as_json, durable=not no_fsync)
 
 
 def _head_dim(source: str) -> int:
@@ -135,11 +137,12 @@ def _head_dim(source: str) -> int:
 @click.option("--not-function-preserving", is_flag=True, help="allow a change that does not keep the function")
 @click.option("--prefix", help="the blocks' name prefix, e.g. model.layers")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@click.option("--no-fsync", is_flag=True, help="commit without fsync: still atomic, but like cp not safe against a power cut")
 @click.option("--json", "as_json", is_flag=True, help="print the run as JSON")
 def width(source: str, out: str, factor: int | None, hidden_size: int | None, intermediate_size: int | None,
           num_attention_heads: int | None, num_key_value_heads: int | None, residual: str, noise_std: float, seed: int,
           head_dim: int | None, new_head_dim: int | None, not_function_preserving: bool, prefix: str | None,
-          overwrite: bool, as_json: bool) -> None:
+          overwrite: bool, no_fsync: bool, as_json: bool) -> None:
     """Widen SOURCE, writing OUT: the same function (max |logit change| ~1e-6 in float32), config.json edited."""
     from .width import GrowWidth
 
@@ -148,7 +151,7 @@ def width(source: str, out: str, factor: int | None, hidden_size: int | None, in
               "residual": residual, "noise_std": noise_std, "seed": seed, "new_head_dim": new_head_dim,
               "function_preserving": not not_function_preserving, "prefix": prefix,
               "head_dim": head_dim or _head_dim(source)}
-    _run(source, GrowWidth(params), out, overwrite, as_json)
+    _run(source, GrowWidth(params), out, overwrite, as_json, durable=not no_fsync)
 
 
 @grow.command()
