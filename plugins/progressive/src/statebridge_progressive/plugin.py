@@ -193,7 +193,11 @@ def importance(model: str, text_file: str, max_tokens: int, duplicate: int | Non
 
 def _load_model(path: Path) -> tuple[Any, Any]:
     """A transformers causal LM and its tokenizer from a model folder or a .tprog (whose tokenizer is in tokenizer/)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise statebridge.ConfigError("statebridge grow importance runs the model with transformers, which is not "
+                                      "installed: pip install 'statebridge-progressive[importance]'") from None
 
     from . import tprog
 
