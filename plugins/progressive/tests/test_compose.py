@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from models import TOKENS, load, save  # noqa: E402
 
 
+@pytest.mark.slow  # fresh interpreters that import torch and transformers
 def test_lora_merge_then_grow_depth_then_cast_is_peft_merged_then_grown(tmp_path: Path) -> None:
     base = save("llama", tmp_path / "base", layers=4)
     torch.manual_seed(1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import runpy
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from statebridge_progressive.ewc import EWC
 EXAMPLE = Path(__file__).parents[3] / "examples/progressive/grow_and_train.py"
 
 
+@pytest.mark.slow  # trains two models and takes a Fisher: about 40 s
 def test_example_grows_trains_and_saves(tmp_path: Path, capsys) -> None:
     runpy.run_path(str(EXAMPLE), run_name="example")["main"](tmp_path)
     printed = capsys.readouterr().out

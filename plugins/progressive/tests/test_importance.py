@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import sys
 from pathlib import Path
@@ -37,6 +39,7 @@ def test_an_inserted_llama_pro_block_has_zero_influence(tmp_path: Path) -> None:
     assert scores[:2] == block_influence(load(src), [TOKENS])[:2]  # the blocks before the first copy see the same states
 
 
+@pytest.mark.slow  # fresh interpreters that import torch and transformers
 def test_command_records_the_analysis_in_a_tprog(tmp_path: Path) -> None:
     src = save("llama", tmp_path / "src", layers=4)
     grown = tprog.grow(src, [GrowDepth(method="llama_pro", num_layers=6)], tmp_path / "m.tprog").target

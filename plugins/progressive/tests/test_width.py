@@ -125,6 +125,7 @@ def test_impossible_sizes_are_one_line_errors(tmp_path: Path) -> None:
         sb.plan(gemma, [GrowWidth(head_dim=16, factor=2)])
 
 
+@pytest.mark.slow  # fresh interpreters that import torch and transformers
 def test_command_line_reads_the_head_size_from_the_folder(tmp_path: Path) -> None:
     src = save("qwen2", tmp_path / "src", layers=1, kv_heads=2)
     done = run_cli(["grow", "width", str(src), str(tmp_path / "out"), "--hidden-size", "96"])

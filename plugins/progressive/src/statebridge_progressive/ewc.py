@@ -102,7 +102,9 @@ def _labels(kind: Kind, log_p: torch.Tensor, labels: torch.Tensor | None, i: int
     if samples is None:  # the exact expectation over the model's own distribution
         return [(c, float(p[c])) for c in range(p.numel()) if float(p[c]) > 0]
     drawn = torch.multinomial(p, samples, replacement=True, generator=generator)
-    return [(int(c), 1.0 / samples) for c in drawn]
+    # a label drawn k times contributes k times the same square: one gradient, weighted k / samples
+    counts = torch.bincount(drawn, minlength=p.numel())
+    return [(int(c), int(counts[c]) / samples) for c in counts.nonzero().flatten()]
 
 
 class EWC:
