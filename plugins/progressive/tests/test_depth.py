@@ -120,11 +120,14 @@ def test_bad_parameters_are_one_line_errors(tmp_path: Path) -> None:
         sb.plan(src, [GrowDepth(method="llama_pro", num_layers=3)])
 
 
+@pytest.mark.slow  # three fresh interpreters
 def test_command_line(tmp_path: Path) -> None:
     src = save("llama", tmp_path / "src", layers=2)
     done = run_cli(["grow", "depth", str(src), str(tmp_path / "out"), "--method", "llama_pro", "--num-layers", "4"])
     assert done.returncode == 0, done.stderr
     assert load(tmp_path / "out").config.num_hidden_layers == 4
+    dry = run_cli(["grow", "depth", str(src), str(tmp_path / "dry"), "--method", "slices", "--slices", "0:2,1:2", "--dry-run"])
+    assert dry.returncode == 0 and "num_hidden_layers: 2 -> 3" in dry.stdout and not (tmp_path / "dry").exists()
     bad = run_cli(["grow", "depth", str(src), str(tmp_path / "bad"), "--method", "slices", "--slices", "0-2"])
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--slices '0-2'" in bad.stderr
 
@@ -138,3 +141,15 @@ def test_llama_pro_is_raw_bytes_only_and_never_imports_torch(tmp_path: Path) -> 
     imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" not in imported
     assert "57 tensors (57 copied as raw bytes)" in done.stdout  # 6 blocks of 9 and 3 others: zeros included
+
+
+def test_llama_pro_with_other_names_keeps_gpt2_exactly(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=3, n_head=4)).save_pretrained(tmp_path / "src")
+    grow(tmp_path / "src", tmp_path / "out", method="llama_pro", num_layers=6, zero=["attn.c_proj", "mlp.c_proj"])
+    grown = load_file(tmp_path / "out/model.safetensors")
+    assert not grown["transformer.h.1.attn.c_proj.bias"].any() and not grown["transformer.h.1.mlp.c_proj.weight"].any()
+    assert json.loads((tmp_path / "out/config.json").read_text())["n_layer"] == 6
+    assert torch.equal(logits(tmp_path / "out"), logits(tmp_path / "src"))

@@ -36,14 +36,20 @@ def grow() -> None:
     """Grow a model: more blocks, wider blocks, and which blocks matter."""
 
 
-def _run(source: str, step: statebridge.Transform, out: str, overwrite: bool, as_json: bool, durable: bool = True) -> None:
+def _run(source: str, step: statebridge.Transform, out: str, overwrite: bool, as_json: bool, durable: bool = True,
+         dry_run: bool = False) -> None:
     """Plan ``step`` on ``source`` (bad input: exit 2), run it into ``out`` (a failure mid-run: exit 1), print the report.
 
     A ``.tprog`` source or target goes through the progressive format, which records the growth in
-    ``expansion_history``.
+    ``expansion_history``.  ``dry_run`` prints the plan (groups, raw copies, config.json edits) and writes nothing.
     """
     from . import tprog
 
+    if dry_run:
+        built = statebridge.plan(source, [step])
+        click.echo(json.dumps(built.to_dict(), indent=2) if as_json else built.render())
+        click.echo("dry run: nothing was written")
+        return
     if tprog.is_tprog(source) or str(out).endswith(tprog.SUFFIX):
         report = tprog.grow(source, [step], out, overwrite=overwrite, durable=durable)
     else:
@@ -86,10 +92,11 @@ def _ints(text: str, option: str) -> list[int]:
 @click.option("--prefix", help="the blocks' name prefix, e.g. model.layers (found when there is one stack)")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--no-fsync", is_flag=True, help="commit without fsync: still atomic, but like cp not safe against a power cut")
+@click.option("--dry-run", is_flag=True, help="print the plan (and config.json edits); write nothing")
 @click.option("--json", "as_json", is_flag=True, help="print the run as JSON")
 def depth(source: str, out: str, method: str, num_layers: int | None, slices: str | None, indices: str | None,
           noise_std: float, seed: int, zero: tuple[str, ...], prefix: str | None, overwrite: bool, no_fsync: bool,
-          as_json: bool) -> None:
+          dry_run: bool, as_json: bool) -> None:
     """Grow SOURCE by blocks, writing OUT (a model folder gives a model folder with config.json edited).
 
     llama_pro inserts copies with zeroed output projections: OUT computes exactly what SOURCE
@@ -106,7 +113,7 @@ def depth(source: str, out: str, method: str, num_layers: int | None, slices: st
         params["indices"] = _ints(indices, "--indices")
     if zero:
         params["zero"] = list(zero)
-    _run(source, GrowDepth(params), out, overwrite, as_json, durable=not no_fsync)
+    _run(source, GrowDepth(params), out, overwrite, as_json, durable=not no_fsync, dry_run=dry_run)
 
 
 def _head_dim(source: str) -> int:
@@ -138,11 +145,12 @@ def _head_dim(source: str) -> int:
 @click.option("--prefix", help="the blocks' name prefix, e.g. model.layers")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--no-fsync", is_flag=True, help="commit without fsync: still atomic, but like cp not safe against a power cut")
+@click.option("--dry-run", is_flag=True, help="print the plan (and config.json edits); write nothing")
 @click.option("--json", "as_json", is_flag=True, help="print the run as JSON")
 def width(source: str, out: str, factor: int | None, hidden_size: int | None, intermediate_size: int | None,
           num_attention_heads: int | None, num_key_value_heads: int | None, residual: str, noise_std: float, seed: int,
           head_dim: int | None, new_head_dim: int | None, not_function_preserving: bool, prefix: str | None,
-          overwrite: bool, no_fsync: bool, as_json: bool) -> None:
+          overwrite: bool, no_fsync: bool, dry_run: bool, as_json: bool) -> None:
     """Widen SOURCE, writing OUT: the same function (max |logit change| ~1e-6 in float32), config.json edited."""
     from .width import GrowWidth
 
@@ -151,7 +159,7 @@ def width(source: str, out: str, factor: int | None, hidden_size: int | None, in
               "residual": residual, "noise_std": noise_std, "seed": seed, "new_head_dim": new_head_dim,
               "function_preserving": not not_function_preserving, "prefix": prefix,
               "head_dim": head_dim or _head_dim(source)}
-    _run(source, GrowWidth(params), out, overwrite, as_json, durable=not no_fsync)
+    _run(source, GrowWidth(params), out, overwrite, as_json, durable=not no_fsync, dry_run=dry_run)
 
 
 @grow.command()
