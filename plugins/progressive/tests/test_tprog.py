@@ -112,3 +112,13 @@ def test_command_line_grows_into_a_tprog(tmp_path: Path) -> None:
 
 def test_the_published_schema_is_current() -> None:
     assert json.loads(SCHEMA.read_text()) == tprog.json_schema()
+
+
+def test_nothing_in_a_tprog_is_executed(tmp_path: Path) -> None:
+    src = save("llama", tmp_path / "src", layers=2)
+    path = tprog.save(tmp_path / "a.tprog", load(src), json.loads((src / "config.json").read_text()))
+    witness = tmp_path / "executed"
+    (path / "expansion_hooks.py").write_text(f"open({str(witness)!r}, 'w').close()\n")
+    tprog.read(path).load_into(fresh(tprog.read(path).config))
+    grown = tprog.grow(path, [GrowDepth(method="llama_pro", num_layers=3)], tmp_path / "b.tprog").target
+    assert not witness.exists() and not (grown / "expansion_hooks.py").exists()
