@@ -122,3 +122,11 @@ def test_nothing_in_a_tprog_is_executed(tmp_path: Path) -> None:
     tprog.read(path).load_into(fresh(tprog.read(path).config))
     grown = tprog.grow(path, [GrowDepth(method="llama_pro", num_layers=3)], tmp_path / "b.tprog").target
     assert not witness.exists() and not (grown / "expansion_hooks.py").exists()
+
+
+def test_a_plain_run_of_a_tprog_warns_that_progressive_json_goes_stale(tmp_path: Path) -> None:
+    src = save("llama", tmp_path / "src", layers=2)
+    path = tprog.save(tmp_path / "a.tprog", load(src), json.loads((src / "config.json").read_text()))
+    found = sb.plan(path, [GrowDepth(method="llama_pro", num_layers=3)]).findings
+    assert [f.check for f in found if f.level == "warning"] == ["progressive.stale_metadata"]
+    assert not [f for f in sb.plan(path, []).findings if f.check == "progressive.stale_metadata"]

@@ -225,13 +225,21 @@ def _load_model(path: Path) -> tuple[Any, Any]:
 
 @statebridge.hookimpl
 def validate_plan(plan) -> list[statebridge.Finding]:
-    """A widening that does not keep the function says so in the plan's findings, not only in its ops."""
+    """What a plan should say about growth: a widening that does not keep the function (not only in its ops),
+    and a ``.tprog`` source whose progressive.json a plain run would carry unchanged while the steps change the model."""
     from .width import GrowWidth
 
-    return [statebridge.Finding("warning", f"grow_width with function_preserving: false (head size "
-                                f"{step.params.head_dim} -> {step.params.new_head_dim}): the grown model computes "
-                                "a different function and needs training", check="progressive.function_preserving")
-            for step in plan.pipeline.walk() if isinstance(step, GrowWidth) and not step.params.function_preserving]
+    findings = [statebridge.Finding("warning", f"grow_width with function_preserving: false (head size "
+                                    f"{step.params.head_dim} -> {step.params.new_head_dim}): the grown model computes "
+                                    "a different function and needs training", check="progressive.function_preserving")
+                for step in plan.pipeline.walk() if isinstance(step, GrowWidth) and not step.params.function_preserving]
+    folder = plan.folder
+    if folder is not None and any(c.name == "progressive.json" for c in folder.companions) and (plan.changed or folder.edits):
+        findings.append(statebridge.Finding(
+            "warning", f"{folder.path / 'progressive.json'} is carried unchanged, but the steps change the model: it "
+            "would describe the old one; write a .tprog with 'statebridge grow depth|width' or "
+            "statebridge_progressive.tprog.grow, which record the growth", check="progressive.stale_metadata"))
+    return findings
 
 
 @statebridge.hookimpl
