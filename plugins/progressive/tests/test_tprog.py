@@ -20,7 +20,7 @@ from statebridge_progressive.width import GrowWidth
 sys.path.insert(0, str(Path(__file__).parent))
 from models import TOKENS, load, save  # noqa: E402
 
-SCHEMA = Path(__file__).parents[1] / "progressive.schema.json"
+SCHEMA = Path(tprog.__file__).with_name("progressive.schema.json")
 
 
 def fresh(config: dict) -> torch.nn.Module:

@@ -122,7 +122,7 @@ class ProgressiveMeta(_Model):
 
 
 def json_schema() -> dict[str, Any]:
-    """The JSON schema of ``progressive.json`` (published as ``progressive.schema.json`` in the plugin)."""
+    """The JSON schema of ``progressive.json`` (published as ``progressive.schema.json`` beside this module)."""
     return ProgressiveMeta.model_json_schema(by_alias=True)
 
 
