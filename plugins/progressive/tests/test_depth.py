@@ -153,3 +153,16 @@ def test_llama_pro_with_other_names_keeps_gpt2_exactly(tmp_path: Path) -> None:
     assert not grown["transformer.h.1.attn.c_proj.bias"].any() and not grown["transformer.h.1.mlp.c_proj.weight"].any()
     assert json.loads((tmp_path / "out/config.json").read_text())["n_layer"] == 6
     assert torch.equal(logits(tmp_path / "out"), logits(tmp_path / "src"))
+
+
+def test_nested_configs_are_edited_only_where_they_count_the_blocks() -> None:
+    from statebridge_progressive.layers import per_layer_edits
+
+    nested = {"model_type": "x", "text_config": {"num_hidden_layers": 2, "layer_types": ["a", "b"]},
+              "vision_config": {"num_hidden_layers": 5}}
+    assert per_layer_edits(nested, 2, [0, 1, 1]) == {
+        "text_config": {"num_hidden_layers": 3, "layer_types": ["a", "b", "b"]}}
+    top = {"num_hidden_layers": 2, "vision_config": {"num_hidden_layers": 2}}
+    assert per_layer_edits(top, 2, [0, 0, 1]) == {"num_hidden_layers": 3}
+    with pytest.raises(sb.PlanError, match="'text_config' and 'vision_config' both count 2 blocks"):
+        per_layer_edits({"text_config": {"num_hidden_layers": 2}, "vision_config": {"num_hidden_layers": 2}}, 2, [0, 1, 1])

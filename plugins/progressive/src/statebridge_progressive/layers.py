@@ -74,21 +74,30 @@ def per_layer_edits(config: Mapping[str, Any], count: int, sources: Sequence[int
     """Edits making ``config`` describe the blocks ``sources`` (new block i is old block ``sources[i]``).
 
     The block count becomes ``len(sources)`` and every list with one entry per old block
-    (``layer_types``, per-layer window sizes, ...) is re-indexed the same way; a nested
-    config (``text_config``) that counts the same blocks is edited the same way.  Lists of
-    block *indices* (such as ``mlp_only_layers``) cannot be told from per-layer lists by their
-    shape alone and are left as they are: the README says so.
+    (``layer_types``, per-layer window sizes, ...) is re-indexed the same way.  When the top
+    level does not count these blocks, the nested config that does (``text_config`` of a
+    multimodal model) is edited instead; two nested configs that both count ``count`` blocks
+    (a vision tower of the same depth) are an error, since either could be the grown stack.
+    Lists of block *indices* (such as ``mlp_only_layers``) cannot be told from per-layer lists
+    by their shape alone and are left as they are: the README says so.
     """
-    edits: dict[str, Any] = {}
+    own = _own_edits(config, count, sources)
+    if own:
+        return own
+    nested = {name: _own_edits(value, count, sources) for name, value in config.items() if isinstance(value, Mapping)}
+    nested = {name: edits for name, edits in nested.items() if edits}
+    if len(nested) > 1:
+        raise sb.PlanError(f"config.json's {' and '.join(repr(n) for n in nested)} both count {count} blocks: cannot tell "
+                           "which one the grown stack is; edit config.json yourself")
+    return {name: {**config[name], **edits} for name, edits in nested.items()}
+
+
+def _own_edits(config: Mapping[str, Any], count: int, sources: Sequence[int]) -> dict[str, Any]:
     key = depth_key(config)
-    if key is not None and config[key] == count:
-        edits[key] = len(sources)
-        for name, value in config.items():
-            if isinstance(value, list) and len(value) == count and name not in edits:
-                edits[name] = [value[i] for i in sources]
+    if key is None or config[key] != count:
+        return {}
+    edits: dict[str, Any] = {key: len(sources)}
     for name, value in config.items():
-        if isinstance(value, Mapping) and name not in edits:
-            nested = per_layer_edits(value, count, sources)
-            if nested:
-                edits[name] = {**value, **nested}
+        if isinstance(value, list) and len(value) == count:
+            edits[name] = [value[i] for i in sources]
     return edits
