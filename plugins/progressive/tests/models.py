@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen2Config, Qwen2ForCausalLM
-from transformers import GemmaForCausalLM, LlamaForCausalLM
+from transformers import GemmaForCausalLM, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 #: a fixed batch of token ids (two sequences of 12)
 TOKENS = torch.tensor([[1, 5, 9, 33, 2, 77, 4, 8, 15, 16, 23, 42], [3, 1, 4, 1, 5, 9, 2, 6, 53, 58, 97, 93]])
@@ -25,7 +25,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 
 def save(family: str, path: Path, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
          intermediate: int = 128, seed: int = 0, tied: bool = False) -> Path:
-    """A random ``family`` model (llama, qwen2, gemma) saved with save_pretrained (float32, safetensors)."""
+    """A random ``family`` model (llama, qwen2, qwen3, gemma) saved with save_pretrained (float32, safetensors)."""
     common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                   intermediate_size=intermediate, vocab_size=128, tie_word_embeddings=tied)
     torch.manual_seed(seed)
@@ -33,6 +33,8 @@ def save(family: str, path: Path, layers: int = 4, hidden: int = 64, heads: int 
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif family == "qwen3":  # per-head q_norm / k_norm
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=hidden // heads))
     elif family == "gemma":
         model = GemmaForCausalLM(GemmaConfig(**common, head_dim=hidden // heads))
     else:

@@ -36,7 +36,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_widening_keeps_the_function(tmp_path: Path, family: str, case: str) -> None:
     src = save(family, tmp_path / "src", layers=2, kv_heads=2)
