@@ -229,7 +229,7 @@ def run(
         with rank_target(target, writer.writes_folder, ranks, settings.durable, policy=policy, agree=agree) as staging:
             if built.estimate is None:
                 built.estimate = estimate(built, target, writer)
-            if built.estimate.bytes_read or built.new:
+            if built.estimate.bytes_read or _computes_new(built):
                 # Computing needs torch: import it before measuring, so the memory rise the report
                 # shows is the run's tensors, not torch's own import (about 220 MB).
                 import torch  # noqa: F401
@@ -297,3 +297,10 @@ def load_into(
             stacklevel=2,
         )
     return built
+
+
+def _computes_new(built: Plan) -> bool:
+    """Whether some group makes a tensor from no input by computing it (zero bytes, ``Group.zeros``, need no torch)."""
+    return bool(built.new) and any(
+        not group.inputs and len(built.raw_spans(group)) < len(group.outputs) for group in built.groups
+    )

@@ -12,7 +12,7 @@ from ..transforms.compose import Lineage, compose
 from ..readers.base import RawSpan, Source
 from ..tensors.meta import TensorMeta, human_bytes
 from ..tensors.patterns import compress_keys
-from ..transforms.base import Group, Transform
+from ..transforms.base import ZEROS, Group, Transform
 from ..transforms.composite import Pipeline
 from .folder import ModelFolder
 
@@ -117,6 +117,10 @@ class Plan:
                 if span is not None:
                     found[key] = [span]
                 continue
+            if len(pieces) == 1 and pieces[0].key == ZEROS:  # an all-zero tensor (Group.zeros)
+                if pieces[0].length == group.outputs[key].nbytes:
+                    found[key] = [RawSpan(None, 0, pieces[0].length)]
+                continue
             if len(pieces) == 1 and pieces[0].offset == 0:  # a whole tensor, renamed: its own span, if it is all of it
                 whole = self.source.raw_span(pieces[0].key)
                 if whole is not None and whole.length == pieces[0].length == group.outputs[key].nbytes:
@@ -124,6 +128,9 @@ class Plan:
                     continue
             spans = []
             for piece in pieces:
+                if piece.key == ZEROS:  # zero bytes, from no file (Group.zeros)
+                    spans.append(RawSpan(None, 0, piece.length))
+                    continue
                 whole = self.source.raw_span(piece.key)
                 if whole is None or piece.offset + piece.length > whole.length:
                     break
@@ -135,7 +142,8 @@ class Plan:
 
     def raw_offsets(self) -> dict[str, int]:
         """Where each output that can be copied as raw bytes starts in its source file."""
-        return {key: spans[0].offset for group in self.groups for key, spans in self.raw_spans(group).items() if spans}
+        return {key: spans[0].offset for group in self.groups for key, spans in self.raw_spans(group).items()
+                if spans and spans[0].path is not None}
 
     # -- figures -----------------------------------------------------------------
     @property

@@ -31,10 +31,12 @@ TORCH_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
 class RawSpan:
     """Where a tensor's bytes lie in a file, stored exactly as the target would store them.
 
-    Writers use it to copy an unchanged tensor byte for byte without decoding it.
+    Writers use it to copy an unchanged tensor byte for byte without decoding it.  A span
+    whose ``path`` is None is ``length`` zero bytes (a tensor a step declares all zero,
+    :meth:`statebridge.Group.zeros`): writers write them without a source file or torch.
     """
 
-    path: Path
+    path: Path | None
     offset: int
     length: int
 

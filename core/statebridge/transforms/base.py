@@ -41,6 +41,9 @@ class Piece(NamedTuple):
 #: a tensor's bytes as byte ranges of other tensors, laid end to end
 Pieces = tuple[Piece, ...]
 
+#: the key of a :class:`Piece` made of zero bytes rather than of a tensor's bytes (:meth:`Group.zeros`)
+ZEROS = "\x00zeros"
+
 
 def whole(key: str, meta: TensorMeta) -> Pieces:
     """All of tensor ``key``'s bytes."""
@@ -103,6 +106,22 @@ class Group:
         # positional, and tuples built without the named tuples' Python-level __new__: a plan
         # of 200,000 renames builds one of these per tensor
         return cls((source,), {target: meta}, _new_tuple(Carry, (source, target)), ops, WholeOf(target, source, meta.nbytes))
+
+    @classmethod
+    def zeros(cls, target: str, meta: TensorMeta, op: str) -> "Group":
+        """A group of no input whose output is all zero: written as zero bytes, without torch, where it can be.
+
+        Its ``pieces`` are zero bytes (:data:`ZEROS`), which writers write without computing
+        a tensor; a later step that reads the tensor gets it from ``compute`` (``torch.zeros``).
+        """
+
+        def compute(_: Tensors) -> Tensors:
+            import torch
+
+            return {target: torch.zeros(meta.shape, dtype=meta.dtype.torch)}
+
+        return cls(inputs=(), outputs={target: meta}, compute=compute, ops=(op,),
+                   pieces={target: (Piece(ZEROS, 0, meta.nbytes),)})
 
     @classmethod
     def map_one(

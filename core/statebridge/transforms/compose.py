@@ -30,7 +30,7 @@ from ..errors import CollisionError, ExecutionError, PlanError, StatebridgeError
 
 from ..tensors.meta import TensorMeta
 from ..tensors.patterns import describe_keys, did_you_mean
-from .base import Candidates, Carry, Group, Piece, Pieces, Tensors, Transform, WholeOf, cut
+from .base import ZEROS, Candidates, Carry, Group, Piece, Pieces, Tensors, Transform, WholeOf, cut
 
 class Lineage(NamedTuple):
     """Which source tensors, through which operations, made one tensor."""
@@ -474,7 +474,7 @@ def _check_step(
 def _declared(group: Group, key: str) -> Pieces | None:
     """The source bytes output ``key`` is, for a group that read only source tensors: its pieces as declared."""
     pieces = group.pieces.get(key) if group.pieces else None
-    if pieces is None or any(piece.key not in group.inputs for piece in pieces):
+    if pieces is None or any(piece.key not in group.inputs and piece.key != ZEROS for piece in pieces):
         return None
     return pieces
 

@@ -1,0 +1,425 @@
+"""The ``.tprog`` progressive checkpoint: a model folder plus what growing it further needs.
+
+::
+
+    model.tprog/
+    ├── weights.safetensors        plain safetensors: any safetensors tool reads it
+    ├── config.json                the model's (transformers) config
+    ├── progressive.json           ProgressiveMeta below; its JSON schema: progressive.schema.json
+    ├── tokenizer/                 tokenizer files, copied as they are
+    ├── training/                  optional: optimizer.safetensors (+ optimizer.json), scheduler.json, rng.safetensors
+    └── ewc/                       optional: fisher.safetensors, old_params.safetensors
+
+Nothing in a ``.tprog`` is ever executed: there are no hooks, no pickles (optimizer and RNG
+state are safetensors plus JSON), and :func:`read_meta` validates ``progressive.json`` against
+the schema, reporting a malformed file in one line naming the field.  Growing a ``.tprog``
+(:func:`grow`, or ``statebridge grow depth|width`` with a ``.tprog`` source or target) streams
+the weights through statebridge and appends the growth to ``expansion_history`` by itself;
+the training state and the EWC anchor describe the old shapes, so they are not carried into
+the grown checkpoint (the history entry says so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+import statebridge as sb
+
+if TYPE_CHECKING:
+    import torch
+
+SUFFIX = ".tprog"
+FORMAT_VERSION = "1.0.0"
+WEIGHTS, CONFIG, META = "weights.safetensors", "config.json", "progressive.json"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Size(_Model):
+    """A model's size: what config.json says, and the parameter count of the weights."""
+
+    model_size: str | None = None  # a label such as "3B"
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    parameters: int | None = None
+
+
+class TrainingProgress(_Model):
+    tokens_seen: int = 0
+    steps: int = 0
+    epochs: float = 0.0
+    best_loss: float | None = None
+
+
+class Expansion(_Model):
+    """One growth: the sizes before and after and the statebridge steps that made it."""
+
+    from_size: Size
+    to_size: Size
+    method: str  # the step names, e.g. "grow_depth(llama_pro)"
+    steps: list[dict[str, Any]] = []  # the steps as config ({name: params}), enough to repeat the growth
+    tokens_after: int | None = None  # tokens trained after this growth (filled in by training code)
+    dropped: list[str] = []  # what the grown checkpoint no longer carries (training state, EWC anchor)
+
+
+class RecommendedExpansion(_Model):
+    next_size: str | None = None
+    target_hidden_size: int | None = None
+    target_num_layers: int | None = None
+    method: str | None = None
+    layer_duplication_indices: list[int] = []
+
+
+class LayerAnalysis(_Model):
+    """Block Influence scores (ShortGPT: 1 - cos(input, output) of each block over calibration text)."""
+
+    metric: Literal["block_influence"] = "block_influence"
+    importance_scores: list[float]
+    expendable_layers: list[int] = []  # lowest influence first
+    critical_layers: list[int] = []  # highest influence first
+    calibration_tokens: int | None = None
+    calibration_sha256: str | None = None
+
+
+class EwcConfig(_Model):
+    enabled: bool = True
+    lambda_: float = Field(1000.0, alias="lambda")
+    fisher: Literal["empirical", "true"] = "true"  # which Fisher ewc/fisher.safetensors holds (see ewc.py)
+    fisher_samples: int = 0
+    penalty: Literal["lambda/2 * sum F (theta - theta*)^2"] = "lambda/2 * sum F (theta - theta*)^2"
+    stored: bool = False  # ewc/fisher.safetensors and ewc/old_params.safetensors are present
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ProgressiveMeta(_Model):
+    """``progressive.json``: format version, family, size, progress, growth history and the analyses that steer growth."""
+
+    format_version: str = Field(FORMAT_VERSION, pattern=r"^1\.\d+\.\d+$")
+    model_family: str
+    current_size: Size
+    training_progress: TrainingProgress = TrainingProgress()
+    expansion_history: list[Expansion] = []
+    recommended_expansion: RecommendedExpansion | None = None
+    layer_analysis: LayerAnalysis | None = None
+    ewc_config: EwcConfig | None = None
+
+    def dump(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True), indent=2, sort_keys=False) + "\n"
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of ``progressive.json`` (published as ``progressive.schema.json`` beside this module)."""
+    return ProgressiveMeta.model_json_schema(by_alias=True)
+
+
+def is_tprog(path: str | os.PathLike[str]) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / META).is_file()
+
+
+def read_meta(path: str | os.PathLike[str]) -> ProgressiveMeta:
+    """``progressive.json`` of the ``.tprog`` at ``path``, validated; a bad one is a one-line SourceError naming the field."""
+    file = Path(path) / META
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise sb.SourceError(file, f"cannot read: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise sb.SourceError(file, f"not valid JSON ({e})") from None
+    try:
+        return ProgressiveMeta.model_validate(data)
+    except ValidationError as e:
+        from statebridge.transforms.base import format_validation_error
+
+        raise sb.SourceError(file, format_validation_error(e, "")) from None
+
+
+def size_of(config: Mapping[str, Any], metas: Mapping[str, sb.TensorMeta] | None = None, label: str | None = None) -> Size:
+    """The :class:`Size` config.json describes (and the parameter count of ``metas``)."""
+    return Size(
+        model_size=label, hidden_size=config.get("hidden_size"),
+        num_layers=config.get("num_hidden_layers", config.get("n_layer")),
+        num_heads=config.get("num_attention_heads"), num_kv_heads=config.get("num_key_value_heads"),
+        intermediate_size=config.get("intermediate_size"),
+        parameters=sum(m.numel for m in metas.values()) if metas is not None else None,
+    )
+
+
+@dataclass
+class Checkpoint:
+    """A ``.tprog`` read back: its folder, metadata, config and (lazily) the tensors of each part."""
+
+    path: Path
+    meta: ProgressiveMeta
+    config: dict[str, Any]
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(self.path / WEIGHTS)
+
+    def part(self, name: str) -> dict[str, torch.Tensor] | None:
+        """``training/optimizer``, ``ewc/fisher``, ... as tensors; None when absent."""
+        from safetensors.torch import load_file
+
+        file = self.path / f"{name}.safetensors"
+        return load_file(file) if file.is_file() else None
+
+    def json(self, name: str) -> Any:
+        file = self.path / f"{name}.json"
+        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+
+    def load_into(self, model: torch.nn.Module, strict: bool = True) -> None:
+        """Load the weights into ``model`` (its config must match config.json)."""
+        missing, unexpected = model.load_state_dict(self.weights(), strict=False)
+        missing = [k for k in missing if k not in _tied(model)]
+        if strict and (missing or unexpected):
+            raise sb.SourceError(self.path / WEIGHTS, f"does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    def restore_rng(self) -> None:
+        """Set torch's CPU RNG (and the CUDA ones saved) to the saved state."""
+        import torch
+
+        states = self.part("training/rng")
+        if states is None:
+            raise sb.SourceError(self.path / "training", "has no rng.safetensors")
+        torch.set_rng_state(states["cpu"])
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                if f"cuda.{i}" in states:
+                    torch.cuda.set_rng_state(states[f"cuda.{i}"], i)
+
+
+def _tied(model: Any) -> set[str]:
+    """Keys ``model`` does not save because they are tied to another (transformers' tied lm_head)."""
+    keys = getattr(model, "_tied_weights_keys", None) or ()
+    return set(keys if not isinstance(keys, Mapping) else keys.keys())
+
+
+def read(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a ``.tprog``: validate ``progressive.json`` and read ``config.json``; tensors are read when asked for."""
+    path = Path(path)
+    if not (path / WEIGHTS).is_file():
+        raise sb.SourceError(path, f"is not a .tprog checkpoint (no {WEIGHTS})")
+    meta = read_meta(path)
+    try:
+        config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise sb.SourceError(path / CONFIG, f"cannot read: {e}") from None
+    return Checkpoint(path, meta, config)
+
+
+def save(
+    path: str | os.PathLike[str],
+    model: torch.nn.Module | Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    meta: ProgressiveMeta | None = None,
+    *,
+    family: str | None = None,
+    tokenizer: str | os.PathLike[str] | Any | None = None,
+    optimizer: Any | None = None,
+    scheduler: Any | None = None,
+    rng: bool = False,
+    ewc: Any | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a ``.tprog`` at ``path``, atomically (a staging folder renamed into place).
+
+    ``model`` is a module or a state dict (tied tensors are saved once, as transformers does);
+    ``config`` its config.json (a transformers config's ``to_dict()``); ``meta`` the metadata
+    (default: a fresh one for ``family`` with the size the config describes).  ``tokenizer`` is a
+    folder of tokenizer files or a transformers tokenizer (``save_pretrained``); ``optimizer`` a
+    torch optimizer (its tensors into ``training/optimizer.safetensors``, the rest into
+    ``optimizer.json``); ``scheduler`` anything with ``state_dict()`` of plain values; ``rng``
+    saves torch's RNG states; ``ewc`` an :class:`~statebridge_progressive.ewc.EWC` whose Fisher
+    and anchor go into ``ewc/`` and whose settings into ``ewc_config``.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise sb.ConfigError(f"{path} exists; pass overwrite=True to replace it")
+    state = _state(model)
+    config = dict(config)
+    if meta is None:
+        meta = ProgressiveMeta(model_family=family or str(config.get("model_type", "unknown")),
+                               current_size=size_of(config, {k: sb.TensorMeta(tuple(v.shape), v.dtype) for k, v in state.items()}))
+    staging = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        save_file(state, staging / WEIGHTS)
+        (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, staging / "tokenizer")
+        if optimizer is not None or scheduler is not None or rng:
+            (staging / "training").mkdir()
+        if optimizer is not None:
+            tensors, rest = _split_state(optimizer.state_dict())
+            save_file(tensors, staging / "training/optimizer.safetensors")
+            (staging / "training/optimizer.json").write_text(json.dumps(rest, indent=2) + "\n", encoding="utf-8")
+        if scheduler is not None:
+            (staging / "training/scheduler.json").write_text(json.dumps(scheduler.state_dict(), indent=2) + "\n", encoding="utf-8")
+        if rng:
+            save_file(_rng_states(), staging / "training/rng.safetensors")
+        if ewc is not None:
+            (staging / "ewc").mkdir()
+            ewc.save(staging / "ewc")
+            meta = meta.model_copy(update={"ewc_config": ewc.config(stored=True)})
+        (staging / META).write_text(meta.dump(), encoding="utf-8")
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _state(model: Any) -> dict[str, torch.Tensor]:
+    """A module's (or dict's) tensors, contiguous and each storage saved once (tied weights: the first name)."""
+    tensors = model.state_dict() if hasattr(model, "state_dict") else dict(model)
+    out, seen = {}, set()
+    for key, value in tensors.items():
+        pointer = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if value.numel() and pointer in seen:
+            continue  # a tied weight: transformers re-ties it on load
+        seen.add(pointer)
+        out[key] = value.detach().contiguous().cpu()
+    return out
+
+
+def _split_state(state: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """An optimizer state dict as tensors (``state.<param>.<name>``) and the JSON rest, with tensors replaced by their names."""
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, name: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value.detach().contiguous().cpu()
+            return {"__tensor__": name}
+        if isinstance(value, Mapping):
+            return {str(k): walk(v, f"{name}.{k}" if name else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{name}.{i}") for i, v in enumerate(value)]
+        return value
+
+    return tensors, walk(state, prefix)
+
+
+def load_optimizer(checkpoint: Checkpoint, optimizer: Any) -> None:
+    """Restore ``optimizer`` from ``training/optimizer.*`` (integer state keys as torch saves them)."""
+    tensors = checkpoint.part("training/optimizer") or {}
+    rest = checkpoint.json("training/optimizer")
+    if rest is None:
+        raise sb.SourceError(checkpoint.path / "training", "has no optimizer.json")
+
+    def back(value: Any) -> Any:
+        if isinstance(value, Mapping) and set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        if isinstance(value, Mapping):
+            return {k: back(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [back(v) for v in value]
+        return value
+
+    state = back(rest)
+    state["state"] = {int(k): v for k, v in state["state"].items()}
+    optimizer.load_state_dict(state)
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    import torch
+
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(folder)
+        return
+    source = Path(tokenizer)
+    folder.mkdir()
+    for entry in sorted(source.iterdir()):
+        if entry.is_file() and not entry.name.startswith("."):
+            shutil.copyfile(entry, folder / entry.name)
+
+
+def grow(
+    source: str | os.PathLike[str], steps: Sequence[sb.Transform], out: str | os.PathLike[str], *,
+    overwrite: bool = False, family: str | None = None, **options: Any,
+) -> sb.RunReport:
+    """Run ``steps`` on ``source`` (a ``.tprog`` or a model folder) into the ``.tprog`` ``out``, recording the growth.
+
+    The weights stream through statebridge (raw copies where bytes are unchanged); config.json
+    gets the steps' edits; ``tokenizer/`` is carried; ``expansion_history`` gains one entry.
+    ``training/`` and ``ewc/`` describe the old shapes and are not carried.
+    """
+    source, out = Path(source), Path(out)
+    if out.exists() and not overwrite:
+        raise sb.ConfigError(f"{out} exists; pass --overwrite to replace it")
+    meta = read_meta(source) if is_tprog(source) else None
+    built = sb.plan(source, list(steps))
+    if built.folder is None or built.folder.config is None:
+        raise sb.SourceError(source, "has no config.json: a .tprog needs the model's config")
+    config = built.folder.edited_config()
+    old_config = built.folder.config
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        try:
+            report = sb.run(built, None, staging / "weights", overwrite=True, progress=False, **options)
+        except sb.SourceError as e:
+            raise sb.ExecutionError(str(e)) from None
+        files = sorted((staging / "weights").glob("*.safetensors"))
+        if len(files) != 1:
+            raise sb.ExecutionError(f"the grown weights are {len(files)} files; a .tprog holds one weights.safetensors")
+        files[0].rename(staging / WEIGHTS)
+        shutil.rmtree(staging / "weights")
+        (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        tokenizer = source / "tokenizer"
+        if tokenizer.is_dir():
+            shutil.copytree(tokenizer, staging / "tokenizer")
+        dropped = [part for part in ("training", "ewc") if (source / part).is_dir()]
+        before = meta.current_size if meta is not None else size_of(old_config, built.source.metas())
+        after = size_of(config, built.outputs)
+        entry = Expansion(from_size=before, to_size=after, method=", ".join(_method(s) for s in steps),
+                          steps=[s.spec() for s in steps], dropped=[f"{d}/" for d in dropped])
+        if meta is None:
+            meta = ProgressiveMeta(model_family=family or str(old_config.get("model_type", "unknown")), current_size=before)
+        ewc = meta.ewc_config.model_copy(update={"stored": False}) if meta.ewc_config is not None else None
+        meta = meta.model_copy(update={"current_size": after, "expansion_history": [*meta.expansion_history, entry],
+                                       "ewc_config": ewc, "layer_analysis": None, "recommended_expansion": None})
+        (staging / META).write_text(meta.dump(), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report.target = out
+    report.files = [out / WEIGHTS]
+    return report
+
+
+def _method(step: sb.Transform) -> str:
+    method = getattr(step.params, "method", None)
+    return f"{step.name}({method})" if method else step.name

@@ -1,0 +1,132 @@
+"""The .tprog format: an exact round trip, a growth that records itself, one-line errors for a bad progressive.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import statebridge as sb
+from statebridge.testing import run_cli
+from statebridge_progressive import tprog
+from statebridge_progressive.depth import GrowDepth
+from statebridge_progressive.ewc import EWC
+from statebridge_progressive.width import GrowWidth
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import TOKENS, load, save  # noqa: E402
+
+SCHEMA = Path(tprog.__file__).with_name("progressive.schema.json")
+
+
+def fresh(config: dict) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).eval()
+
+
+def test_round_trip_is_exact(tmp_path: Path) -> None:
+    model = load(save("llama", tmp_path / "src", layers=2, tied=True))
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok/tokenizer.json").write_text('{"model": {}}')
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3)
+    model.train()
+    model(TOKENS, labels=TOKENS).loss.backward()
+    optimizer.step()
+    scheduler.step()
+    ewc = EWC.from_model(model, [(TOKENS[:, :4], None)], lam=50.0)
+    torch.manual_seed(7)
+    path = tprog.save(tmp_path / "m.tprog", model, model.config.to_dict(), family="tiny", tokenizer=tmp_path / "tok",
+                      optimizer=optimizer, scheduler=scheduler, rng=True, ewc=ewc)
+    expected_rng = torch.rand(3)
+
+    back = tprog.read(path)
+    assert back.meta.model_family == "tiny" and back.meta.current_size.num_layers == 2
+    assert back.meta.ewc_config.stored and back.meta.ewc_config.lambda_ == 50.0
+    again = fresh(back.config)
+    back.load_into(again)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(again(TOKENS).logits, model.eval()(TOKENS).logits)
+    restored = torch.optim.AdamW(again.parameters(), lr=1e-3)
+    tprog.load_optimizer(back, restored)
+    for a, b in zip(optimizer.state_dict()["state"].values(), restored.state_dict()["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert back.json("training/scheduler") == scheduler.state_dict()
+    back.restore_rng()
+    assert torch.equal(torch.rand(3), expected_rng)
+    anchor = EWC.from_checkpoint(back)
+    assert all(torch.equal(anchor.fisher[k], ewc.fisher[k]) for k in ewc.fisher)
+    assert (path / "tokenizer/tokenizer.json").read_text() == '{"model": {}}'
+    assert tprog.read_meta(path) == back.meta
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("current_size", {"hidden_size": "wide"}, "current_size.hidden_size: Input should be a valid integer"),
+    ("format_version", "2.0.0", "format_version: String should match pattern"),
+    ("expansion_history", [{"method": "x"}], "expansion_history.0.from_size: Field required"),
+    ("surprise", 1, "surprise: Extra inputs are not permitted"),
+])
+def test_malformed_progressive_json_names_the_field(tmp_path: Path, field: str, value: object, message: str) -> None:
+    path = tprog.save(tmp_path / "m.tprog", {"w": torch.ones(2)}, {"model_type": "llama"})
+    meta = json.loads((path / "progressive.json").read_text())
+    meta[field] = value
+    (path / "progressive.json").write_text(json.dumps(meta))
+    with pytest.raises(sb.SourceError) as caught:
+        tprog.read(path)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert "progressive.json" in str(caught.value)
+
+
+def test_growing_appends_to_the_history(tmp_path: Path) -> None:
+    src = save("llama", tmp_path / "src", layers=2)
+    model = load(src)
+    start = tprog.save(tmp_path / "a.tprog", model, json.loads((src / "config.json").read_text()), family="tiny",
+                       ewc=EWC.from_model(model, [(TOKENS[:, :3], None)]))
+    deeper = tprog.grow(start, [GrowDepth(method="llama_pro", num_layers=3)], tmp_path / "b.tprog").target
+    wider = tprog.grow(deeper, [GrowWidth(head_dim=16, factor=2)], tmp_path / "c.tprog").target
+    meta = tprog.read_meta(wider)
+    history = meta.expansion_history
+    assert [h.method for h in history] == ["grow_depth(llama_pro)", "grow_width"]
+    assert (history[0].from_size.num_layers, history[0].to_size.num_layers) == (2, 3)
+    assert (history[1].from_size.hidden_size, history[1].to_size.hidden_size) == (64, 128)
+    assert history[0].dropped == ["ewc/"] and not meta.ewc_config.stored and not (wider / "ewc").exists()
+    assert meta.current_size.parameters == sum(p.numel() for p in fresh(tprog.read(wider).config).parameters())
+    grown = fresh(tprog.read(wider).config)
+    tprog.read(wider).load_into(grown)
+    with torch.no_grad():
+        assert float((grown(TOKENS).logits - model(TOKENS).logits).abs().max()) <= 1e-4
+
+
+def test_command_line_grows_into_a_tprog(tmp_path: Path) -> None:
+    src = save("llama", tmp_path / "src", layers=2)
+    done = run_cli(["grow", "depth", str(src), str(tmp_path / "out.tprog"), "--method", "llama_pro", "--num-layers", "4"])
+    assert done.returncode == 0, done.stderr
+    meta = tprog.read_meta(tmp_path / "out.tprog")
+    assert meta.model_family == "llama" and meta.expansion_history[0].to_size.num_layers == 4
+
+
+def test_the_published_schema_is_current() -> None:
+    assert json.loads(SCHEMA.read_text()) == tprog.json_schema()
+
+
+def test_nothing_in_a_tprog_is_executed(tmp_path: Path) -> None:
+    src = save("llama", tmp_path / "src", layers=2)
+    path = tprog.save(tmp_path / "a.tprog", load(src), json.loads((src / "config.json").read_text()))
+    witness = tmp_path / "executed"
+    (path / "expansion_hooks.py").write_text(f"open({str(witness)!r}, 'w').close()\n")
+    tprog.read(path).load_into(fresh(tprog.read(path).config))
+    grown = tprog.grow(path, [GrowDepth(method="llama_pro", num_layers=3)], tmp_path / "b.tprog").target
+    assert not witness.exists() and not (grown / "expansion_hooks.py").exists()
+
+
+def test_a_plain_run_of_a_tprog_warns_that_progressive_json_goes_stale(tmp_path: Path) -> None:
+    src = save("llama", tmp_path / "src", layers=2)
+    path = tprog.save(tmp_path / "a.tprog", load(src), json.loads((src / "config.json").read_text()))
+    found = sb.plan(path, [GrowDepth(method="llama_pro", num_layers=3)]).findings
+    assert [f.check for f in found if f.level == "warning"] == ["progressive.stale_metadata"]
+    assert not [f for f in sb.plan(path, []).findings if f.check == "progressive.stale_metadata"]
