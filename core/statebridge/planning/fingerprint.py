@@ -4,7 +4,7 @@ The fingerprint is a sha256 over the canonical form of the pipeline: every
 step's transform name, its version, the distribution and version of the plugin
 that provides it, and its parameters.  Lists keep their order (step order,
 input order matter); mapping keys are sorted (their order does not).  When the source
-is a model folder, the edits the steps make to its config.json are part of it too, and so
+is a model folder, the edits the steps make to its config.json and other JSON companions are part of it too, and so
 are the metadata fields a run sets or deletes (``metadata:``).  Paths of
 the source and target are not part of it, so the same config gives the same
 fingerprint on any machine.
@@ -51,12 +51,15 @@ def fingerprint(
     providers: Mapping[str, str],
     config_edits: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    companion_edits: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
-    """sha256 (hex) of the pipeline's canonical form, with the core's version, the config.json edits it makes
-    and the metadata fields the run sets or deletes."""
+    """sha256 (hex) of the pipeline's canonical form, with the core's version, the config.json edits it makes,
+    its edits to other JSON companions (file -> key -> value) and the metadata fields the run sets or deletes."""
     document: dict[str, Any] = {"statebridge": __version__, "pipeline": canonical(pipeline, providers)}
     if config_edits:  # absent when there are none, so a plain checkpoint's fingerprint is as before
         document["config_edits"] = dict(config_edits)
+    if companion_edits:  # likewise
+        document["companion_edits"] = {name: dict(edits) for name, edits in companion_edits.items()}
     if metadata:  # likewise: a run without metadata edits keeps its fingerprint
         document["metadata"] = dict(metadata)
     text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -1,4 +1,4 @@
-"""Model folders: the files beside the weights (config, tokenizer, ...) and the edits a plan makes to config.json.
+"""Model folders: the files beside the weights (config, tokenizer, ...) and the edits a plan makes to the JSON ones.
 
 A Hugging Face model folder holds more than tensors: ``config.json``,
 ``generation_config.json``, the tokenizer, chat templates, a README.  A run
@@ -6,8 +6,10 @@ from such a folder into a folder target writes these *companion* files into
 the same staging folder as the tensors, so they are committed with them in one
 atomic step.  ``config.json`` is written with the edits the pipeline's steps
 declare (:meth:`statebridge.Transform.config_edits`: a cast sets ``dtype``,
-a depth change ``num_hidden_layers``); every other companion is copied byte for
-byte.  A PEFT adapter folder (``adapter_config.json``) is the same, and its
+a depth change ``num_hidden_layers``), and any other JSON companion with the edits
+the steps declare to it (:meth:`statebridge.Transform.companion_edits`: a growth step
+appends to a ``.tprog``'s ``progressive.json``); every other companion is copied byte
+for byte.  A PEFT adapter folder (``adapter_config.json``) is the same, and its
 weights keep PEFT's file name, ``adapter_model.safetensors``.
 
 Everything here works from headers and small JSON files: no tensor is read and
@@ -24,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SourceError
+from ..errors import PlanError, SourceError
 from ..readers.safetensors import INDEX_NAME, ShardedSafetensors
+from ..transforms.base import CONFIG, Companions
 from ..writers.base import PlannedFile
 
 if TYPE_CHECKING:
@@ -34,7 +37,6 @@ if TYPE_CHECKING:
     from ..transforms.base import Transform
     from ..writers.base import Writer
 
-CONFIG = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
 #: the weights' file stem in a PEFT adapter folder (``adapter_model.safetensors``), as PEFT loads it
 ADAPTER_STEM = "adapter_model"
@@ -55,33 +57,56 @@ class Companion:
 
 @dataclass
 class ModelFolder:
-    """A source model folder as a plan sees it: its companion files and the edits to its ``config.json``."""
+    """A source model folder as a plan sees it: its companion files and the edits the steps make to its JSON ones."""
 
     path: Path
     companions: list[Companion]  # in name order
     left: dict[str, str]  # entries of the folder that are not carried -> why
-    config: dict[str, Any] | None  # config.json as read, or None when there is none
-    edits: dict[str, Any] = field(default_factory=dict)  # top-level key of config.json -> its new value
+    #: JSON companions read so far (config.json always, others when a step asked for them); None: not a companion
+    documents: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    #: file name -> top-level key -> its new value, only values that change (config.json, progressive.json, ...)
+    file_edits: dict[str, dict[str, Any]] = field(default_factory=dict)
     adapter: bool = False  # a PEFT adapter folder (adapter_config.json)
     #: whether the target gets the companions (a folder target); None until a writer is known
     carried: bool | None = None
+
+    def read(self, name: str) -> dict[str, Any] | None:
+        """The companion ``name`` as a JSON object (read once), or None when the folder does not carry such a file."""
+        if name not in self.documents:
+            known = any(c.name == name for c in self.companions)
+            self.documents[name] = _read_json(self.path / name) if known else None
+        return self.documents[name]
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        """config.json as read, or None when there is none."""
+        return self.read(CONFIG)
+
+    @property
+    def edits(self) -> dict[str, Any]:
+        """config.json's edits: top-level key -> new value."""
+        return self.file_edits.get(CONFIG, {})
 
     @property
     def stem(self) -> str | None:
         """The file stem the target's weights must keep to load (PEFT's ``adapter_model``), or None for the writer's own."""
         return ADAPTER_STEM if self.adapter else None
 
+    def edited(self, name: str) -> dict[str, Any]:
+        """The JSON companion ``name`` with the edits applied: same key order, edited values in place, new keys at the end."""
+        return {**(self.read(name) or {}), **self.file_edits.get(name, {})}
+
     def edited_config(self) -> dict[str, Any]:
-        """config.json with the edits applied: same key order, edited values in place, new keys at the end."""
-        return {**(self.config or {}), **self.edits}
+        """config.json with its edits applied."""
+        return self.edited(CONFIG)
 
-    def config_text(self) -> str:
-        """The text of the edited config.json, indented as ``transformers`` writes it."""
-        return json.dumps(self.edited_config(), indent=2) + "\n"
+    def text(self, name: str) -> str:
+        """The text of the edited file ``name``, indented as ``transformers`` (and ``.tprog``) write JSON."""
+        return json.dumps(self.edited(name), indent=2) + "\n"
 
-    def changes(self) -> list[tuple[str, Any, Any]]:
-        """Every value the edits change, as (dotted path, old, new); missing old values are None."""
-        return list(_diff(self.config or {}, self.edited_config(), ""))
+    def changes(self, name: str = CONFIG) -> list[tuple[str, Any, Any]]:
+        """Every value the edits of ``name`` change, as (dotted path, old, new); missing old values are None."""
+        return list(_diff(self.read(name) or {}, self.edited(name), ""))
 
     def use(self, writer: Writer) -> None:
         """Fit ``writer`` to this folder (the weights' file stem) and note whether its target carries the companions."""
@@ -92,22 +117,22 @@ class ModelFolder:
     def planned_files(self) -> list[PlannedFile]:
         """The companion files a folder target gets, with their sizes (for dry runs)."""
         return [
-            PlannedFile(c.name, [], len(self.config_text().encode()) if c.name == CONFIG and self.edits else c.size)
+            PlannedFile(c.name, [], len(self.text(c.name).encode()) if c.name in self.file_edits else c.size)
             for c in self.companions
         ]
 
     def write(self, folder: Path) -> list[Path]:
         """Write the companions into ``folder`` (the run's staging folder); return their paths.
 
-        config.json is written edited when a step edits it, every other file is copied as it is.
+        A JSON companion a step edits is written edited, every other file is copied as it is.
         A companion that can no longer be read is an error naming it (the run then leaves no target).
         """
         written = []
         for companion in self.companions:
             destination = folder / companion.name
             try:
-                if companion.name == CONFIG and self.edits:
-                    destination.write_text(self.config_text(), encoding="utf-8")
+                if companion.name in self.file_edits:
+                    destination.write_text(self.text(companion.name), encoding="utf-8")
                 else:
                     shutil.copyfile(companion.path, destination)
             except OSError as e:
@@ -116,24 +141,27 @@ class ModelFolder:
         return written
 
     def render(self) -> list[str]:
-        """The plan's lines about the folder: what is carried, and the config.json edits."""
-        names = ", ".join(c.name + (" (edited)" if c.name == CONFIG and self.edits else "") for c in self.companions)
+        """The plan's lines about the folder: what is carried, and each file's edits (config.json first)."""
+        names = ", ".join(c.name + (" (edited)" if c.name in self.file_edits else "") for c in self.companions)
         where = {None: "", True: ", written into the target folder", False: ", not written: the target is a single file"}
         kind = "PEFT adapter folder" if self.adapter else "model folder"
         lines = [f"  {kind}: {len(self.companions)} companion files{where[self.carried]}: {names}"]
-        changes = self.changes()
-        if changes:
-            lines.append("  config.json edits:")
-            lines.extend(f"    {path}: {_json(old)} -> {_json(new)}" for path, old, new in changes)
+        for name in sorted(self.file_edits, key=lambda n: (n != CONFIG, n)):
+            lines.append(f"  {name} edits:")
+            lines.extend(f"    {path}: {_json(old)} -> {_json(new)}" for path, old, new in self.changes(name))
         return lines
 
     def to_dict(self) -> dict[str, Any]:
+        def diff(name: str) -> dict[str, Any]:
+            return {path: {"from": old, "to": new} for path, old, new in self.changes(name)}
+
         return {
             "path": str(self.path),
             "adapter": self.adapter,
             "companions": [c.name for c in self.companions],
             "not_carried": dict(self.left),
-            "config_edits": {path: {"from": old, "to": new} for path, old, new in self.changes()},
+            "config_edits": diff(CONFIG),
+            "companion_edits": {name: diff(name) for name in sorted(self.file_edits) if name != CONFIG},
             "carried": self.carried,
         }
 
@@ -148,7 +176,7 @@ def source_folder(source: SourceLike, opened: Source) -> Path | None:
 
 
 def read_folder(folder: Path, pipeline: Transform, source: Source) -> ModelFolder | None:
-    """The companions of ``folder`` and the config.json edits ``pipeline`` declares; None when it has no companions.
+    """The companions of ``folder`` and the edits ``pipeline`` declares to its JSON ones; None when it has no companions.
 
     Companions are the folder's regular files (links followed, as in the Hugging Face cache)
     except weights and their indexes, which the run writes anew; sub-folders and hidden files
@@ -173,13 +201,17 @@ def read_folder(folder: Path, pipeline: Transform, source: Source) -> ModelFolde
             left[name] = "not a regular file"
     if not companions:
         return None
-    config = _read_json(folder / CONFIG) if any(c.name == CONFIG for c in companions) else None
-    edits: dict[str, Any] = {}
-    if config is not None:
-        proposed = pipeline.config_edits(source.metas(), config)
-        edits = {key: value for key, value in proposed.items() if key not in config or config[key] != value}
-    adapter = any(c.name == ADAPTER_CONFIG for c in companions)
-    return ModelFolder(folder, companions, left, config, edits, adapter)
+    found = ModelFolder(folder, companions, left, adapter=any(c.name == ADAPTER_CONFIG for c in companions))
+    found.read(CONFIG)  # always: a bad config.json is an error even when no step edits it
+    view = Companions(found.read, left)
+    for name, proposed in pipeline.companion_edits(source.metas(), view).items():
+        document = found.read(name)
+        if document is None:
+            raise PlanError(f"a step edits {name}, which {folder} does not have (edits go to existing JSON companions)")
+        changed = {key: value for key, value in proposed.items() if key not in document or document[key] != value}
+        if changed:
+            found.file_edits[name] = changed
+    return found
 
 
 def _source_files(source: Source) -> set[Path]:
@@ -196,7 +228,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise SourceError(path, f"cannot read: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SourceError(path, f"not valid JSON ({e}); a step's config.json edits cannot be applied to it") from None
+        raise SourceError(path, f"not valid JSON ({e}); a step's edits cannot be applied to it") from None
     if not isinstance(data, dict):
         raise SourceError(path, f"holds a JSON {type(data).__name__}, not an object")
     return data

@@ -12,7 +12,7 @@ from ..transforms.compose import Lineage, compose
 from ..readers.base import RawSpan, Source
 from ..tensors.meta import TensorMeta, human_bytes
 from ..tensors.patterns import compress_keys
-from ..transforms.base import ZEROS, Group, Transform
+from ..transforms.base import CONFIG, ZEROS, Group, Transform
 from ..transforms.composite import Pipeline
 from .folder import ModelFolder
 
@@ -169,7 +169,9 @@ class Plan:
         """sha256 of the pipeline's canonical form (see :mod:`statebridge.planning.fingerprint`)."""
         from .fingerprint import fingerprint
 
-        return fingerprint(self.pipeline, self.providers, self.folder.edits if self.folder else None, self.options.get("metadata"))
+        edits = self.folder.file_edits if self.folder else {}
+        others = {name: made for name, made in edits.items() if name != CONFIG}
+        return fingerprint(self.pipeline, self.providers, edits.get(CONFIG), self.options.get("metadata"), others)
 
     @property
     def changed(self) -> dict[str, tuple[str, ...]]:

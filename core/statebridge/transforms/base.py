@@ -233,6 +233,37 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+CONFIG = "config.json"
+
+
+class Companions:
+    """The JSON companion files of a source folder as a step sees them when it declares edits.
+
+    ``read(name)`` parses a file only when some step asks for it (a tokenizer.json of
+    megabytes is never read for nothing) and gives it with the edits of the earlier steps
+    applied; ``left`` lists the folder's entries a run does not carry (``"training/": "a folder"``).
+    """
+
+    def __init__(self, read: Callable[[str], Mapping[str, Any] | None], left: Mapping[str, str] | None = None,
+                 edits: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        self._read, self.left, self._edits = read, dict(left or {}), {k: dict(v) for k, v in (edits or {}).items()}
+
+    @classmethod
+    def of(cls, documents: Mapping[str, Mapping[str, Any]], left: Mapping[str, str] | None = None) -> "Companions":
+        """A view of documents already in memory (a file not among them is absent)."""
+        return cls(documents.get, left)
+
+    def read(self, name: str) -> dict[str, Any] | None:
+        """The JSON object ``name`` holds, as the earlier steps left it; None when the folder has no such file."""
+        document = self._read(name)
+        return None if document is None else {**document, **self._edits.get(name, {})}
+
+    def edited(self, edits: Mapping[str, Mapping[str, Any]]) -> "Companions":
+        """This view with ``edits`` (file -> key -> value) applied on top: what the next step sees."""
+        merged = {name: {**self._edits.get(name, {}), **made} for name, made in {**self._edits, **edits}.items()}
+        return Companions(self._read, self.left, merged)
+
+
 class Transform(ABC):
     """Base class of every transform, built in or from a plugin.
 
@@ -284,6 +315,21 @@ class Transform(ABC):
         default is no edits.  Must not read tensor data.
         """
         return {}
+
+    def companion_edits(self, metas: Mapping[str, TensorMeta], companions: Companions) -> dict[str, dict[str, Any]]:
+        """The edits this step makes to the source folder's JSON companion files: file name -> top-level key -> new value.
+
+        The general form of :meth:`config_edits`, for files a plugin owns (a ``.tprog``'s
+        ``progressive.json`` records each growth): ``companions.read(name)`` gives a JSON
+        companion as the earlier steps left it, or None when the folder has none, so a step
+        asks only for the files it edits and no other is parsed.  The edits are shown in the
+        plan, go into the fingerprint and are written in the run's atomic commit, as
+        config.json's are.  The default is :meth:`config_edits` applied to config.json;
+        override this (calling ``super()``) to edit other files too.  Must not read tensor data.
+        """
+        config = companions.read(CONFIG)
+        edits = self.config_edits(metas, config) if config is not None else {}
+        return {CONFIG: edits} if edits else {}
 
     def walk(self) -> Iterator["Transform"]:
         """This step and, for a step made of steps (sequential, parallel, scope), every step inside it, in order.

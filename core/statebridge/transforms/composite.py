@@ -19,7 +19,7 @@ from .compose import Composite, Composition, Lineage, compose
 from ..errors import CollisionError, ConfigError, NotInvertibleError, PlanError, StatebridgeError
 from ..tensors.meta import TensorMeta
 from ..tensors.patterns import describe_keys, did_you_mean
-from .base import Group, Params, Transform
+from .base import CONFIG, Companions, Group, Params, Transform
 
 
 def build_steps(steps: Sequence[Any], transforms: Any = None, where: str = "steps") -> list[Transform]:
@@ -66,6 +66,10 @@ class _Composite(Composite):
             kwargs["steps"] = build_steps(kwargs["steps"], where=f"{self.name}.steps")
         super().__init__(steps, **kwargs)
 
+    def config_edits(self, metas: Mapping[str, TensorMeta], config: Mapping[str, Any]) -> dict[str, Any]:
+        """config.json's share of :meth:`companion_edits`, which the composites implement for every file."""
+        return self.companion_edits(metas, Companions.of({CONFIG: config})).get(CONFIG, {})
+
     @property
     def steps(self) -> list[Transform]:
         return self.params.steps
@@ -110,17 +114,18 @@ class Pipeline(_Composite):
     def composition(self, metas: Mapping[str, TensorMeta], lineage: Mapping[str, Lineage], on_collision: str) -> Composition:
         return compose(self.steps, metas, on_collision=on_collision, lineage=lineage)
 
-    def config_edits(self, metas: Mapping[str, TensorMeta], config: Mapping[str, Any]) -> dict[str, Any]:
-        """Each step's edits, made against the state and the config the steps before it leave; later ones win."""
-        edits: dict[str, Any] = {}
-        state, current = dict(metas), dict(config)
+    def companion_edits(self, metas: Mapping[str, TensorMeta], companions: Companions) -> dict[str, dict[str, Any]]:
+        """Each step's edits, made against the state and the files the steps before it leave; later ones win."""
+        edits: dict[str, dict[str, Any]] = {}
+        state, current = dict(metas), companions
         for i, step in enumerate(self.steps):
             try:
-                made = step.config_edits(state, current)
+                made = step.companion_edits(state, current)
             except StatebridgeError as e:
                 raise e.within(f"steps[{i}] ({step.name})") from None
-            edits.update(made)
-            current.update(made)
+            for name, values in made.items():
+                edits.setdefault(name, {}).update(values)
+            current = current.edited(made)
             if i + 1 < len(self.steps):
                 # collisions were decided when the plan was built; here only the resulting state matters
                 state = compose([step], state, on_collision="warn").metas
@@ -178,19 +183,21 @@ class Parallel(_Composite):
             overwritten=[key for part in parts for key in part.overwritten],
         )
 
-    def config_edits(self, metas: Mapping[str, TensorMeta], config: Mapping[str, Any]) -> dict[str, Any]:
-        """Every step's edits, each made against the same state and config; two steps may not set one key differently."""
-        edits: dict[str, Any] = {}
-        by: dict[str, int] = {}
+    def companion_edits(self, metas: Mapping[str, TensorMeta], companions: Companions) -> dict[str, dict[str, Any]]:
+        """Every step's edits, each made against the same state and files; two steps may not set one key differently."""
+        edits: dict[str, dict[str, Any]] = {}
+        by: dict[tuple[str, str], int] = {}
         for i, step in enumerate(self.steps):
             try:
-                made = step.config_edits(metas, config)
+                made = step.companion_edits(metas, companions)
             except StatebridgeError as e:
                 raise e.within(f"parallel[{i}] ({step.name})") from None
-            for key, value in made.items():
-                if key in edits and edits[key] != value:
-                    raise PlanError(f"parallel steps [{by[key]}] and [{i}] both edit config.json's {key!r}, differently")
-                edits[key], by[key] = value, i
+            for name, values in made.items():
+                file = edits.setdefault(name, {})
+                for key, value in values.items():
+                    if key in file and file[key] != value:
+                        raise PlanError(f"parallel steps [{by[name, key]}] and [{i}] both edit {name}'s {key!r}, differently")
+                    file[key], by[name, key] = value, i
         return edits
 
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
@@ -238,9 +245,9 @@ class Scope(_Composite):
             overwritten=nested.overwritten,
         )
 
-    def config_edits(self, metas: Mapping[str, TensorMeta], config: Mapping[str, Any]) -> dict[str, Any]:
+    def companion_edits(self, metas: Mapping[str, TensorMeta], companions: Companions) -> dict[str, dict[str, Any]]:
         """The steps' edits, made against the scope's tensors alone (the prefix removed), as in :meth:`plan`."""
-        return Pipeline(self.steps).config_edits(self._inner(metas), config)
+        return Pipeline(self.steps).companion_edits(self._inner(metas), companions)
 
     def inverse(self, metas: Mapping[str, TensorMeta]) -> Transform:
         return Scope(prefix=self.params.prefix, steps=[Pipeline(self.steps).inverse(self._inner(metas))])
