@@ -299,3 +299,79 @@ def test_two_torchrun_processes_write_the_companions_once_and_as_one_process_doe
     assert two.returncode == 0, two.stderr
     assert tree(tmp_path / "two") == tree(tmp_path / "one")
     assert sorted(tree(tmp_path / "one")) == sorted([*COMPANIONS, "model.safetensors"])
+
+
+class SetGeneration(sb.Transform):
+    """Edits generation_config.json, as a plugin edits the JSON file it owns: top-level key -> value, planning no group."""
+
+    name = "test.set_generation"
+
+    class Params(Params):
+        values: dict[str, Any]
+
+    def plan(self, metas):
+        return []
+
+    def companion_edits(self, metas, companions):
+        edits = super().companion_edits(metas, companions)
+        if companions.read("generation_config.json") is None:
+            return edits
+        return {**edits, "generation_config.json": dict(self.params.values)}
+
+
+def test_a_step_edits_another_json_companion_planned_fingerprinted_and_written_in_the_commit(hf_folder, tmp_path):
+    step = SetGeneration(values={"max_new_tokens": 7})
+    built = sb.plan(hf_folder, [step])
+    assert built.folder.file_edits == {"generation_config.json": {"max_new_tokens": 7}} and not built.folder.edits
+    assert "tokenizer.json" not in built.folder.documents  # only the files a step asks for are parsed
+    assert "generation_config.json (edited)" in built.render()
+    assert "  generation_config.json edits:\n    max_new_tokens: 5 -> 7" in built.render()
+    shown = json.loads(json.dumps(built.to_dict()))["model_folder"]
+    assert shown["companion_edits"] == {"generation_config.json": {"max_new_tokens": {"from": 5, "to": 7}}}
+    assert shown["config_edits"] == {}
+    # the edit is part of what identifies the run: another value, or none, is another fingerprint
+    prints = {built.fingerprint, sb.plan(hf_folder, [SetGeneration(values={"max_new_tokens": 9})]).fingerprint,
+              sb.plan(hf_folder, [SetGeneration(values={"max_new_tokens": 5})]).fingerprint}
+    assert len(prints) == 3
+    assert sb.plan(hf_folder, [SetGeneration(values={"max_new_tokens": 5})]).folder.file_edits == {}  # no change, no edit
+
+    report = sb.run(built, None, tmp_path / "out")
+    written = tmp_path / "out" / "generation_config.json"
+    old = json.loads((hf_folder / "generation_config.json").read_text())
+    assert json.loads(written.read_text()) == {**old, "max_new_tokens": 7} and list(json.loads(written.read_text())) == list(old)
+    planned = {f.name: f.nbytes for f in built.folder.planned_files()}
+    assert planned["generation_config.json"] == written.stat().st_size
+    for name in COMPANIONS:
+        if name != "generation_config.json":
+            assert (tmp_path / "out" / name).read_bytes() == (hf_folder / name).read_bytes(), name
+    assert written in report.files
+    sb.run(hf_folder, [step], tmp_path / "again")
+    assert tree(tmp_path / "out") == tree(tmp_path / "again")  # byte-identical from run to run
+
+    # a run that fails leaves the existing target as it was: the edited file is committed with the tensors or not at all
+    before = tree(tmp_path / "out")
+    nan = sb.ValueOp(pattern="model.norm.weight", op="fill", args={"value": float("nan")})
+    with pytest.raises(GateRejectedError):
+        sb.run(hf_folder, [SetGeneration(values={"max_new_tokens": 11}), nan], tmp_path / "out", gates={"finite": True}, overwrite=True)
+    assert tree(tmp_path / "out") == before
+
+
+def test_composites_thread_companion_edits_and_a_missing_file_is_an_error(hf_folder):
+    docs = sb.Companions.of({"generation_config.json": {"max_new_tokens": 5, "eos_token_id": 2}})
+
+    class Double(SetGeneration):
+        def companion_edits(self, metas, companions):
+            return {"generation_config.json": {"max_new_tokens": companions.read("generation_config.json")["max_new_tokens"] * 2}}
+
+    # in sequence each step sees the file as the ones before it left it
+    assert sb.Pipeline([Double(values={}), Double(values={})]).companion_edits(META, docs) == {"generation_config.json": {"max_new_tokens": 20}}
+    with pytest.raises(PlanError, match=r"parallel steps \[0\] and \[1\] both edit generation_config.json's 'a', differently"):
+        sb.Parallel([SetGeneration(values={"a": 1}), SetGeneration(values={"a": 2})]).companion_edits(META, docs)
+    assert sb.Scope(prefix="model.", steps=[Double(values={})]).companion_edits(META, docs) == {"generation_config.json": {"max_new_tokens": 10}}
+
+    class Stray(SetGeneration):
+        def companion_edits(self, metas, companions):
+            return {"progressive.json": {"x": 1}}
+
+    with pytest.raises(PlanError, match=r"a step edits progressive.json, which .*tiny-llama does not have"):
+        sb.plan(hf_folder, [Stray(values={})])

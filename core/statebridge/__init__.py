@@ -34,7 +34,7 @@ _PUBLIC = {
     "Plan": "planning.plan", "Estimate": "execute.estimate", "estimate": "execute.estimate",
     "Transaction": "execute.transaction", "transaction": "execute.transaction",
     # transforms and their parts
-    "Transform": "transforms.base", "Params": "transforms.base", "Group": "transforms.base", "Piece": "transforms.base",
+    "Transform": "transforms.base", "Companions": "transforms.base", "Params": "transforms.base", "Group": "transforms.base", "Piece": "transforms.base",
     "Candidates": "transforms.base", "PathParam": "transforms.base",
     "select": "transforms.matching", "bind": "transforms.matching", "require": "transforms.matching",
     "Rename": "transforms.rename", "Identity": "transforms.rename", "Drop": "transforms.rename",
@@ -98,7 +98,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .tensors.meta import DType, TensorMeta
     from .tensors.patterns import KeyPattern
     from .transforms.adapt import AdaptShapes
-    from .transforms.base import Candidates, Group, Params, PathParam, Piece, Transform
+    from .transforms.base import Candidates, Companions, Group, Params, PathParam, Piece, Transform
     from .transforms.combine import Chunk, Concat, Split, Stack, Unstack
     from .transforms.composite import Parallel, Pipeline, Scope, Sequential
     from .transforms.layout import Permute, Reshape, Transpose
