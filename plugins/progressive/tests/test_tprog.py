@@ -124,9 +124,53 @@ def test_nothing_in_a_tprog_is_executed(tmp_path: Path) -> None:
     assert not witness.exists() and not (grown / "expansion_hooks.py").exists()
 
 
-def test_a_plain_run_of_a_tprog_warns_that_progressive_json_goes_stale(tmp_path: Path) -> None:
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_plain_run_records_the_growth_as_statebridge_grow_does(tmp_path: Path) -> None:
+    src = save("llama", tmp_path / "src", layers=2)
+    model = load(src)
+    start = tprog.save(tmp_path / "a.tprog", model, json.loads((src / "config.json").read_text()), family="tiny",
+                       ewc=EWC.from_model(model, [(TOKENS[:, :3], None)]))
+    config = tmp_path / "grow.yaml"
+    config.write_text("format: safetensors\nsteps:\n  - grow_depth: {method: llama_pro, num_layers: 3}\n")
+    runs = [run_cli(["run", str(config), "--source", str(start), "--target", str(tmp_path / name), "--no-progress"])
+            for name in ("b.tprog", "c.tprog")]
+    assert all(done.returncode == 0 for done in runs), runs[0].stderr
+    assert "progressive.json edits:" in runs[0].stdout and "stale_metadata" not in runs[0].stdout + runs[0].stderr
+    assert tree(tmp_path / "b.tprog") == tree(tmp_path / "c.tprog")  # byte-identical from run to run
+
+    grown = run_cli(["grow", "depth", str(start), str(tmp_path / "d.tprog"), "--method", "llama_pro", "--num-layers", "3"])
+    assert grown.returncode == 0, grown.stderr
+    plain, command = tprog.read_meta(tmp_path / "b.tprog"), tprog.read_meta(tmp_path / "d.tprog")
+    assert len(plain.expansion_history) == 1 and plain == command  # the same entry, size, EWC and analyses
+    assert plain.expansion_history[0].dropped == ["ewc/"] and plain.current_size.num_layers == 3
+    assert (tmp_path / "b.tprog/progressive.json").read_bytes() == (tmp_path / "d.tprog/progressive.json").read_bytes()
+
+
+def test_growth_steps_chain_their_entries_and_other_size_changes_still_warn(tmp_path: Path) -> None:
     src = save("llama", tmp_path / "src", layers=2)
     path = tprog.save(tmp_path / "a.tprog", load(src), json.loads((src / "config.json").read_text()))
-    found = sb.plan(path, [GrowDepth(method="llama_pro", num_layers=3)]).findings
-    assert [f.check for f in found if f.level == "warning"] == ["progressive.stale_metadata"]
-    assert not [f for f in sb.plan(path, []).findings if f.check == "progressive.stale_metadata"]
+    built = sb.plan(path, [GrowDepth(method="llama_pro", num_layers=3), GrowWidth(head_dim=16, factor=2)])
+    history = tprog.ProgressiveMeta.model_validate(built.folder.edited("progressive.json")).expansion_history
+    assert [(h.from_size.num_layers, h.to_size.num_layers, h.to_size.hidden_size) for h in history] == [(2, 3, 64), (3, 3, 128)]
+    assert history[1].to_size.parameters == sum(m.numel for m in built.outputs.values())
+    assert not [f for f in built.findings if f.check == "progressive.stale_metadata"]
+    assert not [f for f in sb.plan(path, [sb.Cast(dtype="bf16")]).findings if f.check == "progressive.stale_metadata"]
+    # a step that changes the size without recording it: progressive.json would describe the old model
+    found = [f.message for f in sb.plan(path, [sb.Drop(keys=["model.layers.1.mlp.**"])]).findings
+             if f.check == "progressive.stale_metadata"]
+    assert len(found) == 1 and "current_size parameters 90432 (the result: " in found[0]
+
+
+def test_a_malformed_progressive_json_stops_a_growth_plan_in_one_line(tmp_path: Path) -> None:
+    src = save("llama", tmp_path / "src", layers=2)
+    path = tprog.save(tmp_path / "a.tprog", load(src), json.loads((src / "config.json").read_text()))
+    meta = json.loads((path / "progressive.json").read_text())
+    meta["current_size"]["hidden_size"] = "wide"
+    (path / "progressive.json").write_text(json.dumps(meta))
+    with pytest.raises(sb.PlanError) as caught:
+        sb.plan(path, [GrowDepth(method="llama_pro", num_layers=3)])
+    assert "progressive.json: current_size.hidden_size: Input should be a valid integer" in str(caught.value)
+    assert "\n" not in str(caught.value)

@@ -31,6 +31,7 @@ import statebridge as sb
 from statebridge.transforms.base import whole
 
 from .layers import Stack, find_stack, per_layer_edits, sb_range
+from .tprog import RecordsGrowth
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 Kind = Literal["copy", "zeroed", "noisy"]
 
 
-class GrowDepth(sb.Transform):
+class GrowDepth(RecordsGrowth):
     """Grow the stack of numbered blocks by LLaMA-Pro expansion, SOLAR slices or duplication."""
 
     name = "grow_depth"

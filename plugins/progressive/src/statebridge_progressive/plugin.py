@@ -226,20 +226,39 @@ def _load_model(path: Path) -> tuple[Any, Any]:
 @statebridge.hookimpl
 def validate_plan(plan) -> list[statebridge.Finding]:
     """What a plan should say about growth: a widening that does not keep the function (not only in its ops),
-    and a ``.tprog`` source whose progressive.json a plain run would carry unchanged while the steps change the model."""
+    and a ``.tprog``'s progressive.json whose size no longer fits the result: steps other than
+    grow_depth and grow_width changed it, and only those two record themselves."""
     from .width import GrowWidth
 
     findings = [statebridge.Finding("warning", f"grow_width with function_preserving: false (head size "
                                     f"{step.params.head_dim} -> {step.params.new_head_dim}): the grown model computes "
                                     "a different function and needs training", check="progressive.function_preserving")
                 for step in plan.pipeline.walk() if isinstance(step, GrowWidth) and not step.params.function_preserving]
-    folder = plan.folder
-    if folder is not None and any(c.name == "progressive.json" for c in folder.companions) and (plan.changed or folder.edits):
+    stale = _stale(plan)
+    if stale:
         findings.append(statebridge.Finding(
-            "warning", f"{folder.path / 'progressive.json'} is carried unchanged, but the steps change the model: it "
-            "would describe the old one; write a .tprog with 'statebridge grow depth|width' or "
-            "statebridge_progressive.tprog.grow, which record the growth", check="progressive.stale_metadata"))
+            "warning", f"{plan.folder.path / 'progressive.json'} is carried with current_size {', '.join(stale)}: "
+            "only grow_depth and grow_width record what they change there, and something else changed the size; "
+            "grow with those steps, or correct current_size after the run", check="progressive.stale_metadata"))
     return findings
+
+
+def _stale(plan: Any) -> list[str]:
+    """The fields of progressive.json's ``current_size``, as the steps leave it, that the result does not have."""
+    from pydantic import ValidationError
+
+    from .tprog import META, Size, size_of
+
+    folder = plan.folder
+    try:
+        if folder is None or folder.read(META) is None or folder.config is None:
+            return []
+        recorded = Size.model_validate(folder.edited(META).get("current_size"))
+    except (statebridge.SourceError, ValidationError):
+        return []  # a malformed file: the growth steps, which read it, report it naming the field
+    actual = size_of(folder.edited_config(), plan.outputs)
+    return [f"{name} {value} (the result: {getattr(actual, name)})" for name, value in recorded if name != "model_size"
+            and value is not None and value != getattr(actual, name)]
 
 
 @statebridge.hookimpl

@@ -370,18 +370,29 @@ def grow(
     """Run ``steps`` on ``source`` (a ``.tprog`` or a model folder) into the ``.tprog`` ``out``, recording the growth.
 
     The weights stream through statebridge (raw copies where bytes are unchanged); config.json
-    gets the steps' edits; ``tokenizer/`` is carried; ``expansion_history`` gains one entry.
-    ``training/`` and ``ewc/`` describe the old shapes and are not carried.
+    gets the steps' edits; ``tokenizer/`` is carried; ``expansion_history`` gains one entry per
+    growth step, the entry that step declares (:class:`RecordsGrowth`), so this and a plain
+    ``statebridge run`` record the same.  ``training/`` and ``ewc/`` describe the old shapes
+    and are not carried.
     """
     source, out = Path(source), Path(out)
     if out.exists() and not overwrite:
         raise sb.ConfigError(f"{out} exists; pass --overwrite to replace it")
-    meta = read_meta(source) if is_tprog(source) else None
+    tprog = is_tprog(source)
+    if tprog:
+        read_meta(source)  # a malformed progressive.json is one line naming the field, before any planning
     built = sb.plan(source, list(steps))
     if built.folder is None or built.folder.config is None:
         raise sb.SourceError(source, "has no config.json: a .tprog needs the model's config")
     config = built.folder.edited_config()
-    old_config = built.folder.config
+    if tprog:  # the steps' edits, planned by the core as for any run
+        meta = ProgressiveMeta.model_validate(built.folder.edited(META))
+    else:  # a model folder: its history starts here, and the steps record their growth into it as into a .tprog's
+        old_config, metas = built.folder.config, built.source.metas()
+        fresh = ProgressiveMeta(model_family=family or str(old_config.get("model_type", "unknown")),
+                                current_size=size_of(old_config, metas)).model_dump(mode="json", by_alias=True)
+        view = sb.Companions.of({CONFIG: old_config, META: fresh}, built.folder.left)
+        meta = ProgressiveMeta.model_validate({**fresh, **sb.Pipeline(list(steps)).companion_edits(metas, view).get(META, {})})
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -398,16 +409,6 @@ def grow(
         tokenizer = source / "tokenizer"
         if tokenizer.is_dir():
             shutil.copytree(tokenizer, staging / "tokenizer")
-        dropped = [part for part in ("training", "ewc") if (source / part).is_dir()]
-        before = meta.current_size if meta is not None else size_of(old_config, built.source.metas())
-        after = size_of(config, built.outputs)
-        entry = Expansion(from_size=before, to_size=after, method=", ".join(_method(s) for s in steps),
-                          steps=[s.spec() for s in steps], dropped=[f"{d}/" for d in dropped])
-        if meta is None:
-            meta = ProgressiveMeta(model_family=family or str(old_config.get("model_type", "unknown")), current_size=before)
-        ewc = meta.ewc_config.model_copy(update={"stored": False}) if meta.ewc_config is not None else None
-        meta = meta.model_copy(update={"current_size": after, "expansion_history": [*meta.expansion_history, entry],
-                                       "ewc_config": ewc, "layer_analysis": None, "recommended_expansion": None})
         (staging / META).write_text(meta.dump(), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
@@ -418,6 +419,53 @@ def grow(
     report.target = out
     report.files = [out / WEIGHTS]
     return report
+
+
+class RecordsGrowth(sb.Transform):
+    """A growth step: besides config.json, it edits a ``.tprog``'s ``progressive.json`` to record itself.
+
+    Declared through the core's companion edits, so every run records it, whatever started it
+    (``statebridge run``, ``statebridge grow``, :func:`grow`): the plan shows the edit, the
+    fingerprint covers it and the target gets it in the same atomic commit as the weights.
+    """
+
+    def companion_edits(self, metas: Mapping[str, sb.TensorMeta], companions: sb.Companions) -> dict[str, dict[str, Any]]:
+        edits = super().companion_edits(metas, companions)
+        document, config = companions.read(META), companions.read(CONFIG)
+        if document is None or config is None:
+            return edits
+        try:
+            meta = ProgressiveMeta.model_validate(document)
+        except ValidationError as e:
+            from statebridge.transforms.base import format_validation_error
+
+            raise sb.PlanError(f"{META}: {format_validation_error(e, '')}") from None
+        dropped = [part for part in ("training/", "ewc/") if part in companions.left]
+        grown = recorded(meta, self, metas, {**config, **edits.get(CONFIG, {})}, dropped)
+        new = grown.model_dump(mode="json", by_alias=True)
+        return {**edits, META: {key: value for key, value in new.items() if document.get(key) != value}}
+
+
+def recorded(meta: ProgressiveMeta, step: sb.Transform, metas: Mapping[str, sb.TensorMeta], config: Mapping[str, Any],
+             dropped: Sequence[str]) -> ProgressiveMeta:
+    """``meta`` after ``step`` grew the model: one more ``expansion_history`` entry, the new ``current_size``.
+
+    ``metas`` is the state the step sees and ``config`` config.json after it.  The parameter count
+    moves by what the step adds, so a step inside a ``scope`` (which sees only the scope's
+    tensors) still counts the whole model.  The training state, the EWC anchor and the block
+    analyses describe the old model: they are marked not stored (``dropped``) or cleared.
+    """
+    from statebridge.transforms.compose import compose
+
+    outputs = compose([step], metas, on_collision="warn").metas
+    before = meta.current_size
+    after = size_of(config, outputs)
+    if before.parameters is not None:
+        after.parameters = before.parameters + sum(m.numel for m in outputs.values()) - sum(m.numel for m in metas.values())
+    entry = Expansion(from_size=before, to_size=after, method=_method(step), steps=[step.spec()], dropped=list(dropped))
+    ewc = meta.ewc_config.model_copy(update={"stored": False}) if meta.ewc_config is not None else None
+    return meta.model_copy(update={"current_size": after, "expansion_history": [*meta.expansion_history, entry],
+                                   "ewc_config": ewc, "layer_analysis": None, "recommended_expansion": None})
 
 
 def _method(step: sb.Transform) -> str:

@@ -47,6 +47,7 @@ from pydantic import model_validator
 import statebridge as sb
 
 from .layers import find_stack
+from .tprog import RecordsGrowth
 
 if TYPE_CHECKING:
     import torch
@@ -90,7 +91,7 @@ def split(src: list[int], noise: bool) -> Axis:
     return Axis(tuple(src), tuple(1.0 / counts[s] for s in src), "split" if noise else None)
 
 
-class GrowWidth(sb.Transform):
+class GrowWidth(RecordsGrowth):
     """Widen the residual stream, the MLP and the attention heads, keeping the model's function."""
 
     name = "grow_width"
