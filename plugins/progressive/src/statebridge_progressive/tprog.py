@@ -12,11 +12,12 @@
 
 Nothing in a ``.tprog`` is ever executed: there are no hooks, no pickles (optimizer and RNG
 state are safetensors plus JSON), and :func:`read_meta` validates ``progressive.json`` against
-the schema, reporting a malformed file in one line naming the field.  Growing a ``.tprog``
-(:func:`grow`, or ``statebridge grow depth|width`` with a ``.tprog`` source or target) streams
-the weights through statebridge and appends the growth to ``expansion_history`` by itself;
-the training state and the EWC anchor describe the old shapes, so they are not carried into
-the grown checkpoint (the history entry says so).
+the schema, reporting a malformed file in one line naming the field.  Every growth step
+(:class:`RecordsGrowth`: ``grow_depth``, ``grow_width``) appends its entry to
+``expansion_history`` through the core's companion edits, so any run of a ``.tprog`` records
+it: :func:`grow`, ``statebridge grow depth|width`` or a plain ``statebridge run``.  The
+training state and the EWC anchor describe the old shapes, so they are not carried into the
+grown checkpoint (the history entry says so).
 """
 
 from __future__ import annotations
