@@ -40,8 +40,8 @@ def _run(source: str, step: statebridge.Transform, out: str, overwrite: bool, as
          dry_run: bool = False) -> None:
     """Plan ``step`` on ``source`` (bad input: exit 2), run it into ``out`` (a failure mid-run: exit 1), print the report.
 
-    A ``.tprog`` source or target goes through the progressive format, which records the growth in
-    ``expansion_history``.  ``dry_run`` prints the plan (groups, raw copies, config.json edits) and writes nothing.
+    A ``.tprog`` source or target goes through the progressive format (``weights.safetensors``,
+    ``tokenizer/`` carried); the step itself records the growth in ``expansion_history``.  ``dry_run`` prints the plan (groups, raw copies, the JSON edits) and writes nothing.
     """
     from . import tprog
 
@@ -92,7 +92,7 @@ def _ints(text: str, option: str) -> list[int]:
 @click.option("--prefix", help="the blocks' name prefix, e.g. model.layers (found when there is one stack)")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--no-fsync", is_flag=True, help="commit without fsync: still atomic, but like cp not safe against a power cut")
-@click.option("--dry-run", is_flag=True, help="print the plan (and config.json edits); write nothing")
+@click.option("--dry-run", is_flag=True, help="print the plan (and its config.json and progressive.json edits); write nothing")
 @click.option("--json", "as_json", is_flag=True, help="print the run as JSON")
 def depth(source: str, out: str, method: str, num_layers: int | None, slices: str | None, indices: str | None,
           noise_std: float, seed: int, zero: tuple[str, ...], prefix: str | None, overwrite: bool, no_fsync: bool,
@@ -145,7 +145,7 @@ def _head_dim(source: str) -> int:
 @click.option("--prefix", help="the blocks' name prefix, e.g. model.layers")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--no-fsync", is_flag=True, help="commit without fsync: still atomic, but like cp not safe against a power cut")
-@click.option("--dry-run", is_flag=True, help="print the plan (and config.json edits); write nothing")
+@click.option("--dry-run", is_flag=True, help="print the plan (and its config.json and progressive.json edits); write nothing")
 @click.option("--json", "as_json", is_flag=True, help="print the run as JSON")
 def width(source: str, out: str, factor: int | None, hidden_size: int | None, intermediate_size: int | None,
           num_attention_heads: int | None, num_key_value_heads: int | None, residual: str, noise_std: float, seed: int,
