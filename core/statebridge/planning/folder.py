@@ -235,10 +235,15 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _diff(old: Any, new: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
-    """The leaves where ``new`` differs from ``old``; objects are compared key by key, anything else whole."""
+    """The leaves where ``new`` differs from ``old``; objects are compared key by key, a list that only
+    grows at its end item by item (``expansion_history[3]``: the new entry, not the whole history twice),
+    anything else whole."""
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         for key in [*old, *(k for k in new if k not in old)]:
             yield from _diff(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+    elif isinstance(old, list) and isinstance(new, list) and len(new) > len(old) and new[: len(old)] == old:
+        for i in range(len(old), len(new)):
+            yield f"{path}[{i}]", None, new[i]
     elif old != new:
         yield path, old, new
 

@@ -139,6 +139,8 @@ def test_a_plain_run_records_the_growth_as_statebridge_grow_does(tmp_path: Path)
             for name in ("b.tprog", "c.tprog")]
     assert all(done.returncode == 0 for done in runs), runs[0].stderr
     assert "progressive.json edits:" in runs[0].stdout and "stale_metadata" not in runs[0].stdout + runs[0].stderr
+    assert '    current_size.num_layers: 2 -> 3\n' in runs[0].stdout
+    assert '    expansion_history[0]: null -> {"from_size": {' in runs[0].stdout  # the new entry, not the history twice
     assert tree(tmp_path / "b.tprog") == tree(tmp_path / "c.tprog")  # byte-identical from run to run
 
     grown = run_cli(["grow", "depth", str(start), str(tmp_path / "d.tprog"), "--method", "llama_pro", "--num-layers", "3"])
