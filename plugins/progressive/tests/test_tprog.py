@@ -159,6 +159,10 @@ def test_growth_steps_chain_their_entries_and_other_size_changes_still_warn(tmp_
     assert [(h.from_size.num_layers, h.to_size.num_layers, h.to_size.hidden_size) for h in history] == [(2, 3, 64), (3, 3, 128)]
     assert history[1].to_size.parameters == sum(m.numel for m in built.outputs.values())
     assert not [f for f in built.findings if f.check == "progressive.stale_metadata"]
+    # inside a scope the step sees only the scope's tensors, yet the count is of the whole model
+    scoped = sb.plan(path, [sb.Scope(prefix="model.", steps=[GrowDepth(method="llama_pro", num_layers=3)])])
+    size = tprog.ProgressiveMeta.model_validate(scoped.folder.edited("progressive.json")).current_size
+    assert size.parameters == sum(m.numel for m in scoped.outputs.values()) and size.num_layers == 3
     assert not [f for f in sb.plan(path, [sb.Cast(dtype="bf16")]).findings if f.check == "progressive.stale_metadata"]
     # a step that changes the size without recording it: progressive.json would describe the old model
     found = [f.message for f in sb.plan(path, [sb.Drop(keys=["model.layers.1.mlp.**"])]).findings
