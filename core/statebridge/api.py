@@ -128,9 +128,10 @@ def target_writer(
     writer.carry(plan.source)
     edit_metadata(writer, metadata)
     fit_types(plan, writer)
+    writer.fit(plan)
     fit_target(plan, writer)
     if plan.folder is not None and plan.folder.carried:  # so a later run knows these files as its own to replace
-        writer.metadata[COMPANIONS_KEY] = json.dumps(sorted(c.name for c in plan.folder.companions))
+        writer.metadata[COMPANIONS_KEY] = json.dumps(plan.folder.carried_names())
     return writer
 
 

@@ -9,7 +9,9 @@ declare (:meth:`statebridge.Transform.config_edits`: a cast sets ``dtype``,
 a depth change ``num_hidden_layers``), and any other JSON companion with the edits
 the steps declare to it (:meth:`statebridge.Transform.companion_edits`: a growth step
 appends to a ``.tprog``'s ``progressive.json``); every other companion is copied byte
-for byte.  A PEFT adapter folder (``adapter_config.json``) is the same, and its
+for byte.  Sub-folders are left behind unless the target's writer names them
+(:attr:`statebridge.Writer.folders`: a ``.tprog`` carries ``tokenizer/``); those are
+copied file by file into the same staging folder.  A PEFT adapter folder (``adapter_config.json``) is the same, and its
 weights keep PEFT's file name, ``adapter_model.safetensors``.
 
 Everything here works from headers and small JSON files: no tensor is read and
@@ -69,6 +71,8 @@ class ModelFolder:
     adapter: bool = False  # a PEFT adapter folder (adapter_config.json)
     #: whether the target gets the companions (a folder target); None until a writer is known
     carried: bool | None = None
+    #: sub-folders (``tokenizer/``) the target's writer carries unchanged (:attr:`Writer.folders`), taken out of ``left``
+    folders: list[str] = field(default_factory=list)
 
     def read(self, name: str) -> dict[str, Any] | None:
         """The companion ``name`` as a JSON object (read once), or None when the folder does not carry such a file."""
@@ -113,13 +117,36 @@ class ModelFolder:
         self.carried = writer.writes_folder
         if self.stem is not None and writer.writes_folder:
             writer.stem = self.stem
+        left = {**self.left, **{name: "a folder" for name in self.folders}}  # a plan may meet a second writer
+        wanted = {name.rstrip("/") + "/" for name in writer.folders} if writer.writes_folder else set()
+        self.folders = sorted(name for name in left if name in wanted)
+        self.left = {name: why for name, why in sorted(left.items()) if name not in wanted}
+
+    def folder_files(self) -> list[tuple[str, Path]]:
+        """The files of the carried sub-folders as (path relative to the folder, source path), in sorted order.
+
+        Regular files only (links followed); hidden entries are skipped, as at the top level.
+        """
+        files = []
+        for name in self.folders:
+            for root, dirs, names in os.walk(self.path / name, followlinks=True):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for file in sorted(names):
+                    path = Path(root) / file
+                    if not file.startswith(".") and path.is_file():
+                        files.append((path.relative_to(self.path).as_posix(), path))
+        return files
+
+    def carried_names(self) -> list[str]:
+        """Every file a folder target gets from here, relative to it: the companions and the carried sub-folders' files."""
+        return sorted([c.name for c in self.companions] + [name for name, _ in self.folder_files()])
 
     def planned_files(self) -> list[PlannedFile]:
         """The companion files a folder target gets, with their sizes (for dry runs)."""
         return [
             PlannedFile(c.name, [], len(self.text(c.name).encode()) if c.name in self.file_edits else c.size)
             for c in self.companions
-        ]
+        ] + [PlannedFile(name, [], path.stat().st_size) for name, path in self.folder_files()]
 
     def write(self, folder: Path) -> list[Path]:
         """Write the companions into ``folder`` (the run's staging folder); return their paths.
@@ -138,6 +165,14 @@ class ModelFolder:
             except OSError as e:
                 raise SourceError(companion.path, f"cannot carry this companion file into the target: {e.strerror or e}") from None
             written.append(destination)
+        for name, path in self.folder_files():
+            destination = folder / name
+            try:
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, destination)
+            except OSError as e:
+                raise SourceError(path, f"cannot carry this file into the target: {e.strerror or e}") from None
+            written.append(destination)
         return written
 
     def render(self) -> list[str]:
@@ -146,6 +181,8 @@ class ModelFolder:
         where = {None: "", True: ", written into the target folder", False: ", not written: the target is a single file"}
         kind = "PEFT adapter folder" if self.adapter else "model folder"
         lines = [f"  {kind}: {len(self.companions)} companion files{where[self.carried]}: {names}"]
+        if self.folders:
+            lines.append(f"  sub-folders carried unchanged: {', '.join(self.folders)}")
         for name in sorted(self.file_edits, key=lambda n: (n != CONFIG, n)):
             lines.append(f"  {name} edits:")
             lines.extend(f"    {path}: {_json(old)} -> {_json(new)}" for path, old, new in self.changes(name))
@@ -160,6 +197,7 @@ class ModelFolder:
             "adapter": self.adapter,
             "companions": [c.name for c in self.companions],
             "not_carried": dict(self.left),
+            "folders_carried": list(self.folders),
             "config_edits": diff(CONFIG),
             "companion_edits": {name: diff(name) for name in sorted(self.file_edits) if name != CONFIG},
             "carried": self.carried,

@@ -16,6 +16,7 @@ from ..tensors.meta import TensorMeta
 from .findings import Finding
 
 if TYPE_CHECKING:
+    from ..planning.folder import ModelFolder
     from ..planning.plan import Plan
     from ..writers.base import Writer
 
@@ -31,10 +32,7 @@ def findings(plan: Plan) -> list[Finding]:
     folder = plan.folder
     if folder is None:
         return []
-    found = []
-    if folder.left:
-        listed = ", ".join(f"{name} ({why})" for name, why in folder.left.items())
-        found.append(Finding("info", f"not carried from the model folder: {listed}", CHECK))
+    found = _left(folder)
     if folder.config is None:
         return found
     metas, edited = plan.source.metas(), folder.edited_config()
@@ -72,7 +70,9 @@ def fit_target(plan: Plan, writer: Writer) -> None:
     if folder is None:
         return
     folder.use(writer)
-    plan.findings = [f for f in plan.findings if f.check != CHECK + ".target"]  # a plan may meet its writer twice
+    # a plan may meet its writer twice, and the writer may carry sub-folders: say anew what is left behind
+    plan.findings = [f for f in plan.findings if f.check not in (CHECK + ".target", CHECK + ".left")]
+    plan.findings.extend(_left(folder))
     if not folder.carried:
         edits = " and its config.json edits" if folder.edits else ""
         plan.findings.append(Finding(
@@ -81,6 +81,14 @@ def fit_target(plan: Plan, writer: Writer) -> None:
             f"{edits} are not written; give a folder target to carry them",
             CHECK + ".target",
         ))
+
+
+def _left(folder: ModelFolder) -> list[Finding]:
+    """The info finding listing what the target does not get from the folder, each entry with why."""
+    if not folder.left:
+        return []
+    listed = ", ".join(f"{name} ({why})" for name, why in folder.left.items())
+    return [Finding("info", f"not carried from the model folder: {listed}", CHECK + ".left")]
 
 
 def _config_int(config: Mapping[str, Any], key: str) -> int | None:

@@ -24,6 +24,7 @@ from ..tensors.patterns import key_problem
 if TYPE_CHECKING:
     import torch
 
+    from ..planning.plan import Plan
     from ..transforms.compose import Lineage
 
 
@@ -61,6 +62,10 @@ class Writer(ABC):
         #: the name stem of a folder target's files (``model`` gives ``model.safetensors``); a PEFT
         #: adapter folder's is ``adapter_model``, which ``run`` sets so that PEFT finds the weights
         self.stem = "model"
+        #: sub-folders of the source model folder a folder target carries unchanged (``tokenizer`` for a
+        #: ``.tprog``), set by the class or by :meth:`fit`; the core carries none of its own accord,
+        #: since what a sub-folder holds (optimizer state, caches) may not fit the new tensors
+        self.folders: tuple[str, ...] = ()
 
     @property
     def writes_folder(self) -> bool:
@@ -71,6 +76,15 @@ class Writer(ABC):
     def for_target(cls, target: Path) -> bool:
         """Whether this writer is the natural choice for ``target`` (used when no format is named)."""
         return False
+
+    def fit(self, plan: Plan) -> None:
+        """Adjust to ``plan`` before anything is written, or refuse it with a one-line :class:`ConfigError`.
+
+        Called once the writer is made for a run (and for a dry run's estimate), before the
+        model folder's companions are fitted to it: a format that needs a file the source
+        lacks says so here, and one that carries sub-folders picks them (:attr:`folders`)
+        from what the plan does.  The default accepts every plan.
+        """
 
     def carry(self, source: Source) -> None:
         """Keep ``source``'s own metadata in the output, under this run's (``metadata`` wins on a clash).

@@ -31,6 +31,13 @@ def register_transforms(register):
     register(GrowWidth)
 
 
+@statebridge.hookimpl
+def register_writers(register):
+    from .tprog import TprogWriter
+
+    register(TprogWriter)
+
+
 @click.group()
 def grow() -> None:
     """Grow a model: more blocks, wider blocks, and which blocks matter."""

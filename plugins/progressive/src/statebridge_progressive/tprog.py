@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import statebridge as sb
+from statebridge.writers.safetensors import SafetensorsWriter
 
 if TYPE_CHECKING:
     import torch
@@ -370,56 +371,123 @@ def grow(
 ) -> sb.RunReport:
     """Run ``steps`` on ``source`` (a ``.tprog`` or a model folder) into the ``.tprog`` ``out``, recording the growth.
 
-    The weights stream through statebridge (raw copies where bytes are unchanged); config.json
-    gets the steps' edits; ``tokenizer/`` is carried; ``expansion_history`` gains one entry per
-    growth step, the entry that step declares (:class:`RecordsGrowth`), so this and a plain
-    ``statebridge run`` record the same.  ``training/`` and ``ewc/`` describe the old shapes
-    and are not carried.
+    A run like any other, into the ``.tprog`` format (:class:`TprogWriter`): the weights stream
+    through statebridge (raw copies where bytes are unchanged), config.json gets the steps'
+    edits, ``tokenizer/`` is carried, and ``expansion_history`` gains one entry per growth step,
+    the entry that step declares (:class:`RecordsGrowth`), so this and a plain ``statebridge
+    run`` write the same.  ``training/`` and ``ewc/`` describe the old shapes and are not
+    carried.  ``family`` names the model family of a history that starts here (a model folder
+    source); by default config.json's ``model_type``.
     """
+    from statebridge.api import target_writer
+
     source, out = Path(source), Path(out)
     if out.exists() and not overwrite:
         raise sb.ConfigError(f"{out} exists; pass --overwrite to replace it")
-    tprog = is_tprog(source)
-    if tprog:
+    if is_tprog(source):
         read_meta(source)  # a malformed progressive.json is one line naming the field, before any planning
     built = sb.plan(source, list(steps))
-    if built.folder is None or built.folder.config is None:
-        raise sb.SourceError(source, "has no config.json: a .tprog needs the model's config")
-    config = built.folder.edited_config()
-    if tprog:  # the steps' edits, planned by the core as for any run
-        meta = ProgressiveMeta.model_validate(built.folder.edited(META))
-    else:  # a model folder: its history starts here, and the steps record their growth into it as into a .tprog's
-        old_config, metas = built.folder.config, built.source.metas()
-        fresh = ProgressiveMeta(model_family=family or str(old_config.get("model_type", "unknown")),
-                                current_size=size_of(old_config, metas)).model_dump(mode="json", by_alias=True)
-        view = sb.Companions.of({CONFIG: old_config, META: fresh}, built.folder.left)
-        meta = ProgressiveMeta.model_validate({**fresh, **sb.Pipeline(list(steps)).companion_edits(metas, view).get(META, {})})
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    writer = target_writer(built, out, format=TprogWriter.format)
+    if family is not None and isinstance(writer, TprogWriter):
+        writer.family = family
+        writer.fit(built)
     try:
-        try:
-            report = sb.run(built, None, staging / "weights", overwrite=True, progress=False, **options)
-        except sb.SourceError as e:
-            raise sb.ExecutionError(str(e)) from None
-        files = sorted((staging / "weights").glob("*.safetensors"))
-        if len(files) != 1:
-            raise sb.ExecutionError(f"the grown weights are {len(files)} files; a .tprog holds one weights.safetensors")
-        files[0].rename(staging / WEIGHTS)
-        shutil.rmtree(staging / "weights")
-        (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        tokenizer = source / "tokenizer"
-        if tokenizer.is_dir():
-            shutil.copytree(tokenizer, staging / "tokenizer")
-        (staging / META).write_text(meta.dump(), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    report.target = out
-    report.files = [out / WEIGHTS]
-    return report
+        return sb.run(built, None, out, writer=writer, overwrite=True, progress=False, **options)
+    except sb.SourceError as e:
+        raise sb.ExecutionError(str(e)) from None
+
+
+#: the parts of a ``.tprog`` that hold one value per parameter of the model they were saved with
+PARAMETER_PARTS = ("training/", "ewc/")
+
+
+def stale_parts(left: Collection[str]) -> list[str]:
+    """The parameter parts among a source folder's sub-folders ``left``: what a change of shapes makes stale."""
+    return [part for part in PARAMETER_PARTS if part in left]
+
+
+class TprogWriter(SafetensorsWriter):
+    """Writes a ``.tprog`` target: ``weights.safetensors`` (one file), with the source's ``tokenizer/`` carried.
+
+    config.json and progressive.json come with the steps' edits as the core writes every model
+    folder's JSON companions; the source folder's other files are not part of a ``.tprog`` and are
+    left (the plan lists them).  ``training/`` and ``ewc/`` hold one value per parameter of the
+    source's shapes: they are carried only when the plan keeps every tensor's name and shape,
+    otherwise left (the plan lists them; a growth step records them as ``dropped``).  From a
+    model folder without progressive.json a fresh one is made, the steps' growth recorded into
+    it as into a ``.tprog``'s.
+    """
+
+    format = "tprog"
+    shareable = False
+
+    def __init__(self, path: Path, *, metadata: Mapping[str, str] | None = None, shard_size: int | None = None) -> None:
+        super().__init__(path, metadata=metadata, shard_size=shard_size)
+        self.stem = Path(WEIGHTS).stem
+        #: the model family of a history that starts here (default: config.json's model_type)
+        self.family: str | None = None
+        #: progressive.json made for a source that has none, written by :meth:`finish`
+        self.fresh: str | None = None
+
+    @property
+    def writes_folder(self) -> bool:
+        return True
+
+    @classmethod
+    def for_target(cls, target: Path) -> bool:
+        return target.suffix == SUFFIX
+
+    def fit(self, plan: sb.Plan) -> None:
+        folder = plan.folder
+        if folder is None or folder.config is None:
+            raise sb.ConfigError(f"{self.path}: a .tprog needs the model's config.json; give a model folder or .tprog source")
+        for companion in [c for c in folder.companions if c.name not in (CONFIG, META)]:
+            folder.companions.remove(companion)  # a .tprog holds its own files only (no hooks, no stray scripts)
+            folder.left[companion.name] = "not part of a .tprog"
+        source = plan.source.metas()
+        same = {k: m.shape for k, m in source.items()} == {k: m.shape for k, m in plan.outputs.items()}
+        stale = [] if same else stale_parts(folder.left)
+        self.folders = tuple(name for name in ("tokenizer/", *PARAMETER_PARTS) if name not in stale)
+        for name in stale:
+            folder.left[name] = "holds the old shapes' parameters (the steps change them)"
+        self.fresh = None
+        if folder.read(META) is not None:
+            try:
+                ProgressiveMeta.model_validate(folder.edited(META))
+            except ValidationError as e:
+                from statebridge.transforms.base import format_validation_error
+
+                raise sb.ConfigError(f"{folder.path / META}: {format_validation_error(e, '')}") from None
+            return
+        fresh = ProgressiveMeta(model_family=self.family or str(folder.config.get("model_type", "unknown")),
+                                current_size=size_of(folder.config, source)).model_dump(mode="json", by_alias=True)
+        view = sb.Companions.of({CONFIG: folder.config, META: fresh}, folder.left)
+        edits = plan.pipeline.companion_edits(source, view).get(META, {})
+        self.fresh = ProgressiveMeta.model_validate({**fresh, **edits}).dump()
+        plan.findings = [f for f in plan.findings if f.check != "progressive.tprog"]
+        plan.findings.append(sb.Finding("info", f"{folder.path} has no {META}: the target's history starts here", "progressive.tprog"))
+
+    def begin(self, metas: Mapping[str, sb.TensorMeta]) -> None:
+        if self.fresh is not None:  # progressive.json is this run's too: a later run may replace it
+            from statebridge.tensors.provenance import COMPANIONS_KEY
+
+            names = json.loads(self.metadata.get(COMPANIONS_KEY, "[]"))
+            self.metadata[COMPANIONS_KEY] = json.dumps(sorted({*names, META}))
+        super().begin(metas)
+
+    def _shards(self, metas: Mapping[str, sb.TensorMeta]) -> list[list[str]]:
+        return [list(metas)]  # a .tprog holds one weights.safetensors, whatever its size
+
+    def finish(self) -> list[Path]:
+        files = super().finish()
+        if self.fresh is not None:
+            path = self.path / META
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(self.fresh)
+                f.flush()
+                self.sync(f.fileno())
+            files.append(path)
+        return files
 
 
 class RecordsGrowth(sb.Transform):
@@ -441,7 +509,7 @@ class RecordsGrowth(sb.Transform):
             from statebridge.transforms.base import format_validation_error
 
             raise sb.PlanError(f"{META}: {format_validation_error(e, '')}") from None
-        dropped = [part for part in ("training/", "ewc/") if part in companions.left]
+        dropped = stale_parts(companions.left)
         grown = recorded(meta, self, metas, {**config, **edits.get(CONFIG, {})}, dropped)
         new = grown.model_dump(mode="json", by_alias=True)
         return {**edits, META: {key: value for key, value in new.items() if document.get(key) != value}}
