@@ -134,7 +134,7 @@ def test_a_plain_run_records_the_growth_as_statebridge_grow_does(tmp_path: Path)
     start = tprog.save(tmp_path / "a.tprog", model, json.loads((src / "config.json").read_text()), family="tiny",
                        ewc=EWC.from_model(model, [(TOKENS[:, :3], None)]))
     config = tmp_path / "grow.yaml"
-    config.write_text("format: safetensors\nsteps:\n  - grow_depth: {method: llama_pro, num_layers: 3}\n")
+    config.write_text("steps:\n  - grow_depth: {method: llama_pro, num_layers: 3}\n")
     runs = [run_cli(["run", str(config), "--source", str(start), "--target", str(tmp_path / name), "--no-progress"])
             for name in ("b.tprog", "c.tprog")]
     assert all(done.returncode == 0 for done in runs), runs[0].stderr
@@ -180,3 +180,64 @@ def test_a_malformed_progressive_json_stops_a_growth_plan_in_one_line(tmp_path: 
         sb.plan(path, [GrowDepth(method="llama_pro", num_layers=3)])
     assert "progressive.json: current_size.hidden_size: Input should be a valid integer" in str(caught.value)
     assert "\n" not in str(caught.value)
+
+def test_a_plain_run_into_a_tprog_writes_a_tprog_with_the_tokenizer_and_the_stale_parts_left(tmp_path: Path) -> None:
+    src = save("llama", tmp_path / "src", layers=2)
+    model = load(src)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok/tokenizer.json").write_bytes(b'{"model": {"vocab": {"a": 0}}}\n')
+    start = tprog.save(tmp_path / "a.tprog", model, json.loads((src / "config.json").read_text()), family="tiny",
+                       tokenizer=tmp_path / "tok", ewc=EWC.from_model(model, [(TOKENS[:, :3], None)]), rng=True)
+    config = tmp_path / "grow.yaml"
+    config.write_text("steps:\n  - grow_depth: {method: llama_pro, num_layers: 3}\n")
+    done = run_cli(["run", str(config), "--source", str(start), "--target", str(tmp_path / "b.tprog"), "--no-progress"])
+    assert done.returncode == 0, done.stderr
+    assert "sub-folders carried unchanged: tokenizer/" in done.stdout
+    assert "ewc/ (holds the old shapes' parameters (the steps change them))" in done.stdout
+    assert "training/ (holds the old shapes' parameters" in done.stdout
+    grown = tprog.read(tmp_path / "b.tprog")  # opens: weights.safetensors, config.json, progressive.json
+    assert sorted(p.name for p in grown.path.iterdir()) == ["config.json", "progressive.json", "tokenizer", "weights.safetensors"]
+    assert (grown.path / "tokenizer/tokenizer.json").read_bytes() == (start / "tokenizer/tokenizer.json").read_bytes()
+    assert grown.meta.expansion_history[0].dropped == ["training/", "ewc/"] and not grown.meta.ewc_config.stored
+
+    command = run_cli(["grow", "depth", str(start), str(tmp_path / "d.tprog"), "--method", "llama_pro", "--num-layers", "3"])
+    assert command.returncode == 0, command.stderr
+    by_command = tprog.read(tmp_path / "d.tprog").weights()
+    assert list(grown.weights()) == list(by_command)
+    assert all(torch.equal(grown.weights()[k], by_command[k]) for k in by_command)
+    assert tree(tmp_path / "b.tprog") == tree(tmp_path / "d.tprog")  # the command is this same run
+
+    # a run that keeps every shape keeps the training state and the EWC anchor, which still fit
+    same = sb.run(start, [sb.Cast(dtype="fp32")], tmp_path / "e.tprog", progress=False)
+    kept = tprog.read(same.target)
+    assert kept.part("ewc/fisher") is not None and kept.part("training/rng") is not None and kept.meta.ewc_config.stored
+    assert tree(start / "ewc") == tree(same.target / "ewc")
+
+
+def test_a_run_into_a_tprog_from_a_model_folder_starts_its_history(tmp_path: Path) -> None:
+    src = save("llama", tmp_path / "src", layers=2)
+    (src / "README.md").write_text("a model\n")
+    runs = [sb.run(src, [GrowDepth(method="llama_pro", num_layers=3)], tmp_path / name, progress=False)
+            for name in ("b.tprog", "c.tprog")]
+    grown = tprog.read(runs[0].target)
+    assert grown.meta.model_family == "llama" and grown.config["num_hidden_layers"] == 3
+    assert [(h.from_size.num_layers, h.to_size.num_layers) for h in grown.meta.expansion_history] == [(2, 3)]
+    assert grown.meta.current_size.parameters == sum(t.numel() for t in grown.weights().values())
+    assert not (runs[0].target / "README.md").exists()  # not part of a .tprog; the plan lists it
+    assert any("README.md (not part of a .tprog)" in f.message for f in runs[0].plan.findings)
+    assert tree(runs[0].target) == tree(runs[1].target)
+    assert tree(runs[0].target) == tree(tprog.grow(src, [GrowDepth(method="llama_pro", num_layers=3)], tmp_path / "d.tprog").target)
+    # a second run may replace the target it wrote (progressive.json included) without --overwrite
+    sb.run(src, [GrowDepth(method="llama_pro", num_layers=3)], runs[0].target, progress=False)
+
+
+def test_a_failed_run_into_a_tprog_leaves_the_target_untouched(tmp_path: Path) -> None:
+    src = save("llama", tmp_path / "src", layers=2)
+    path = tprog.save(tmp_path / "a.tprog", load(src), json.loads((src / "config.json").read_text()))
+    target = tprog.grow(path, [GrowDepth(method="llama_pro", num_layers=3)], tmp_path / "b.tprog").target
+    before = tree(target)
+    with pytest.raises(sb.ConfigError) as caught:  # a bare safetensors file has no config.json: one line, nothing written
+        sb.run(path / "weights.safetensors", [], target, progress=False, overwrite=True)
+    assert "a .tprog needs the model's config.json" in str(caught.value) and "\n" not in str(caught.value)
+    assert tree(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tprog", "b.tprog", "src"]
