@@ -375,3 +375,44 @@ def test_composites_thread_companion_edits_and_a_missing_file_is_an_error(hf_fol
 
     with pytest.raises(PlanError, match=r"a step edits progressive.json, which .*tiny-llama does not have"):
         sb.plan(hf_folder, [Stray(values={})])
+
+
+def test_a_writer_that_names_sub_folders_gets_them_carried_and_the_plan_says_what_is_left(hf_folder, tmp_path):
+    from statebridge.trust.companions import fit_target
+    from statebridge.writers.safetensors import SafetensorsWriter
+
+    class Carrying(SafetensorsWriter):
+        """A folder format that keeps ``extra/`` (``Writer.folders``), as a ``.tprog`` keeps ``tokenizer/``."""
+
+        def __init__(self, path, **options):
+            super().__init__(path, **options)
+            self.folders = ("extra",)
+
+    source = tmp_path / "source"
+    shutil.copytree(hf_folder, source)
+    (source / "extra/deep").mkdir(parents=True)
+    (source / "extra/a.txt").write_bytes(b"a\x00b")
+    (source / "extra/deep/b.json").write_text("{}")
+    (source / "extra/.hidden").write_text("x")
+    (source / "cache").mkdir()
+    (source / "cache/c.bin").write_text("c")
+    planned = sb.plan(source, [sb.Cast(dtype="bf16")])
+    assert planned.folder.left == {"cache/": "a folder", "extra/": "a folder"} and not planned.folder.folders
+
+    target = tmp_path / "out"
+    writer = Carrying(target)
+    fit_target(planned, writer)
+    assert planned.folder.folders == ["extra/"] and list(planned.folder.left) == ["cache/"]
+    assert "  sub-folders carried unchanged: extra/" in planned.render()
+    assert [f.message for f in planned.findings if f.check == "core.model_folder.left"] == ["not carried from the model folder: cache/ (a folder)"]
+    assert {"extra/a.txt", "extra/deep/b.json", "config.json"} <= set(planned.folder.carried_names())
+    assert "extra/.hidden" not in planned.folder.carried_names()
+
+    sb.run(planned, None, target, writer=writer, progress=False)
+    assert (target / "extra/a.txt").read_bytes() == b"a\x00b" and (target / "extra/deep/b.json").read_text() == "{}"
+    assert not (target / "cache").exists() and not (target / "extra/.hidden").exists()
+
+    fit_target(planned, SafetensorsWriter(tmp_path / "plain"))  # a plan that meets a second writer: extra/ is left again
+    assert not planned.folder.folders and list(planned.folder.left) == ["cache/", "extra/"]
+    assert [f.message for f in planned.findings if f.check == "core.model_folder.left"] == [
+        "not carried from the model folder: cache/ (a folder), extra/ (a folder)"]

@@ -206,6 +206,9 @@ def test_a_plain_run_into_a_tprog_writes_a_tprog_with_the_tokenizer_and_the_stal
     assert list(grown.weights()) == list(by_command)
     assert all(torch.equal(grown.weights()[k], by_command[k]) for k in by_command)
     assert tree(tmp_path / "b.tprog") == tree(tmp_path / "d.tprog")  # the command is this same run
+    # the provenance lists the carried tokenizer files, so a later run may replace the target without overwrite
+    sb.run(start, [GrowDepth(method="llama_pro", num_layers=3)], tmp_path / "b.tprog", progress=False)
+    assert tree(tmp_path / "b.tprog") == tree(tmp_path / "d.tprog")
 
     # a run that keeps every shape keeps the training state and the EWC anchor, which still fit
     same = sb.run(start, [sb.Cast(dtype="fp32")], tmp_path / "e.tprog", progress=False)
