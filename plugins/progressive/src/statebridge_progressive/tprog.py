@@ -15,9 +15,10 @@ state are safetensors plus JSON), and :func:`read_meta` validates ``progressive.
 the schema, reporting a malformed file in one line naming the field.  Every growth step
 (:class:`RecordsGrowth`: ``grow_depth``, ``grow_width``) appends its entry to
 ``expansion_history`` through the core's companion edits, so any run of a ``.tprog`` records
-it: :func:`grow`, ``statebridge grow depth|width`` or a plain ``statebridge run``.  The
-training state and the EWC anchor describe the old shapes, so they are not carried into the
-grown checkpoint (the history entry says so).
+it: :func:`grow`, ``statebridge grow depth|width`` or a plain ``statebridge run``.  Any run
+into a ``.tprog`` target writes this layout through :class:`TprogWriter`, the plugin's writer.
+The training state and the EWC anchor describe the old shapes, so they are not carried into a
+checkpoint whose shapes changed (the history entry says so, :func:`stale_parts`).
 """
 
 from __future__ import annotations
@@ -474,6 +475,10 @@ class TprogWriter(SafetensorsWriter):
             names = json.loads(self.metadata.get(COMPANIONS_KEY, "[]"))
             self.metadata[COMPANIONS_KEY] = json.dumps(sorted({*names, META}))
         super().begin(metas)
+
+    def layout(self, metas: Mapping[str, sb.TensorMeta]) -> list[sb.PlannedFile]:
+        fresh = [sb.PlannedFile(META, [], len(self.fresh.encode()))] if self.fresh is not None else []
+        return super().layout(metas) + fresh
 
     def _shards(self, metas: Mapping[str, sb.TensorMeta]) -> list[list[str]]:
         return [list(metas)]  # a .tprog holds one weights.safetensors, whatever its size
