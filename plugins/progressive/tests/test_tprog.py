@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import statebridge as sb
+from statebridge.api import target_writer
 from statebridge.testing import run_cli
 from statebridge_progressive import tprog
 from statebridge_progressive.depth import GrowDepth
@@ -215,6 +216,12 @@ def test_a_plain_run_into_a_tprog_writes_a_tprog_with_the_tokenizer_and_the_stal
     kept = tprog.read(same.target)
     assert kept.part("ewc/fisher") is not None and kept.part("training/rng") is not None and kept.meta.ewc_config.stored
     assert tree(start / "ewc") == tree(same.target / "ewc")
+    assert not [f for f in same.plan.findings if f.check == "progressive.tprog"]
+    # a shape change no growth step records leaves ewc/ and says that progressive.json still claims it
+    moved = sb.plan(start, [sb.Transpose(pattern="lm_head.weight")])
+    writer = target_writer(moved, tmp_path / "f.tprog")
+    assert writer.folders == ("tokenizer/",) and "ewc/" in moved.folder.left
+    assert [f.level for f in moved.findings if f.check == "progressive.tprog"] == ["warning"]
 
 
 def test_a_run_into_a_tprog_from_a_model_folder_starts_its_history(tmp_path: Path) -> None:

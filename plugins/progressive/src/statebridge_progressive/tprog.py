@@ -452,20 +452,25 @@ class TprogWriter(SafetensorsWriter):
         for name in stale:
             folder.left[name] = "holds the old shapes' parameters (the steps change them)"
         self.fresh = None
+        plan.findings = [f for f in plan.findings if f.check != "progressive.tprog"]  # a plan may meet its writer twice
         if folder.read(META) is not None:
             try:
-                ProgressiveMeta.model_validate(folder.edited(META))
+                meta = ProgressiveMeta.model_validate(folder.edited(META))
             except ValidationError as e:
                 from statebridge.transforms.base import format_validation_error
 
                 raise sb.ConfigError(f"{folder.path / META}: {format_validation_error(e, '')}") from None
+            if "ewc/" in stale and meta.ewc_config is not None and meta.ewc_config.stored:
+                plan.findings.append(sb.Finding(
+                    "warning", f"{META} keeps ewc_config.stored: true, but ewc/ is left (a step changed shapes and no "
+                    "growth step recorded it); set it to false after the run, or grow with grow_depth/grow_width",
+                    "progressive.tprog"))
             return
         fresh = ProgressiveMeta(model_family=self.family or str(folder.config.get("model_type", "unknown")),
                                 current_size=size_of(folder.config, source)).model_dump(mode="json", by_alias=True)
         view = sb.Companions.of({CONFIG: folder.config, META: fresh}, folder.left)
         edits = plan.pipeline.companion_edits(source, view).get(META, {})
         self.fresh = ProgressiveMeta.model_validate({**fresh, **edits}).dump()
-        plan.findings = [f for f in plan.findings if f.check != "progressive.tprog"]
         plan.findings.append(sb.Finding("info", f"{folder.path} has no {META}: the target's history starts here", "progressive.tprog"))
 
     def begin(self, metas: Mapping[str, sb.TensorMeta]) -> None:
