@@ -250,4 +250,8 @@ def test_a_failed_run_into_a_tprog_leaves_the_target_untouched(tmp_path: Path) -
         sb.run(path / "weights.safetensors", [], target, progress=False, overwrite=True)
     assert "a .tprog needs the model's config.json" in str(caught.value) and "\n" not in str(caught.value)
     assert tree(target) == before
+    nan = sb.ValueOp(pattern="model.norm.weight", op="fill", args={"value": float("nan")})
+    with pytest.raises(sb.GateRejectedError):  # a failure mid-run, after the weights were laid out in staging
+        sb.run(path, [GrowDepth(method="llama_pro", num_layers=3), nan], target, gates={"finite": True}, overwrite=True, progress=False)
+    assert tree(target) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tprog", "b.tprog", "src"]
