@@ -63,7 +63,7 @@ class Writer(ABC):
         #: adapter folder's is ``adapter_model``, which ``run`` sets so that PEFT finds the weights
         self.stem = "model"
         #: sub-folders of the source model folder a folder target carries unchanged (``tokenizer`` for a
-        #: ``.tprog``), set by the class or by :meth:`fit`; the core carries none of its own accord,
+        #: ``.tprog``), set in ``__init__`` or by :meth:`fit`; the core carries none of its own accord,
         #: since what a sub-folder holds (optimizer state, caches) may not fit the new tensors
         self.folders: tuple[str, ...] = ()
 
