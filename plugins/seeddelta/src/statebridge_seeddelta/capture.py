@@ -24,7 +24,7 @@ def load_model(model: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model)
-    kwargs: dict[str, Any] = {"torch_dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
     if path.suffix.lower() == ".gguf":
         where, kwargs["gguf_file"] = str(path.parent), path.name
     else:
@@ -62,10 +62,11 @@ def capture(model_path: str, text: str, *, layers: set[int] | None = None, max_t
             lambda _m, args, key=key: found[key].append(args[0].detach().reshape(-1, args[0].shape[-1]).float().clone())))
     if not hooks:
         raise ConfigError(f"{model_path}: no mlp.gate_proj/up_proj/down_proj modules found (layers {sorted(layers or [])})")
+    body = getattr(model, "model", model)  # the decoder without the LM head: its logits are not needed here
     try:
         with torch.no_grad():
             for start in range(0, ids.numel(), chunk):
-                model(ids[start : start + chunk].unsqueeze(0))
+                body(ids[start : start + chunk].unsqueeze(0))
     finally:
         for h in hooks:
             h.remove()
