@@ -202,3 +202,70 @@ def test_dry_run_fits_nothing(model) -> None:
     done = run_cli(["seeddelta", "build", str(model[0]), "--dry-run", "--layers", "0"])
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("would fit") == 3
+
+
+@pytest.mark.parametrize("name", ["policy.example.qwen7b.json", "policy.example.gemma.json"])
+def test_the_example_policies_are_valid(name: str) -> None:
+    p = Policy.load(Path(__file__).parent.parent / "policies" / name)
+    for layer in range(24):
+        for kind in ("ffn_gate", "ffn_up", "ffn_down"):
+            p.resolve(layer, kind)
+    if "qwen" in name:
+        assert not p.resolve(8, "ffn_up").enable and p.resolve(16, "ffn_down").autotune.schedule == [256, 512, 768, 1024]
+        assert p.resolve(16, "ffn_gate").autotune.enabled and not p.resolve(10, "ffn_gate").autotune.enabled
+
+
+def test_imatrix_files_give_the_importance_and_synthetic_inputs(model, tmp_path: Path) -> None:
+    """Both llama.cpp layouts: the legacy .dat (sums of squares / calls) and the GGUF (in_sum2 / counts)."""
+    import struct
+
+    from statebridge_seeddelta.importance import read_imatrix
+
+    path = model[0]
+    name = "model.layers.0.mlp.up_proj.weight"
+    sums = torch.arange(1, 65, dtype=torch.float32) * 3.0
+    legacy = tmp_path / "imatrix.dat"
+    blob = struct.pack("<i", 1) + struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", 3, 64)
+    legacy.write_bytes(blob + struct.pack("<64f", *sums.tolist()) + struct.pack("<i", 10))
+    assert torch.equal(read_imatrix(str(legacy))[name], sums / 3)
+    writer = gguf.GGUFWriter(tmp_path / "imatrix.gguf", arch="imatrix")
+    writer.add_tensor(f"{name}.in_sum2", (sums * 2).numpy().reshape(1, 64))
+    writer.add_tensor(f"{name}.counts", torch.tensor([[6.0]]).numpy())
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    assert torch.equal(read_imatrix(str(tmp_path / "imatrix.gguf"))[name], sums / 3)
+    legacy.write_bytes(blob + b"\0" * 10)
+    with pytest.raises(sb.SourceError, match="cut short"):
+        read_imatrix(str(legacy))
+    legacy.write_bytes(blob + struct.pack("<64f", *sums.tolist()))
+    policy = Policy({"version": 1, "defaults": {"base": "none", "K": 16, "gating": {"min_mean": 0.0}}})
+    report = build(str(path), None, policy=policy, inputs=Inputs(None, str(legacy)), layers={0})
+    up = report["layers"]["0"]["tensors"]["ffn_up"]
+    assert up["inputs"].startswith("imatrix") and "Gaussian" in up["inputs"] and up["decision"]["emit_delta"]
+    assert report["layers"]["0"]["tensors"]["ffn_down"]["decision"]["reason"].startswith("no activations or imatrix")
+
+
+def test_worker_processes_write_the_same_bytes(model, tmp_path: Path) -> None:
+    path, fit, held = model
+    policy = Policy({"version": 1, "defaults": {"K": 16, "gating": {"min_mean": 0.0}},
+                     "layers": {"1": {"base": "xor_circulant"}}})
+    outs = []
+    for jobs in (1, 2):
+        out = tmp_path / f"o{jobs}.gguf"
+        build(str(path), str(out), policy=policy, inputs=Inputs(str(fit), None, str(held)), layers={0, 1}, jobs=jobs)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+
+
+def test_the_report_plot(model, tmp_path: Path) -> None:
+    path, fit, held = model
+    rep, png = tmp_path / "r.json", tmp_path / "r.png"
+    done = run_cli(["seeddelta", "build", str(path), str(tmp_path / "o.gguf"), "--activations", str(fit),
+                    "--report-json", str(rep), "--layers", "0-2"])
+    assert done.returncode == 0, done.stderr
+    bad = run_cli(["seeddelta", "report", str(path), "--png", str(png)])
+    assert bad.returncode == 2 and "not a seeddelta build report" in bad.stderr and bad.stderr.count("\n") == 1
+    pytest.importorskip("matplotlib")
+    done = run_cli(["seeddelta", "report", str(rep), "--png", str(png)])
+    assert done.returncode == 0, done.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -18,6 +18,7 @@ as a sequential run's.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import tempfile
 import time
@@ -83,7 +84,7 @@ def _importance(weight: str, inp: int, inputs: Inputs, imatrix: dict[str, torch.
             d = imatrix[alias]
     if d is not None:
         if d.numel() != inp:
-            raise sb.SourceError(f"{inputs.imatrix}: {weight} has {d.numel()} importances for {inp} inputs")
+            raise sb.SourceError(inputs.imatrix, f"{weight} has {d.numel()} importances for {inp} inputs")
         return d, sdfit.synthetic_inputs(d), x_eval, "imatrix (Gaussian samples with its variances)"
     if x_eval is not None:
         return x_eval.square().mean(0), x_eval, x_eval, "eval-x (no fit activations: fitted on the evaluation set)"
@@ -252,22 +253,34 @@ def _place(report: dict[str, Any], weight: str, entry: dict[str, Any]) -> None:
 def _write(model: str, out: str, tensors: dict[str, Any], kv: dict[str, Any], strip: list[str], *, sidecar: bool,
            overwrite: bool) -> None:
     """Stage the SeedΔ tensors, then one atomic statebridge run into ``out``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from .emit import SeedDeltaEmit
 
     target = Path(out)
-    with tempfile.TemporaryDirectory(prefix=".seeddelta-", dir=target.parent if target.parent.exists() else None) as tmp:
-        staged = os.path.join(tmp, "seeddelta.safetensors")
-        save_file(dict(sorted(tensors.items())), staged)
+    ordered = dict(sorted(tensors.items()))
+    blob = save(ordered)
+    # The staged file's path is a parameter of the step, hence part of the run's fingerprint (written into
+    # the file): name it by its content, so the same fits give the same bytes wherever and however they ran.
+    staged = Path(tempfile.gettempdir()) / f"seeddelta-{hashlib.sha256(blob).hexdigest()[:32]}.safetensors"
+    created = not staged.exists()
+    if created:
+        partial = staged.with_suffix(f".{os.getpid()}.part")
+        partial.write_bytes(blob)
+        os.replace(partial, staged)
+    del blob
+    try:
         try:
             if sidecar:
                 if not tensors:
                     raise sb.ConfigError("sidecar: no tensor passed gating, so there is nothing to write")
-                sb.run(staged, [], target, format="gguf", overwrite=overwrite, progress=False,
+                sb.run(str(staged), [], target, format="gguf", overwrite=overwrite, progress=False,
                        metadata={**kv, "general.type": "seeddelta"})
             else:
-                step = SeedDeltaEmit(tensors=staged, strip=strip)
+                step = SeedDeltaEmit(tensors=str(staged), strip=strip)
                 sb.run(model, [step], target, format="gguf", overwrite=overwrite, progress=False, metadata=kv)
         except sb.SourceError as e:
             raise sb.ExecutionError(str(e)) from None
+    finally:
+        if created:
+            staged.unlink(missing_ok=True)

@@ -33,7 +33,7 @@ def load_model(model: str) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": path.name} if "gguf_file" in kwargs else {}))
         loaded = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        raise SourceError(f"{model}: transformers cannot load it: {e}".splitlines()[0]) from None
+        raise SourceError(model, f"transformers cannot load it: {e}".splitlines()[0]) from None
     return loaded.eval(), tokenizer
 
 

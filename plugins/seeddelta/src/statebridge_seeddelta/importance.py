@@ -37,7 +37,7 @@ class Activations:
         try:
             self._file = safe_open(path, framework="pt")
         except Exception as e:  # safetensors raises its own errors for a missing or malformed file
-            raise SourceError(f"{path}: cannot read activations: {e}") from None
+            raise SourceError(path, f"cannot read activations: {e}") from None
         self.keys = set(self._file.keys())
 
     def get(self, weight: str, inp: int) -> torch.Tensor | None:
@@ -45,7 +45,7 @@ class Activations:
             if alias in self.keys:
                 x = self._file.get_tensor(alias)
                 if x.ndim != 2 or x.shape[1] != inp:
-                    raise SourceError(f"{self.path}: {alias} is {list(x.shape)}, expected [n, {inp}]")
+                    raise SourceError(self.path, f"{alias} is {list(x.shape)}, expected [n, {inp}]")
                 return x.float()
         return None
 
@@ -68,7 +68,7 @@ def read_imatrix(path: str) -> dict[str, torch.Tensor]:
     try:
         head = p.read_bytes()[:4]
     except OSError as e:
-        raise SourceError(f"{path}: cannot read the imatrix: {e.strerror or e}") from None
+        raise SourceError(path, f"cannot read the imatrix: {e.strerror or e}") from None
     if head == b"GGUF":
         from statebridge.readers.gguf import GGUFSource
 
@@ -80,7 +80,7 @@ def read_imatrix(path: str) -> dict[str, torch.Tensor]:
                     weight = key.removesuffix(".in_sum2")
                     counts = f"{weight}.counts"
                     if counts not in src.metas():
-                        raise SourceError(f"{path}: {key} has no {counts}")
+                        raise SourceError(path, f"{key} has no {counts}")
                     s, c = src.load(key).float().reshape(-1, src.metas()[key].shape[-1]), src.load(counts).float().reshape(-1)
                     found[weight] = (s.sum(0) / c.sum().clamp_min(1)).clone()
             return found
@@ -93,7 +93,7 @@ def read_imatrix(path: str) -> dict[str, torch.Tensor]:
         nonlocal pos
         size = struct.calcsize(fmt)
         if pos + size > len(data):
-            raise SourceError(f"{path}: legacy imatrix cut short reading {what} at byte {pos}")
+            raise SourceError(path, f"legacy imatrix cut short reading {what} at byte {pos}")
         value = struct.unpack_from(fmt, data, pos)
         pos += size
         return value
@@ -102,7 +102,7 @@ def read_imatrix(path: str) -> dict[str, torch.Tensor]:
     for i in range(count):
         (length,) = take("<i", f"entry {i}'s name length")
         if length < 0 or length > 4096:
-            raise SourceError(f"{path}: entry {i} has a name length of {length}")
+            raise SourceError(path, f"entry {i} has a name length of {length}")
         name = data[pos : pos + length].decode("utf-8", "replace")
         pos += length
         ncall, nval = take("<ii", f"{name}'s counts")

@@ -123,14 +123,14 @@ def read_entries(fields: Mapping[str, Any], path: str) -> list[Entry]:
 
     version = fields.get(f"{PREFIX}format_version")
     if version is None:
-        raise SourceError(f"{path}: no seeddelta.format_version: not a SeedΔ file")
+        raise SourceError(path, f"no seeddelta.format_version: not a SeedΔ file")
     if int(version) != FORMAT_VERSION:
-        raise SourceError(f"{path}: seeddelta.format_version {version} (this plugin reads {FORMAT_VERSION})")
+        raise SourceError(path, f"seeddelta.format_version {version} (this plugin reads {FORMAT_VERSION})")
     weights = list(fields.get(f"{PREFIX}weights", []))
     columns = {f: list(fields.get(f"{PREFIX}{f}", [])) for f in (*_ARRAYS, "stripped")}
     for f, values in columns.items():
         if len(values) != len(weights):
-            raise SourceError(f"{path}: seeddelta.{f} has {len(values)} entries for {len(weights)} seeddelta.weights")
+            raise SourceError(path, f"seeddelta.{f} has {len(values)} entries for {len(weights)} seeddelta.weights")
     return [Entry(w, *(columns[f][i] for f in _ARRAYS), bool(columns["stripped"][i])) for i, w in enumerate(weights)]
 
 
