@@ -98,6 +98,16 @@ class Fit:
         dense = self.base_dense() + self.residual.dense(self.shape[1])
         return dense if self.row_scale is None else dense * self.row_scale.unsqueeze(1)
 
+    def outputs(self, x: torch.Tensor, *, scaled: bool = True) -> torch.Tensor:
+        """``x Ŵᵀ`` for ``x`` ``(N, in)`` from the parts (sparse product, FWHT, thin factors), never forming ``Ŵ``."""
+        y = self.residual.apply(x)
+        if self.base == "xor_circulant":
+            y += xorc.apply(self.terms, x, self.shape[0])
+        elif self.base == "lowrank":
+            assert self.u is not None and self.v is not None
+            y += (x @ self.v.T) @ self.u.T
+        return y * self.row_scale if scaled and self.row_scale is not None else y
+
     def nbytes(self) -> int:
         out, inp = self.shape
         total = self.residual.nbytes(inp)
@@ -145,8 +155,8 @@ def _row_scale(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
     return (s / ratio if float(ratio) > 0 else s).half().float()
 
 
-def _score(w: torch.Tensor, approx: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
-    return metrics.output_metrics(y, metrics.outputs(x, approx)).get("cos_mean_x_w", float("nan"))
+def _score(fit: Fit, x: torch.Tensor, y: torch.Tensor) -> float:
+    return metrics.output_metrics(y, fit.outputs(x)).get("cos_mean_x_w", float("nan"))
 
 
 def fit_tensor(
@@ -186,7 +196,7 @@ def fit_tensor(
             alone = Fit((out, inp), spec, "none",
                         _residual(w, d, residual.k_for_bytes(max(candidate.nbytes(), budget), out, inp, spec.scheme, spec.block),
                                   spec, cache))
-            with_base, without = _score(w, candidate.approx(), x_fit, y_fit), _score(w, alone.approx(), x_fit, y_fit)
+            with_base, without = _score(candidate, x_fit, y_fit), _score(alone, x_fit, y_fit)
             kept = with_base > without
             fit = candidate if kept else alone
             fit.base_check = {
@@ -196,15 +206,15 @@ def fit_tensor(
                 else "residual alone at the same bytes fits the fit set as well or better",
             }
     if spec.row_scale:
-        fit.row_scale = _row_scale(y_fit, metrics.outputs(x_fit, fit.approx()))
-    approx = fit.approx()
+        fit.row_scale = _row_scale(y_fit, fit.outputs(x_fit))
     x_eval_used = x_fit if x_eval is None else x_eval
-    fit.metrics = metrics.all_metrics(w, approx, x_eval_used, cache["y_eval"])
-    fit.metrics_fit = metrics.all_metrics(w, approx, x_fit, y_fit)
+    weights = metrics.weight_metrics(w, fit.approx())
+    fit.metrics = {**weights, **metrics.output_metrics(cache["y_eval"], fit.outputs(x_eval_used))}
+    fit.metrics_fit = fit.metrics if x_eval is None else {**weights, **metrics.output_metrics(y_fit, fit.outputs(x_fit))}
     k_eq = residual.k_for_bytes(fit.nbytes(), out, inp, "coo", 1)
     plain = residual.fit(w, d, k_eq, "coo", 1)
-    fit.topk_same_bytes = {"K": k_eq, "bytes": plain.nbytes(inp),
-                           "metrics": metrics.all_metrics(w, plain.dense(inp), x_eval_used, cache["y_eval"])}
+    fit.topk_same_bytes = {"K": k_eq, "bytes": plain.nbytes(inp), "metrics": {
+        **metrics.weight_metrics(w, plain.dense(inp)), **metrics.output_metrics(cache["y_eval"], plain.apply(x_eval_used))}}
     fit.seconds = time.perf_counter() - start
     return fit
 

@@ -32,44 +32,64 @@ def rank_for_bytes(budget: int, out: int, inp: int) -> int:
     return max(0, budget // (2 * (out + inp)))
 
 
-def _truncate(q: torch.Tensor, m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank-r ``(U·√Σ, √Σ·Vᵀ)`` of ``m`` within the subspace ``q``, and ``U·Σ·Vᵀ``."""
+def _truncate(q: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r ``(U·√Σ, √Σ·Vᵀ)`` of ``q·b`` (``b = qᵀ·M``, the matrix projected on the subspace ``q``)."""
     import torch
 
-    b = q.T @ m
     ub, s, vt = torch.linalg.svd(b, full_matrices=False)
     root = s[:r].sqrt()
-    u = (q @ ub[:, :r]) * root
-    v = vt[:r] * root.unsqueeze(1)
-    return u, v, u @ v
+    return (q @ ub[:, :r]) * root, vt[:r] * root.unsqueeze(1)
+
+
+class _Sparse:
+    """The residual in the scaled space as (rows, cols, values), for the thin products of the power step."""
+
+    def __init__(self, cols: torch.Tensor, vals: torch.Tensor) -> None:
+        self.cols, self.vals = cols, vals
+
+    def times(self, z: torch.Tensor) -> torch.Tensor:
+        """``S @ z`` for ``z`` ``(in, w)``."""
+        return (z[self.cols] * self.vals.unsqueeze(2)).sum(1)
+
+    def t_times(self, q: torch.Tensor, inp: int) -> torch.Tensor:
+        """``Sᵀ @ q`` for ``q`` ``(out, w)``."""
+        import torch
+
+        contrib = (self.vals.unsqueeze(2) * q.unsqueeze(1)).reshape(-1, q.shape[1])
+        return torch.zeros(inp, q.shape[1]).index_add_(0, self.cols.reshape(-1), contrib)
 
 
 def fit(
     w: torch.Tensor, d: torch.Tensor, rank: int, k: int, scheme: res.Scheme, block: int, *, alternations: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, res.Residual]:
-    """``U`` ``(out, r)``, ``V`` ``(r, in)`` (float16 values in float32) and the residual at ``k``."""
+    """``U`` ``(out, r)``, ``V`` ``(r, in)`` (float16 values in float32) and the residual at ``k``.
+
+    Memory stays at about three copies of ``W``: the scaled matrix, one work matrix for
+    ``W̃ - L̃`` (its square picks the support; the values there are computed from the factors),
+    and the input. The power step's products with ``W̃ - S̃`` use the sparse part as index lists.
+    """
     import torch
 
     out, inp = w.shape
-    w = w.float()
-    dd = d.clamp_min(1e-4 * float(d.mean()) + 1e-30)
+    dd = d.float().clamp_min(1e-4 * float(d.float().mean()) + 1e-30)
     root = dd.sqrt()
-    scaled = w * root
-    ones = torch.ones_like(dd)
+    scaled = w.float() * root
     width = min(rank + OVERSAMPLE, out, inp)
     gen = torch.Generator().manual_seed(seed)
     q = torch.linalg.qr(scaled @ torch.randn(inp, width, generator=gen)).Q
     q = torch.linalg.qr(scaled @ (scaled.T @ q)).Q
-    _, _, low = _truncate(q, scaled, rank)
-    sparse = torch.zeros_like(scaled)
+    u, v = _truncate(q, q.T @ scaled, rank)
+    work = torch.empty_like(scaled)
     for _ in range(alternations):
-        sup = res.fit(scaled - low, ones, k, scheme, block)  # in the scaled space the weights are already in
-        sparse.zero_().scatter_(1, sup.row_index(), sup.val)
-        m = scaled - sparse
-        q = torch.linalg.qr(m @ (m.T @ q)).Q
-        _, _, low = _truncate(q, m, rank)
-    m = scaled - sparse
-    u, v, _ = _truncate(q, m, rank)
+        torch.addmm(scaled, u, v, alpha=-1.0, out=work)  # W̃ - L̃
+        cols = res.support(work, None, k, scheme, block, inplace=True)
+        rows = res.row_index(cols, scheme, block, out)
+        vals = scaled.gather(1, rows) - torch.einsum("or,rok->ok", u, v[:, rows])
+        sp = _Sparse(rows, vals)
+        z = scaled.T @ q - sp.t_times(q, inp)           # Mᵀ q with M = W̃ - S̃
+        q = torch.linalg.qr(scaled @ z - sp.times(z)).Q  # M Mᵀ q
+        u, v = _truncate(q, (q.T @ scaled) - sp.t_times(q, inp).T, rank)
+    del work
     u, v = u.half().float(), (v / root).half().float()
-    left = w - u @ v
+    left = torch.addmm(w.float(), u, v, alpha=-1.0)
     return u, v, res.fit(left, d, k, scheme, block)

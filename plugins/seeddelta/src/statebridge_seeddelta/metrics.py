@@ -7,7 +7,7 @@
   cosine cannot see an output that shrank). Vectors whose ``Wx`` is zero are left out.
 
 ``Y = X·Wᵀ`` is the same for every attempt on a tensor, so callers compute it once
-(:func:`outputs`) and pass it in.
+(:func:`outputs`) and pass it in; ``Ŷ`` comes from the fit's parts (:meth:`.fit.Fit.outputs`).
 """
 
 from __future__ import annotations
@@ -48,11 +48,3 @@ def output_metrics(y: torch.Tensor, y_hat: torch.Tensor) -> dict[str, float]:
         "cos_p10_x_w": float(q[1]),
         "norm_ratio_x_w": float((nh / ny).mean()),
     }
-
-
-def all_metrics(w: torch.Tensor, approx: torch.Tensor, x: torch.Tensor | None, y: torch.Tensor | None) -> dict[str, float]:
-    """Weight metrics, and output metrics when ``x`` (with its ``y = outputs(x, w)``) is given."""
-    found = weight_metrics(w, approx)
-    if x is not None and y is not None:
-        found.update(output_metrics(y, outputs(x, approx)))
-    return found

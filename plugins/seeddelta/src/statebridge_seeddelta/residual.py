@@ -55,6 +55,20 @@ class Residual:
 
         return torch.zeros(self.val.shape[0], inp).scatter_(1, self.row_index(), self.val)
 
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Δᵀ`` ``(N, out)`` by a sparse CSR product."""
+        import warnings
+
+        import torch
+
+        rows = self.row_index()
+        out, k = rows.shape
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long-standing
+            warnings.simplefilter("ignore", UserWarning)
+            csr = torch.sparse_csr_tensor(torch.arange(0, out * k + 1, k, dtype=torch.int64), rows.reshape(-1),
+                                          self.val.reshape(-1), size=(out, x.shape[1]), check_invariants=False)
+            return (csr @ x.float().T).T
+
     def nbytes(self, inp: int) -> int:
         return nbytes(self.val.shape[0], inp, self.val.shape[1], self.scheme, self.block)
 
@@ -64,13 +78,16 @@ def row_index(idx: torch.Tensor, scheme: Scheme, block: int, out: int) -> torch.
     return idx if scheme == "coo" else idx.repeat_interleave(block, 0)[:out]
 
 
-def support(r: torch.Tensor, d: torch.Tensor, k: int, scheme: Scheme, block: int) -> torch.Tensor:
-    """The chosen column indices (sorted) of the largest ``d_j · R_ij²``."""
+def support(r: torch.Tensor, d: torch.Tensor | None, k: int, scheme: Scheme, block: int, *,
+            inplace: bool = False) -> torch.Tensor:
+    """The chosen column indices (sorted) of the largest ``d_j · R_ij²`` (``d`` None: all ones; ``inplace``: ``r`` is consumed)."""
     import torch
 
     out, inp = r.shape
     k = min(k, inp)
-    score = r.square() * d
+    score = r.square_() if inplace else r.square()
+    if d is not None:
+        score *= d
     if scheme == "block":
         groups = -(-out // block)
         if groups * block != out:
