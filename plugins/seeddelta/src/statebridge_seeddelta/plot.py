@@ -46,6 +46,7 @@ def plot(report_path: str, png: str) -> None:
         twin = ax.twinx()
         twin.plot(xs, nr, color="C2", alpha=0.6, label="norm ratio")
         twin.set_ylabel("norm ratio")
+        twin.set_ylim(0.5, 1.5)
         ax.set_title(kind)
         ax.set_xlabel("layer")
         ax.set_ylabel("cosine")
