@@ -191,7 +191,8 @@ def fit_tensor(
     if spec.base != "none":
         candidate = _with_base(w, d, spec, budget, cache)
         if candidate is None:
-            fit.base_check = {"requested": spec.base, "kept": False, "reason": "the budget leaves no bytes for the base"}
+            fit.base_check = {"requested": spec.base, "kept": False,
+                              "reason": "the budget leaves no bytes for the base, or its float16 factors overflow"}
         else:
             alone = Fit((out, inp), spec, "none",
                         _residual(w, d, residual.k_for_bytes(max(candidate.nbytes(), budget), out, inp, spec.scheme, spec.block),
@@ -232,7 +233,9 @@ def _residual(target: torch.Tensor, d: torch.Tensor, k: int, spec: FitSpec, cach
 
 
 def _with_base(w: torch.Tensor, d: torch.Tensor, spec: FitSpec, budget: int, cache: dict[str, Any]) -> Fit | None:
-    """The fit with ``spec.base`` inside ``budget`` (xor: its few bytes on top), or None if no bytes are left for it."""
+    """The fit with ``spec.base`` inside ``budget`` (xor: its few bytes on top), or None if it cannot be had."""
+    import torch
+
     out, inp = w.shape
     if spec.base == "xor_circulant":
         key = ("xor", spec.depth, spec.perm_trials, spec.tile, spec.seed)
@@ -245,6 +248,8 @@ def _with_base(w: torch.Tensor, d: torch.Tensor, spec: FitSpec, budget: int, cac
     if rank == 0:
         return None
     u, v, res = lowrank.fit(w, d, rank, k, spec.scheme, spec.block, alternations=spec.alternations, seed=spec.seed)
+    if not (bool(torch.isfinite(u).all()) and bool(torch.isfinite(v).all())):
+        return None  # a factor overflowed float16 (columns almost no input reaches): no base rather than a broken one
     if spec.refit and cache.get("gram") is not None and k > 0:
         residual.refit(res, w - u @ v, cache["gram"], spec.ridge)
     return Fit((out, inp), spec, "lowrank", res, u=u, v=v)
