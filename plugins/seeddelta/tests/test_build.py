@@ -269,3 +269,15 @@ def test_the_report_plot(model, tmp_path: Path) -> None:
     done = run_cli(["seeddelta", "report", str(rep), "--png", str(png)])
     assert done.returncode == 0, done.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_other_registered_gates_vote_and_unknown_ones_are_refused(model, tmp_path: Path) -> None:
+    path, fit, held = model
+    policy = Policy({"version": 1, "defaults": {"base": "none", "K": 16, "gating": {"min_mean": 0.0}}})
+    report = build(str(path), None, policy=policy, inputs=Inputs(str(fit), None, str(held), {"finite": True}),
+                   layers={0}, kinds={"ffn_up"})
+    votes = report["layers"]["0"]["tensors"]["ffn_up"]["autotune"]["attempts"][0]["votes"]
+    assert [v["gate"] for v in votes] == ["seeddelta.quality", "finite"] and all(v["accept"] for v in votes)
+    done = run_cli(["seeddelta", "build", str(path), str(tmp_path / "o.gguf"), "--activations", str(fit),
+                    "--layers", "0", "--gate", "finit"])
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "finit" in done.stderr, done.stderr

@@ -174,6 +174,10 @@ def build(
     dry_run: bool = False,
 ) -> dict[str, Any]:
     """Fit, gate, decide, write; returns the report (see docs/seeddelta.md for its fields)."""
+    from statebridge.plugins import installed
+    from statebridge.trust.gates import Gates
+
+    Gates(installed().gates, {gating.NAME: True, **inputs.extra_gates})  # an unknown gate name fails now, before any fit
     weights, metas = targets(model, layers, kinds)
     if not weights:
         raise sb.ConfigError(f"{model}: no FFN weight (blk.N.ffn_gate/up/down.weight or "
