@@ -17,11 +17,13 @@ as a sequential run's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,8 +174,12 @@ def build(
     overwrite: bool = False,
     jobs: int = 1,
     dry_run: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Fit, gate, decide, write; returns the report (see docs/seeddelta.md for its fields)."""
+    """Fit, gate, decide, write; returns the report (see docs/seeddelta.md for its fields).
+
+    ``progress`` receives one line per weight as its fit finishes (the command line prints them on stderr).
+    """
     from statebridge.plugins import installed
     from statebridge.trust.gates import Gates
 
@@ -210,11 +216,14 @@ def build(
             1 for L in report["layers"].values() for t in L["tensors"].values() if "would_fit" in t)}
         return report
     start = time.perf_counter()
-    if jobs > 1 and len(jobs_list) > 1:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=_spawn()) as pool:
-            results = list(pool.map(_work, jobs_list))
-    else:
-        results = [_work(job) for job in jobs_list]
+    results = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=_spawn()) if jobs > 1 and len(jobs_list) > 1 else \
+            contextlib.nullcontext() as pool:
+        for i, result in enumerate(pool.map(_work, jobs_list) if pool is not None else map(_work, jobs_list)):
+            results.append(result)
+            if progress is not None:
+                entry = result[0]
+                progress(f"[{i + 1}/{len(jobs_list)}] {entry['weight']}: {entry['decision']['reason']}")
     tensors: dict[str, Any] = {}
     entries: list[storage.Entry] = []
     unsafe = []

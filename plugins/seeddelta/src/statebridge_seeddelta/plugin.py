@@ -90,7 +90,8 @@ def build(model: str, out: str | None, policy_path: str | None, activations: str
             raise statebridge.ConfigError(f"--tensors: {sorted(kind_set - set(TENSOR_TYPES))} not among {TENSOR_TYPES}")
     report = run_build(model, None if dry_run else out, policy=Policy.load(policy_path),
                        inputs=Inputs(activations, imatrix, eval_x, _gates(gates)), layers=_layers(layers),
-                       kinds=kind_set, sidecar=sidecar, overwrite=overwrite, jobs=jobs, dry_run=dry_run)
+                       kinds=kind_set, sidecar=sidecar, overwrite=overwrite, jobs=jobs, dry_run=dry_run,
+                       progress=lambda line: click.echo(line, err=True))
     if report_json:
         Path(report_json).write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
     click.echo(render(report))
