@@ -155,3 +155,17 @@ def test_fits_are_deterministic() -> None:
     w, x = torch.randn(64, 128), torch.randn(128, 128)
     a, b = (sdfit.fit_tensor(w, x.square().mean(0), sdfit.FitSpec(K=8, base="lowrank"), x) for _ in range(2))
     assert torch.equal(a.approx(), b.approx()) and a.metrics == b.metrics
+
+
+@pytest.mark.parametrize("base", ["none", "lowrank", "xor_circulant"])
+def test_weight_metrics_from_the_parts_equal_the_dense_ones(base: str) -> None:
+    from statebridge_seeddelta import metrics
+
+    torch.manual_seed(8)
+    w = torch.randn(96, 4) @ torch.randn(4, 160) + 0.3 * torch.randn(96, 160)
+    x = torch.randn(300, 160)
+    f = sdfit.fit_tensor(w, x.square().mean(0), sdfit.FitSpec(K=24, base=base, scheme="block", block=8), x)
+    dense = metrics.weight_metrics(w, f.approx())
+    for key, value in f.weight_metrics(w).items():
+        assert value == pytest.approx(dense[key], abs=1e-5), key
+    assert torch.allclose(f.outputs(x), x @ f.approx().T, atol=1e-4)

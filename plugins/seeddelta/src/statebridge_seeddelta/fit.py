@@ -108,6 +108,30 @@ class Fit:
             y += (x @ self.v.T) @ self.u.T
         return y * self.row_scale if scaled and self.row_scale is not None else y
 
+    def weight_metrics(self, w: torch.Tensor) -> dict[str, float]:
+        """``cos_mean_w`` and ``rel_l2`` from per-row dot products and norms, without ``Ŵ`` when the base allows.
+
+        ``⟨W_i, Ŵ_i⟩`` and ``‖Ŵ_i‖²`` come from the residual's entries and, for ``lowrank``, from
+        ``r``-wide products (``W Vᵀ``, ``V Vᵀ``, ``U V`` at the residual's columns); the row scale
+        multiplies them by ``s_i`` and ``s_i²``. The xor-circulant base is formed densely.
+        """
+        import torch
+
+        if self.base == "xor_circulant":
+            return metrics.weight_metrics(w, self.approx())
+        rows, val = self.residual.row_index(), self.residual.val
+        dot = (w.gather(1, rows) * val).sum(1)
+        norm2 = val.square().sum(1)
+        if self.base == "lowrank":
+            assert self.u is not None and self.v is not None
+            u, v = self.u, self.v
+            dot = dot + ((w @ v.T) * u).sum(1)
+            low_at = torch.einsum("or,rok->ok", u, v[:, rows])
+            norm2 = norm2 + ((u @ (v @ v.T)) * u).sum(1) + 2 * (low_at * val).sum(1)
+        if self.row_scale is not None:
+            dot, norm2 = dot * self.row_scale, norm2 * self.row_scale.square()
+        return metrics.row_metrics(w.square().sum(1), dot, norm2)
+
     def nbytes(self) -> int:
         out, inp = self.shape
         total = self.residual.nbytes(inp)
@@ -209,13 +233,13 @@ def fit_tensor(
     if spec.row_scale:
         fit.row_scale = _row_scale(y_fit, fit.outputs(x_fit))
     x_eval_used = x_fit if x_eval is None else x_eval
-    weights = metrics.weight_metrics(w, fit.approx())
+    weights = fit.weight_metrics(w)
     fit.metrics = {**weights, **metrics.output_metrics(cache["y_eval"], fit.outputs(x_eval_used))}
     fit.metrics_fit = fit.metrics if x_eval is None else {**weights, **metrics.output_metrics(y_fit, fit.outputs(x_fit))}
     k_eq = residual.k_for_bytes(fit.nbytes(), out, inp, "coo", 1)
     plain = residual.fit(w, d, k_eq, "coo", 1)
     fit.topk_same_bytes = {"K": k_eq, "bytes": plain.nbytes(inp), "metrics": {
-        **metrics.weight_metrics(w, plain.dense(inp)), **metrics.output_metrics(cache["y_eval"], plain.apply(x_eval_used))}}
+        **Fit((out, inp), spec, "none", plain).weight_metrics(w), **metrics.output_metrics(cache["y_eval"], plain.apply(x_eval_used))}}
     fit.seconds = time.perf_counter() - start
     return fit
 

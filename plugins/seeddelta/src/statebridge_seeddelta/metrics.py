@@ -19,13 +19,18 @@ if TYPE_CHECKING:
 
 
 def weight_metrics(w: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
+    w = w.float()
+    return row_metrics(w.square().sum(1), (w * approx).sum(1), approx.square().sum(1))
+
+
+def row_metrics(w_norm2: torch.Tensor, dot: torch.Tensor, approx_norm2: torch.Tensor) -> dict[str, float]:
+    """The weight metrics from each row's ``‖W_i‖²``, ``⟨W_i, Ŵ_i⟩`` and ``‖Ŵ_i‖²`` (a zero row against a zero row: cos 1)."""
     import torch
 
-    w = w.float()
-    num = (w * approx).sum(1)
-    norms = w.norm(dim=1) * approx.norm(dim=1)
-    cos = torch.where(norms > 0, num / norms.clamp_min(1e-30), (w.norm(dim=1) == approx.norm(dim=1)).float())
-    return {"cos_mean_w": float(cos.mean()), "rel_l2": float((w - approx).norm() / w.norm().clamp_min(1e-30))}
+    norms = (w_norm2 * approx_norm2).sqrt()
+    cos = torch.where(norms > 0, dot / norms.clamp_min(1e-30), ((w_norm2 == 0) & (approx_norm2 == 0)).float())
+    err = (w_norm2 - 2 * dot + approx_norm2).sum().clamp_min(0)
+    return {"cos_mean_w": float(cos.mean()), "rel_l2": float(err.sqrt() / w_norm2.sum().sqrt().clamp_min(1e-30))}
 
 
 def outputs(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
