@@ -169,3 +169,16 @@ def test_weight_metrics_from_the_parts_equal_the_dense_ones(base: str) -> None:
     for key, value in f.weight_metrics(w).items():
         assert value == pytest.approx(dense[key], abs=1e-5), key
     assert torch.allclose(f.outputs(x), x @ f.approx().T, atol=1e-4)
+
+
+def test_refit_survives_dead_inputs_and_more_entries_than_samples() -> None:
+    """A column no input reaches and K larger than the number of fit vectors: solvable, finite, no worse."""
+    torch.manual_seed(9)
+    x = torch.randn(20, 64)
+    x[:, 5] = 0.0
+    w = torch.randn(8, 64)
+    res = residual.fit(w, x.square().mean(0) + 1e-3, 40, "coo", 1)
+    before = float((x @ (w - res.dense(64)).T).norm())
+    residual.refit(res, w, x.T @ x, ridge=0.0)
+    assert torch.isfinite(res.val).all()
+    assert float((x @ (w - res.dense(64)).T).norm()) <= before

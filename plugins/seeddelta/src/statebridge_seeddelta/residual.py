@@ -113,18 +113,22 @@ def refit(res: Residual, target: torch.Tensor, gram: torch.Tensor, ridge: float)
     minimise ``‖X (t - v)‖²`` over the fit activations (``G = XᵀX``), ridge ``λ`` against
     over-fitting a small fit set. Magnitude-picked values assume uncorrelated inputs; real
     inputs are correlated, and the solved values recover much of what the dropped entries
-    carried. Rounded to float16 like any stored value.
+    carried. A floor of ``1e-6·mean(diag G)`` keeps columns no input reaches solvable; a row
+    whose system still fails keeps its copied values. Rounded to float16 like any stored value.
     """
     import torch
 
     rows = res.row_index()
     gt = target @ gram
-    vals = torch.empty(rows.shape, dtype=torch.float32)
+    floor = 1e-6 * float(torch.diagonal(gram).mean()) + 1e-30  # a column no input reaches still gets a solvable row
+    vals = res.val.clone()
     for start in range(0, rows.shape[0], REFIT_ROWS):
         idx = rows[start : start + REFIT_ROWS]
         sub = gram[idx.unsqueeze(2), idx.unsqueeze(1)]
         diag = torch.diagonal(sub, dim1=1, dim2=2)
-        sub = sub + torch.diag_embed(ridge * diag + 1e-12)
+        sub = sub + torch.diag_embed(ridge * diag + floor)
         rhs = gt[start : start + REFIT_ROWS].gather(1, idx)
-        vals[start : start + REFIT_ROWS] = torch.linalg.solve(sub, rhs.unsqueeze(2)).squeeze(2)
+        solved, info = torch.linalg.solve_ex(sub, rhs.unsqueeze(2))
+        good = (info == 0) & torch.isfinite(solved).all(dim=(1, 2))  # a row that cannot be solved keeps its copied values
+        vals[start : start + REFIT_ROWS][good] = solved.squeeze(2)[good]
     res.val = vals.half().float()
