@@ -158,7 +158,9 @@ def test_the_file_reproduces_its_report_and_swaps_into_a_model(model, tmp_path: 
     report = json.loads(rep.read_text())
     assert report["build"]["policy_hash"] == Policy.load(pol).hash and report["summary"]["emitted"] == 6
     x_held = load_file(held)
-    layers = open_layers(out)
+    import statebridge_seeddelta
+
+    layers = statebridge_seeddelta.open_layers(out)  # the package's own name for it
     with sb.open_source(path) as src:
         for name, layer in layers.items():
             w = src.load(name).float()

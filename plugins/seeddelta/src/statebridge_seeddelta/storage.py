@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from statebridge import PlanError, TensorMeta
+from statebridge import PlanError
 
 from . import names, residual, xorc
 
@@ -68,12 +68,6 @@ def fit_tensors(weight: str, fit: Fit) -> dict[str, torch.Tensor]:
             raise PlanError(f"SeedΔ tensor name {name!r} is {len(name.encode())} bytes; GGUF (llama.cpp) allows "
                             f"{names.MAX_NAME_BYTES}")
     return found
-
-
-def metas(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorMeta]:
-    from statebridge.tensors.meta import DTYPES
-
-    return {k: TensorMeta(tuple(t.shape), DTYPES[str(t.dtype).removeprefix("torch.")]) for k, t in tensors.items()}
 
 
 @dataclass
