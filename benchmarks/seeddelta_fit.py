@@ -14,7 +14,7 @@ columns) and 512 synthetic activation vectors (Gaussian, log-normal column varia
 
 Targets (issue 13): xor attempt ≤ 10 s and ≤ 2 GB; lowrank ≤ 15 s; metrics ≤ 1.5 s.
 
-    .venv/bin/python benchmarks/seeddelta_fit.py
+    .venv/bin/python benchmarks/seeddelta_fit.py [--only metrics xor_attempt]
 """
 
 from __future__ import annotations
@@ -56,8 +56,12 @@ print(json.dumps(result))
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", default=["topk", "metrics", "xor_attempt", "lowrank_attempt"])
     results = {}
-    for case in ("topk", "metrics", "xor_attempt", "lowrank_attempt"):
+    for case in parser.parse_args().only:
         code = CASE.format(OUT=OUT, IN=IN, K=K, BLOCK=BLOCK, N=N, case=case)
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if done.returncode:
