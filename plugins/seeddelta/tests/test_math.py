@@ -172,13 +172,16 @@ def test_weight_metrics_from_the_parts_equal_the_dense_ones(base: str) -> None:
 
 
 def test_refit_survives_dead_inputs_and_more_entries_than_samples() -> None:
-    """A column no input reaches and K larger than the number of fit vectors: solvable, finite, no worse."""
+    """Near-dead, collinear inputs and K above the number of fit vectors (as in Gemma's ffn_down at
+    K=384): the values stay finite in float16, where a bare solve gave values beyond its range."""
     torch.manual_seed(9)
     x = torch.randn(20, 64)
     x[:, 5] = 0.0
+    x[:, 6] = 1e-4 * torch.randn(20)
+    x[:, 7] = x[:, 6] + 1e-9 * torch.randn(20)
     w = torch.randn(8, 64)
-    res = residual.fit(w, x.square().mean(0) + 1e-3, 40, "coo", 1)
+    res = residual.fit(w, torch.ones(64), 40, "coo", 1)
     before = float((x @ (w - res.dense(64)).T).norm())
     residual.refit(res, w, x.T @ x, ridge=0.0)
-    assert torch.isfinite(res.val).all()
+    assert torch.isfinite(res.val).all() and float(res.val.abs().max()) < 100
     assert float((x @ (w - res.dense(64)).T).norm()) <= before

@@ -102,6 +102,9 @@ def fit(target: torch.Tensor, d: torch.Tensor, k: int, scheme: Scheme, block: in
     return Residual(scheme, block, idx, target.gather(1, row_index(idx, scheme, block, target.shape[0])).half().float())
 
 
+#: values at or above this are infinite in float16
+FLOAT16_MAX = 65504.0
+
 #: rows solved at once by :func:`refit` (bounds its ``(rows, K, K)`` systems)
 REFIT_ROWS = 256
 
@@ -113,14 +116,15 @@ def refit(res: Residual, target: torch.Tensor, gram: torch.Tensor, ridge: float)
     minimise ``‖X (t - v)‖²`` over the fit activations (``G = XᵀX``), ridge ``λ`` against
     over-fitting a small fit set. Magnitude-picked values assume uncorrelated inputs; real
     inputs are correlated, and the solved values recover much of what the dropped entries
-    carried. A floor of ``1e-6·mean(diag G)`` keeps columns no input reaches solvable; a row
-    whose system still fails keeps its copied values. Rounded to float16 like any stored value.
+    carried. A floor of ``1e-3·mean(diag G)`` on the diagonal keeps inputs that (almost) never
+    fire from getting huge fitted values; a row whose system still fails, or whose values would
+    overflow float16, keeps its copied values. Rounded to float16 like any stored value.
     """
     import torch
 
     rows = res.row_index()
     gt = target @ gram
-    floor = 1e-6 * float(torch.diagonal(gram).mean()) + 1e-30  # a column no input reaches still gets a solvable row
+    floor = 1e-3 * float(torch.diagonal(gram).mean()) + 1e-30  # near-dead inputs: bounded values, not fitted noise
     vals = res.val.clone()
     for start in range(0, rows.shape[0], REFIT_ROWS):
         idx = rows[start : start + REFIT_ROWS]
@@ -129,6 +133,7 @@ def refit(res: Residual, target: torch.Tensor, gram: torch.Tensor, ridge: float)
         sub = sub + torch.diag_embed(ridge * diag + floor)
         rhs = gt[start : start + REFIT_ROWS].gather(1, idx)
         solved, info = torch.linalg.solve_ex(sub, rhs.unsqueeze(2))
-        good = (info == 0) & torch.isfinite(solved).all(dim=(1, 2))  # a row that cannot be solved keeps its copied values
+        # a row that cannot be solved, or whose values would not fit float16, keeps its copied values
+        good = (info == 0) & (solved.abs() < FLOAT16_MAX).all(dim=2).all(dim=1)
         vals[start : start + REFIT_ROWS][good] = solved.squeeze(2)[good]
     res.val = vals.half().float()
