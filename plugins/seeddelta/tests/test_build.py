@@ -206,7 +206,7 @@ def test_dry_run_fits_nothing(model) -> None:
     assert done.stdout.count("would fit") == 3
 
 
-@pytest.mark.parametrize("name", ["policy.example.qwen7b.json", "policy.example.gemma.json"])
+@pytest.mark.parametrize("name", ["policy.example.qwen7b.json", "policy.example.gemma.json", "policy.strict.gemma.json"])
 def test_the_example_policies_are_valid(name: str) -> None:
     p = Policy.load(Path(__file__).parent.parent / "policies" / name)
     for layer in range(24):
