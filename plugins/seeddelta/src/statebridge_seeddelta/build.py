@@ -149,7 +149,9 @@ def fit_weight(model: str, weight: str, resolved: Resolved, inputs: Inputs) -> t
                              "reason": f"failed gating at every K tried ({schedule}); stays dense, marked unsafe"}
         return entry, None
     entry["decision"] = {"emit_delta": True, "strip_applied": resolved.strip,
-                         "reason": f"passed gating at K={final.K}" + ("; dense stripped" if resolved.strip else "")}
+                         "reason": f"passed gating at K={attempts[-1]['K']}"
+                         + (f" (residual K={final.K} beside the {final.base} base)" if final.base != "none" else "")
+                         + ("; dense stripped" if resolved.strip else "")}
     return entry, final
 
 
