@@ -1,0 +1,139 @@
+"""The sparse residual Δ: ``K`` entries per row (``coo``) or ``K`` column indices shared by each ``block`` of rows.
+
+Entries are picked by importance-weighted magnitude, ``d_j · R_ij²`` (the share of
+``E‖R x‖²`` an entry carries when the inputs' second moments are ``d``); with ``block`` the
+scores of a block's rows are summed and the block keeps the ``K`` best columns. Indices are
+sorted within a row (block), stored as int16 when the input width allows it
+(``in ≤ 32768``, so no index needs a sign), else int32; values as float16.
+
+Bytes: ``coo`` ``out·K·(2 + idx)``, ``block`` ``2·out·K + idx·⌈out/block⌉·K`` (``idx`` = 2 or 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+Scheme = Literal["coo", "block"]
+
+
+def index_bytes(inp: int) -> int:
+    return 2 if inp <= 32768 else 4
+
+
+def nbytes(out: int, inp: int, k: int, scheme: Scheme, block: int) -> int:
+    """Stored bytes of a residual with ``k`` entries per row (per block of rows for ``block``)."""
+    if scheme == "coo":
+        return out * k * (2 + index_bytes(inp))
+    return 2 * out * k + index_bytes(inp) * -(-out // block) * k
+
+
+def k_for_bytes(budget: int, out: int, inp: int, scheme: Scheme, block: int) -> int:
+    """The largest ``K`` whose residual fits in ``budget`` bytes (at most ``in``)."""
+    per = nbytes(out, inp, 1, scheme, block)
+    return max(0, min(inp, budget // per))
+
+
+@dataclass
+class Residual:
+    """``idx`` ``(out, K)`` for coo, ``(⌈out/block⌉, K)`` for block, int64 in memory; ``val`` ``(out, K)`` float16 values in float32."""
+
+    scheme: Scheme
+    block: int
+    idx: torch.Tensor
+    val: torch.Tensor
+
+    def row_index(self) -> torch.Tensor:
+        """``(out, K)`` column indices, one row per weight row."""
+        return row_index(self.idx, self.scheme, self.block, self.val.shape[0])
+
+    def dense(self, inp: int) -> torch.Tensor:
+        import torch
+
+        return torch.zeros(self.val.shape[0], inp).scatter_(1, self.row_index(), self.val)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Δᵀ`` ``(N, out)`` by a sparse CSR product."""
+        import warnings
+
+        import torch
+
+        rows = self.row_index()
+        out, k = rows.shape
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long-standing
+            warnings.simplefilter("ignore", UserWarning)
+            csr = torch.sparse_csr_tensor(torch.arange(0, out * k + 1, k, dtype=torch.int64), rows.reshape(-1),
+                                          self.val.reshape(-1), size=(out, x.shape[1]), check_invariants=False)
+            return (csr @ x.float().T).T
+
+    def nbytes(self, inp: int) -> int:
+        return nbytes(self.val.shape[0], inp, self.val.shape[1], self.scheme, self.block)
+
+
+def row_index(idx: torch.Tensor, scheme: Scheme, block: int, out: int) -> torch.Tensor:
+    """Stored indices as ``(out, K)``: a block's row of indices repeated for each of its rows."""
+    return idx if scheme == "coo" else idx.repeat_interleave(block, 0)[:out]
+
+
+def support(r: torch.Tensor, d: torch.Tensor | None, k: int, scheme: Scheme, block: int, *,
+            inplace: bool = False) -> torch.Tensor:
+    """The chosen column indices (sorted) of the largest ``d_j · R_ij²`` (``d`` None: all ones; ``inplace``: ``r`` is consumed)."""
+    import torch
+
+    out, inp = r.shape
+    k = min(k, inp)
+    score = r.square_() if inplace else r.square()
+    if d is not None:
+        score *= d
+    if scheme == "block":
+        groups = -(-out // block)
+        if groups * block != out:
+            score = torch.cat([score, torch.zeros(groups * block - out, inp)])
+        score = score.view(groups, block, inp).sum(1)
+    return torch.topk(score, k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def fit(target: torch.Tensor, d: torch.Tensor, k: int, scheme: Scheme, block: int) -> Residual:
+    """The residual of ``target`` at ``k``: support by weighted magnitude, values = the target there, rounded to float16."""
+    idx = support(target, d, k, scheme, block)
+    return Residual(scheme, block, idx, target.gather(1, row_index(idx, scheme, block, target.shape[0])).half().float())
+
+
+#: values at or above this are infinite in float16
+FLOAT16_MAX = 65504.0
+
+#: rows solved at once by :func:`refit` (bounds its ``(rows, K, K)`` systems)
+REFIT_ROWS = 256
+
+
+def refit(res: Residual, target: torch.Tensor, gram: torch.Tensor, ridge: float) -> None:
+    """Replace ``res.val`` by the least-squares values on the activations whose Gram matrix is ``gram``.
+
+    For each row, with support ``S``: ``(G_SS + λ·diag(G_SS)) v = (G t)_S``, the values that
+    minimise ``‖X (t - v)‖²`` over the fit activations (``G = XᵀX``), ridge ``λ`` against
+    over-fitting a small fit set. Magnitude-picked values assume uncorrelated inputs; real
+    inputs are correlated, and the solved values recover much of what the dropped entries
+    carried. A floor of ``1e-3·mean(diag G)`` on the diagonal keeps inputs that (almost) never
+    fire from getting huge fitted values; a row whose system still fails, or whose values would
+    overflow float16, keeps its copied values. Rounded to float16 like any stored value.
+    """
+    import torch
+
+    rows = res.row_index()
+    gt = target @ gram
+    floor = 1e-3 * float(torch.diagonal(gram).mean()) + 1e-30  # near-dead inputs: bounded values, not fitted noise
+    vals = res.val.clone()
+    for start in range(0, rows.shape[0], REFIT_ROWS):
+        idx = rows[start : start + REFIT_ROWS]
+        sub = gram[idx.unsqueeze(2), idx.unsqueeze(1)]
+        diag = torch.diagonal(sub, dim1=1, dim2=2)
+        sub = sub + torch.diag_embed(ridge * diag + floor)
+        rhs = gt[start : start + REFIT_ROWS].gather(1, idx)
+        solved, info = torch.linalg.solve_ex(sub, rhs.unsqueeze(2))
+        # a row that cannot be solved, or whose values would not fit float16, keeps its copied values
+        good = (info == 0) & (solved.abs() < FLOAT16_MAX).all(dim=2).all(dim=1)
+        vals[start : start + REFIT_ROWS][good] = solved.squeeze(2)[good]
+    res.val = vals.half().float()
