@@ -96,6 +96,20 @@ def test_inspect_plan_and_dry_run_never_import_torch(checkpoint, tmp_path):
     assert not (tmp_path / "never.safetensors").exists()
 
 
+def test_planning_with_every_plugin_imports_neither_torch_nor_numpy(checkpoint):
+    """``sb.plan`` registers every installed plugin's transforms: none may bring numpy (about 12 MB)
+    or torch in.  The analysis plugin's ``permute_rows`` once did (through its content module), and a
+    200,000-tensor plan crossed its 300 MB bound."""
+    script = (
+        "import sys, statebridge as sb\n"
+        f"sb.plan({str(checkpoint)!r}, [{{'cast': {{'dtype': 'bf16'}}}}, {{'permute_rows': {{'pattern': 'none.*', 'order': [0], 'strict': False}}}}])\n"
+        "print(sorted(m for m in ('numpy', 'torch') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
 def test_a_computed_run_does_import_torch(checkpoint, tmp_path):
     """The check above is not vacuous: a run that computes tensors is seen importing torch."""
     config = write_config(tmp_path / "cast.yaml", checkpoint, tmp_path / "cast.safetensors", "cast: {dtype: bf16}")

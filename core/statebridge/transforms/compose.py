@@ -21,7 +21,7 @@ from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from itertools import groupby
+from itertools import groupby, islice
 from operator import lt
 from types import MappingProxyType
 from typing import NamedTuple, cast
@@ -311,17 +311,16 @@ class _Composer:
         to bulk list and dict work: a first step renaming 200,000 tensors is most of a large plan.
         """
         groups, state, lineage, producer = planned.groups, self.state, self.lineage, self.producer
-        new_tuple = _new_lineage
-        stages = [new_tuple(_Stage, (index, gi, label, group)) for gi, group in enumerate(groups)]
-        read = [key for group in groups for key in group.inputs]
-        self.consumed.extend(read)
-        self.units.extend(stages)
+        consumed, units = self.consumed, self.units
+        first_read, first_unit = len(consumed), len(units)
+        units.extend(_new_lineage(_Stage, (index, gi, label, group)) for gi, group in enumerate(groups))
+        consumed.extend(key for group in groups for key in group.inputs)
         forget_state, forget_lineage = state.pop, lineage.pop
-        for key in read:
+        for key in islice(consumed, first_read, None):  # (no copies of these lists: they hold 200,000 entries)
             forget_state(key, None)
             forget_lineage(key, None)
-        for stage, after in zip(stages, planned.lineage):
-            outputs = stage.group.outputs
+        for stage, after in zip(islice(units, first_unit, None), planned.lineage):
+            outputs = stage.group.outputs  # type: ignore[union-attr]
             if type(after) is Lineage:
                 state.update(outputs)
                 for key in outputs:

@@ -35,6 +35,7 @@ import numpy as np
 
 from .diff import _NUMBER, Change, DiffReport, _is_move
 from .scan import CHUNK, UINT, Scanner
+from .transforms import rotary_permutation
 
 if TYPE_CHECKING:
     from statebridge import Source, TensorMeta
@@ -178,16 +179,6 @@ def compare_values(ra: Reader, ka: str, ma: TensorMeta, rb: Reader, kb: str, mb:
         return None
     cosine = dot / (na * nb) ** 0.5 if na and nb else (1.0 if na == nb else 0.0)
     return worst, cosine
-
-
-def rotary_permutation(rows: int, heads: int) -> list[int]:
-    """For each row of the output of llama.cpp's ``LlamaModel.permute(w, heads, heads)``, the row of ``w`` it holds.
-
-    ``w.reshape(heads, 2, rows // heads // 2, ...).swapaxes(1, 2).reshape(w.shape)``: within a head the
-    two halves (rotary's real and imaginary parts) are interleaved.
-    """
-    half = rows // heads // 2
-    return [h * 2 * half + s * half + i for h in range(heads) for i in range(half) for s in range(2)]
 
 
 def row_order(rows_a: bytes, rows_b: bytes) -> list[int] | None:

@@ -15,7 +15,15 @@ from pydantic import Field, model_validator
 
 import statebridge as sb
 
-from .content import rotary_permutation
+
+def rotary_permutation(rows: int, heads: int) -> list[int]:
+    """For each row of the output of llama.cpp's ``LlamaModel.permute(w, heads, heads)``, the row of ``w`` it holds.
+
+    ``w.reshape(heads, 2, rows // heads // 2, ...).swapaxes(1, 2).reshape(w.shape)``: within a head the
+    two halves (rotary's real and imaginary parts) are interleaved.
+    """
+    half = rows // heads // 2
+    return [h * 2 * half + s * half + i for h in range(heads) for i in range(half) for s in range(2)]
 
 
 class PermuteRows(sb.Transform):
