@@ -87,14 +87,15 @@ def test_storages_are_numbered_in_the_announced_order_whatever_the_arrival(tmp_p
 
 def test_a_view_into_the_middle_of_a_storage_is_written_from_its_own_first_byte(tmp_path: Path) -> None:
     base = torch.arange(10, dtype=torch.float32)
-    state = {"v": base[3:7], "t": torch.arange(6, dtype=torch.float32).reshape(2, 3).t()}
+    state = {"v": base[3:7], "t": torch.arange(6, dtype=torch.float32).reshape(2, 3).t(), "one": base[1:3]}
     path = tmp_path / "m.pt"
     _write(path, state)
     archive = zipfile.ZipFile(path)
     assert archive.read("archive/data/0") == torch.tensor([3.0, 4.0, 5.0, 6.0]).numpy().tobytes()
     assert archive.read("archive/data/1") == state["t"].contiguous().numpy().tobytes()
+    assert archive.read("archive/data/2") == torch.tensor([1.0, 2.0]).numpy().tobytes()  # storage offset 1
     loaded = torch.load(path, weights_only=True)
-    assert torch.equal(loaded["v"], base[3:7]) and torch.equal(loaded["t"], state["t"])
+    assert torch.equal(loaded["v"], base[3:7]) and torch.equal(loaded["t"], state["t"]) and torch.equal(loaded["one"], base[1:3])
 
 
 def test_a_missing_folder_is_made(tmp_path: Path) -> None:
@@ -190,3 +191,35 @@ def test_abort_finalises_the_archive_and_closes_the_file(tmp_path: Path) -> None
     assert archive.read("archive/data/0") == torch.ones(3).numpy().tobytes()
     assert "archive/data.pkl" not in archive.namelist()
     writer.abort()  # twice is fine
+
+
+def test_the_base_writer_keeps_metadata_and_shard_size_and_abort_before_begin_is_fine(tmp_path: Path) -> None:
+    writer = TorchWriter(tmp_path / "m.pt", metadata={"a": "b"}, shard_size=5)
+    assert writer.metadata == {"a": "b"} and writer.shard_size == 5
+    writer.abort()  # nothing opened: nothing to close
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_huge_tensor_is_announced_without_allocating_it(tmp_path: Path) -> None:
+    """``begin`` asks torch how it pickles each tensor: on the meta device, never allocating 4 TB."""
+    writer = TorchWriter(tmp_path / "m.pt")
+    writer.begin({"huge": TensorMeta((2**40,), torch.float32)})
+    writer.abort()
+
+
+def test_a_finish_that_failed_to_sync_cannot_be_finished_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.pt"
+    writer = TorchWriter(path)
+    writer.begin({"w": TensorMeta((2,), torch.float32)})
+    writer.write("w", torch.ones(2))
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError):
+        writer.finish()
+    with pytest.raises(ExecutionError) as e:
+        writer.finish()
+    assert str(e.value) == f"{path}: finish() before begin()"
+    writer.abort()

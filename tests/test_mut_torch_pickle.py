@@ -220,3 +220,31 @@ def test_first_sentence_of_long_lines_only() -> None:
     exactly = "a" * 150 + ". bbbbbbbb"  # 160 characters: kept whole
     assert len(exactly) == 160 and _first_sentence(exactly) == exactly
     assert _first_sentence("c" * 200) == "c" * 200  # long, but no sentence to cut at
+
+
+def test_the_walk_limit_counts_every_visit_from_the_root(tmp_path: Path) -> None:
+    """One tensor listed n times: n + 1 visits through 2 objects, refused past 10,000 + 16 * 2."""
+    t = torch.ones(1)
+    torch.save([t] * 10_031, tmp_path / "ok.pt")  # 10,032 visits: at the limit
+    assert len(TorchPickle(tmp_path / "ok.pt").metas()) == 10_031
+    torch.save([t] * 10_032, tmp_path / "over.pt")
+    assert _error(tmp_path / "over.pt") == (
+        "its containers refer to the same containers over and over (10033+ paths through 2 objects); corrupt or malicious pickle"
+    )
+
+
+def test_a_bare_tensor_is_the_one_tensor_of_the_state_under_the_empty_name(tmp_path: Path) -> None:
+    torch.save(torch.arange(3), tmp_path / "bare.pt")
+    source = TorchPickle(tmp_path / "bare.pt")
+    assert list(source.metas()) == [""] and source.skipped == []
+    assert torch.equal(source.load(""), torch.arange(3))
+
+
+def test_torchs_refusals_are_cut_at_300_characters_and_skip_its_numbered_advice() -> None:
+    assert _unpickling_message("WeightsUnpickler error: " + "y" * 400) == REFUSED.format("y" * 300)
+    assert _unpickling_message("Weights only load failed\n(2) try this\n  why  ") == REFUSED.format("why")
+
+
+def test_a_line_of_161_characters_is_cut_at_its_first_sentence() -> None:
+    line = "a" * 150 + ". " + "b" * 9
+    assert len(line) == 161 and _first_sentence(line) == "a" * 150
