@@ -248,3 +248,24 @@ def test_torchs_refusals_are_cut_at_300_characters_and_skip_its_numbered_advice(
 def test_a_line_of_161_characters_is_cut_at_its_first_sentence() -> None:
     line = "a" * 150 + ". " + "b" * 9
     assert len(line) == 161 and _first_sentence(line) == "a" * 150
+
+
+def test_a_zip_end_record_spanning_disks_is_a_damaged_archive(tmp_path: Path) -> None:
+    """``zipfile.is_zipfile`` raises (rather than answers) on a zip64 locator claiming two disks."""
+    data = _saved({"w": torch.ones(3)})
+    end = data.rfind(b"PK\x05\x06")
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, 0, 2)
+    path = tmp_path / "m.pt"
+    path.write_bytes(data[:end] + locator + data[end:])
+    assert _error(path) == "zip archive is damaged (zipfiles that span multiple disks are not supported): corrupt torch checkpoint"
+
+
+def test_torchs_unfilled_placeholders_are_cut_off(tmp_path: Path) -> None:
+    """A legacy storage whose size field lies: torch says 'expected %ld got %ld<n>'; the line keeps what precedes it."""
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buffer, _use_new_zipfile_serialization=False)
+    data = buffer.getvalue()
+    at = data.rfind(struct.pack("<q", 3) + struct.pack("<3f", 1, 1, 1))
+    path = tmp_path / "m.pt"
+    path.write_bytes(data[:at] + struct.pack("<q", 4) + data[at + 8 :])
+    assert _error(path) == NOT_READABLE + "storage has wrong byte size"
