@@ -502,3 +502,60 @@ def test_the_layout_counts_quantized_tensors_at_their_stored_size(tmp_path: Path
     metas = {"q": TensorMeta((2, 32), torch.float32, stored="Q8_0"), "f": TensorMeta((3,), torch.float16)}
     (planned,) = GGUFWriter(tmp_path / "o.gguf").layout(metas)
     assert (planned.name, planned.keys, planned.nbytes) == ("o.gguf", ["q", "f"], 68 + 6)
+
+
+def test_split_folders_are_made_or_reused_and_a_tensor_over_the_size_gets_a_part_of_its_own(tmp_path: Path) -> None:
+    state = {f"t{i}": torch.full((10,), float(i)) for i in range(3)}
+    metas = {k: TensorMeta.of(v) for k, v in state.items()}
+    planned = GGUFWriter(tmp_path / "f", shard_size=32).layout(metas)  # each 40 bytes, over 32
+    assert [(p.name, p.keys) for p in planned] == [(f"model-0000{i + 1}-of-00003.gguf", [f"t{i}"]) for i in range(3)]
+    for folder in (tmp_path / "a" / "b", tmp_path / "a" / "b"):  # made with its parents, then reused
+        writer = GGUFWriter(folder, shard_size=32)
+        writer.begin(metas)
+        for key, value in state.items():
+            writer.write(key, value)
+        assert writer.finish() == [folder / p.name for p in planned]
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == [p.name for p in planned]
+
+
+def test_split_keys_given_as_fields_give_way_to_the_parts_own(tmp_path: Path) -> None:
+    writer = GGUFWriter(tmp_path / "f", shard_size=32, fields={"split.count": 9, "split.no": 7})
+    writer.begin({"t0": TensorMeta((10,), torch.float32), "t1": TensorMeta((10,), torch.float32)})
+    writer.write("t0", torch.ones(10))
+    writer.write("t1", torch.ones(10))
+    files = writer.finish()
+    assert _split_fields(files[0])["split.count"] == (2, V.UINT16) and _split_fields(files[1])["split.no"] == (1, V.UINT16)
+    one = GGUFWriter(tmp_path / "one.gguf", fields={"split.count": 9})  # not split: written as given
+    one.begin({})
+    one.finish()
+    assert _split_fields(tmp_path / "one.gguf")["split.count"] == (9, V.INT32)
+
+
+def test_files_are_made_with_mode_644_under_the_usual_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        _write(tmp_path / "m.gguf", STATE)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == 0o644
+
+
+def test_write_errors_name_the_file_and_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    writer = GGUFWriter(path)
+    writer.begin({"a": TensorMeta((4,), torch.float32), "b": TensorMeta((4,), torch.float32)})
+    os.close(writer._parts[0].fd)
+    assert _message(ExecutionError, lambda: writer.write("a", torch.ones(4))) == f"{path}: cannot write 'a': Bad file descriptor"
+    gone = tmp_path / "gone.bin"
+    assert _message(ExecutionError, lambda: writer.write_raw("b", [RawSpan(gone, 0, 16)])) == (
+        f"{path}: cannot copy 'b' from {gone}: No such file or directory"
+    )
+    writer._parts[0].fd = -1
+    writer.abort()
+
+
+def test_a_string_field_holding_a_number_is_a_header_error(tmp_path: Path) -> None:
+    path = tmp_path / "x.gguf"
+    assert _message(ConfigError, lambda: GGUFWriter(path, fields={"custom.s": GGUFField(5, V.STRING)}).begin({})) == (
+        f"GGUF output {path}: cannot write the header: object of type 'int' has no len()"
+    )
