@@ -509,3 +509,62 @@ def test_our_own_split_output_reads_back(tmp_path: Path) -> None:
     source = open_gguf(files[0])
     assert source.parts == files and all(torch.equal(source.load(k), v) for k, v in state.items())
     assert sys.byteorder == "little"
+
+
+def _mapped_from(address: int) -> str | None:
+    """The file mapped at ``address`` in this process, from /proc/self/maps."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5] if len(fields) == 6 else None
+    return None
+
+
+def test_aligned_tensors_are_views_of_the_map_and_misaligned_ones_copies(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_gguf([u32("general.alignment", 1)], [info("odd", [2], Q.F32, 1), info("even", [2], Q.F32, 12)],
+                           b"\x00" + _f32([1.5, -2.5]) + bytes(3) + _f32([3.0, 4.0]), alignment=1))
+    source = open_gguf(path)
+    assert (source.data_offset + 12) % 4 == 0 and (source.data_offset + 1) % 4 != 0
+    even, odd = source.load("even"), source.load("odd")
+    assert torch.equal(even, torch.tensor([3.0, 4.0])) and torch.equal(odd, torch.tensor([1.5, -2.5]))
+    assert _mapped_from(even.data_ptr()) == str(path)
+    assert _mapped_from(odd.data_ptr()) != str(path)
+
+
+def test_a_file_emptied_after_opening_cannot_be_mapped(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_gguf([], [info("w", [2], Q.F32, 0)], _f32([1, 2])))
+    source = open_gguf(path)
+    path.write_bytes(b"")
+    with pytest.raises(SourceError) as e:
+        source.load("w")
+    assert str(e.value) == f"{path}: cannot map the file: cannot mmap an empty file"
+
+
+def test_an_empty_data_section_holds_empty_tensors(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    data = _gguf([], [info("e", [0], Q.F32, 0)])
+    path.write_bytes(data)
+    source = open_gguf(path)
+    assert source.data_offset == len(data) and source.load("e").shape == (0,)
+
+
+def test_sizes_of_exactly_2_63_bytes_overflow_torch(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    assert _error(path, _gguf([], [info("w", [0, 2**61], Q.F32, 0)]) + bytes(32)) == (
+        f"tensor 'w': shape {[2**61, 0]} is too large for torch (its sizes overflow int64)"
+    )
+
+
+def test_a_type_gguf_cannot_dequantize_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_gguf([], [info("q", [32], Q.Q8_1, 0)], bytes(40)))
+    source = open_gguf(path)
+    assert source.metas()["q"] == TensorMeta((32,), torch.float32, stored="Q8_1")
+    with pytest.raises(SourceError) as e:
+        source.load("q")
+    assert str(e.value) == (
+        f"{path}: tensor 'q': the installed gguf package cannot dequantize Q8_1 (upgrade gguf, or requantize the model with llama-quantize)"
+    )
