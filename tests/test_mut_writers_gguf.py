@@ -540,9 +540,10 @@ def test_files_are_made_with_mode_644_under_the_usual_umask(tmp_path: Path) -> N
     assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == 0o644
 
 
-def test_write_errors_name_the_file_and_the_key(tmp_path: Path) -> None:
-    path = tmp_path / "m.gguf"
-    writer = GGUFWriter(path)
+@pytest.mark.parametrize("split", [False, True])
+def test_write_errors_name_the_file_and_the_key(tmp_path: Path, split: bool) -> None:
+    writer = GGUFWriter(tmp_path / ("f" if split else "m.gguf"), shard_size=1 << 20 if split else None)
+    path = tmp_path / "f" / "model-00001-of-00001.gguf" if split else tmp_path / "m.gguf"
     writer.begin({"a": TensorMeta((4,), torch.float32), "b": TensorMeta((4,), torch.float32)})
     os.close(writer._parts[0].fd)
     assert _message(ExecutionError, lambda: writer.write("a", torch.ones(4))) == f"{path}: cannot write 'a': Bad file descriptor"

@@ -365,7 +365,7 @@ class GGUFWriter(Writer):
             if meta.encode:  # a type a quantize step asked for: the gguf library's own blocks of the float values
                 from gguf.quants import quantize
 
-                data = quantize(tensor.detach().to("cpu").contiguous().numpy(), GGMLQuantizationType[meta.stored]).reshape(-1)
+                data = quantize(tensor.detach().to("cpu").contiguous().numpy(), GGMLQuantizationType[meta.stored])
                 if data.nbytes != self._nbytes[key]:
                     raise ExecutionError(f"{self.path}: {key!r} encoded to {data.nbytes} bytes of {meta.stored}, not {self._nbytes[key]}")
             else:
