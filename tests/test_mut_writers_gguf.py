@@ -415,14 +415,19 @@ def test_a_gguf_file_target_with_a_shard_size_is_one_file(tmp_path: Path) -> Non
     assert path.read_bytes() == _reference(tmp_path / "ref.gguf", "statebridge", [], STATE)
 
 
-def test_too_many_parts_are_refused_before_anything_is_written(tmp_path: Path) -> None:
-    metas = {f"t{i}": TensorMeta((1,), torch.int8) for i in range(65_536)}
+def test_too_many_parts_are_refused_before_anything_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limit is split.count's (a u16): 65,535 parts; checked here with a limit of 3, to stay fast."""
+    assert gguf_writer.MAX_PARTS == 65_535 == 2**16 - 1
+    monkeypatch.setattr(gguf_writer, "MAX_PARTS", 3)
+    metas = {f"t{i}": TensorMeta((1,), torch.int8) for i in range(4)}
     writer = GGUFWriter(tmp_path / "f", shard_size=1)
     assert _message(ConfigError, lambda: writer.layout(metas)) == (
-        f"GGUF output {tmp_path / 'f'}: shard_size 1 cuts the model into 65536 parts; split GGUF allows at most 65535: choose a larger shard_size"
+        f"GGUF output {tmp_path / 'f'}: shard_size 1 cuts the model into 4 parts; split GGUF allows at most 3: choose a larger shard_size"
     )
+    assert _message(ConfigError, lambda: writer.begin(metas)).startswith(f"GGUF output {tmp_path / 'f'}: shard_size 1 cuts")
+    assert not (tmp_path / "f").exists()
     del metas["t0"]
-    assert len(writer.layout(metas)) == 65_535
+    assert len(writer.layout(metas)) == 3
 
 
 def test_writeback_starts_every_64_mb_over_the_stretch_written_and_not_without_durability(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
