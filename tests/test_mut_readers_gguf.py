@@ -568,3 +568,31 @@ def test_a_type_gguf_cannot_dequantize_is_named(tmp_path: Path) -> None:
     assert str(e.value) == (
         f"{path}: tensor 'q': the installed gguf package cannot dequantize Q8_1 (upgrade gguf, or requantize the model with llama-quantize)"
     )
+
+
+def test_empty_tensors_load_in_their_dtype_and_loads_share_one_map(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    infos = [info("e", [0, 2], Q.I32, 0), info("h", [0], Q.F16, 0), info("a", [4], Q.F32, 0), info("b", [4], Q.F32, 32)]
+    path.write_bytes(_gguf([], infos, _f32([1, 2, 3, 4]) + bytes(16) + _f32([5, 6, 7, 8])))
+    source = open_gguf(path)
+    assert source.load("e").dtype == torch.int32 and source.load("e").shape == (2, 0)
+    assert source.load("h").dtype == torch.float16
+    a, b = source.load("a"), source.load("b")
+    assert b.data_ptr() - a.data_ptr() == 32  # views of one map of the file
+    assert len(source._maps) == 1
+
+
+def test_fields_compare_by_type_and_value_and_show_lazy_arrays_without_decoding(tmp_path: Path) -> None:
+    assert GGUFField(1, V.UINT8) != GGUFField(1, V.UINT16)
+    assert GGUFField([1], V.ARRAY, V.INT32) != GGUFField([1], V.ARRAY, V.UINT32)
+    assert GGUFField(1, V.UINT8) == GGUFField(1, V.UINT8) and GGUFField(1, V.UINT8) != GGUFField(2, V.UINT8)
+    path = tmp_path / "m.gguf"
+    # more than 256 items: the metadata text does not decode them, so the field is still lazy
+    path.write_bytes(_gguf([kv("v", V.ARRAY, _array(V.STRING, 300, _s("a") * 300)), u32("n", 3)]))
+    source = open_gguf(path)
+    field = source.typed_fields["v"]
+    assert source.metadata["v"] == "[300 items]"
+    assert repr(field) == f"GGUFField(<300 STRING items>, {V.ARRAY!r}, {V.STRING!r})"
+    assert field.value == ["a"] * 300
+    assert repr(field) == f"GGUFField({['a'] * 300!r}, {V.ARRAY!r}, {V.STRING!r})"
+    assert repr(open_gguf(path).typed_fields["n"]) == f"GGUFField(3, {V.UINT32!r}, None)"
