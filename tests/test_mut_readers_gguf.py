@@ -596,3 +596,15 @@ def test_fields_compare_by_type_and_value_and_show_lazy_arrays_without_decoding(
     assert field.value == ["a"] * 300
     assert repr(field) == f"GGUFField({['a'] * 300!r}, {V.ARRAY!r}, {V.STRING!r})"
     assert repr(open_gguf(path).typed_fields["n"]) == f"GGUFField(3, {V.UINT32!r}, None)"
+
+
+def test_string_lengths_are_unsigned_and_a_vocabulary_may_end_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    head = b"GGUF" + struct.pack("<IQQ", 3, 0, 1)
+    exact = head + kv("v", V.ARRAY, _array(V.STRING, 2, _s("ab") + _s("cde")))
+    path.write_bytes(exact)  # the last string's last byte is the file's
+    assert open_gguf(path).fields["v"] == ["ab", "cde"]
+    huge = head + kv("v", V.ARRAY, _array(V.STRING, 2, _s("ab") + struct.pack("<Q", 2**64 - 1) + b"cdefgh"))
+    assert _error(path, huge) == (
+        f"header is cut short reading field 'v' ({2**64 - 1} bytes) at byte {len(huge) - 6} (needs {2**64 - 1} bytes, file has {len(huge)}; truncated?)"
+    )
