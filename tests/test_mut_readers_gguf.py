@@ -608,3 +608,16 @@ def test_string_lengths_are_unsigned_and_a_vocabulary_may_end_the_file(tmp_path:
     assert _error(path, huge) == (
         f"header is cut short reading field 'v' ({2**64 - 1} bytes) at byte {len(huge) - 6} (needs {2**64 - 1} bytes, file has {len(huge)}; truncated?)"
     )
+
+
+def test_a_one_part_split_is_a_plain_file_and_a_set_counting_one_tensor_is_not(tmp_path: Path) -> None:
+    plain = _part(tmp_path / "plain.gguf", 0, 1, 1, {"t": np.ones(4, dtype=np.float32)})
+    assert open_gguf(plain).parts == [plain]  # split.count 1: whatever its name
+    lying = _set(tmp_path / "s", overrides={i: {"total": 1} for i in range(3)})
+    assert _error(lying[0]) == "its 3 parts hold 3 tensors but split.tensors.count says 1: a part of another model?"
+
+
+def test_an_array_cut_in_its_count_names_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    cut = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _s("abc") + struct.pack("<II", V.ARRAY, V.UINT8) + b"\x01\x02"
+    assert _error(path, cut) == f"header is cut short reading the length of field 'abc' at byte 43 (needs 8 bytes, file has {len(cut)}; truncated?)"
