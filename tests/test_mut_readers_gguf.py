@@ -621,3 +621,36 @@ def test_an_array_cut_in_its_count_names_the_field(tmp_path: Path) -> None:
     path = tmp_path / "m.gguf"
     cut = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _s("abc") + struct.pack("<II", V.ARRAY, V.UINT8) + b"\x01\x02"
     assert _error(path, cut) == f"header is cut short reading the length of field 'abc' at byte 43 (needs 8 bytes, file has {len(cut)}; truncated?)"
+
+
+def test_more_exact_lines_for_cut_headers_versions_and_tensor_limits(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    head2 = b"GGUF" + struct.pack("<IQQ", 3, 0, 2)
+    cut = head2 + kv("a", V.STRING, _s("xxxxx")) + b"\x01\x02\x03\x04\x05\x06"
+    assert _error(path, cut) == (
+        f"header is cut short reading the length of the name of key-value field #1 at byte {len(cut) - 6} (needs 8 bytes, file has {len(cut)}; truncated?)"
+    )
+    cut = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + kv("s", V.STRING, struct.pack("<Q", 50) + b"abcdef")
+    assert _error(path, cut) == f"header is cut short reading field 's' (50 bytes) at byte {len(cut) - 6} (needs 50 bytes, file has {len(cut)}; truncated?)"
+    assert _error(path, _gguf([], version=0x80000003)) == "unsupported GGUF version 2147483651 (this reader knows versions 2 and 3)"
+    assert _error(path, _gguf([], [info("q", [], Q.Q8_0, 0)], bytes(34))) == (
+        "tensor 'q': row length 1 is not a multiple of the Q8_0 block size 32"
+    )
+    later = _gguf([], [info("a", [4], Q.F32, 0), info("w", [4], Q.F32, 32)], _f32([1, 2, 3, 4]) + bytes(16) + _f32([1, 2]))
+    assert _error(path, later) == f"tensor 'w': data ends at byte {len(later) + 8} but the file has {len(later)} bytes (truncated?)"
+    assert _error(path, _gguf([], [info("d", [0, 2**60], Q.F64, 0)]) + bytes(32)) == (
+        f"tensor 'd': shape {[2**60, 0]} is too large for torch (its sizes overflow int64)"
+    )
+
+
+def test_sources_are_named_by_their_path_and_arrays_keep_their_stored_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    items = _array(V.UINT16, 3, struct.pack("<3H", 1, 2, 3))
+    path.write_bytes(_gguf([kv("v", V.ARRAY, items)]))
+    source = open_gguf(path)
+    assert source.name == str(path) and source.path == path
+    assert source.typed_fields["v"].encoded == items and source.typed_fields["v"].count == 3
+    big = tmp_path / "big.gguf"
+    _big_endian(big, [])
+    field = open_gguf(big).typed_fields["ids"]
+    assert (field.value, field.type, field.sub_type, field.encoded) == ([1, 2], V.ARRAY, V.INT32, None)
