@@ -654,3 +654,11 @@ def test_sources_are_named_by_their_path_and_arrays_keep_their_stored_bytes(tmp_
     _big_endian(big, [])
     field = open_gguf(big).typed_fields["ids"]
     assert (field.value, field.type, field.sub_type, field.encoded) == ([1, 2], V.ARRAY, V.INT32, None)
+
+
+def test_stored_arrays_with_other_bytes_differ(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(_gguf([kv("v", V.ARRAY, _array(V.UINT8, 300, bytes(300)))]))
+    b.write_bytes(_gguf([kv("v", V.ARRAY, _array(V.UINT8, 300, bytes(299) + b"\x01"))]))
+    fa, fb = open_gguf(a).typed_fields["v"], open_gguf(b).typed_fields["v"]
+    assert fa != fb and fa == open_gguf(a).typed_fields["v"]
