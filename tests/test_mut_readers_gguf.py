@@ -662,3 +662,9 @@ def test_stored_arrays_with_other_bytes_differ(tmp_path: Path) -> None:
     b.write_bytes(_gguf([kv("v", V.ARRAY, _array(V.UINT8, 300, bytes(299) + b"\x01"))]))
     fa, fb = open_gguf(a).typed_fields["v"], open_gguf(b).typed_fields["v"]
     assert fa != fb and fa == open_gguf(a).typed_fields["v"]
+
+
+def test_a_tensor_name_that_is_not_utf8_is_named_by_its_place(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    bad = _s(b"\xffw") + struct.pack("<I1QIQ", 1, 4, Q.F32, 0)
+    assert _error(path, _gguf([], [bad], _f32([1, 2, 3, 4]))) == "the name of tensor #0 b'\\xffw' is not valid UTF-8"
