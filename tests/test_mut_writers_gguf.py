@@ -565,3 +565,13 @@ def test_a_string_field_holding_a_number_is_a_header_error(tmp_path: Path) -> No
     assert _message(ConfigError, lambda: GGUFWriter(path, fields={"custom.s": GGUFField(5, V.STRING)}).begin({})) == (
         f"GGUF output {path}: cannot write the header: object of type 'int' has no len()"
     )
+
+
+def test_an_alignment_of_one_packs_tensors_back_to_back(tmp_path: Path) -> None:
+    path = tmp_path / "one.gguf"
+    state = {"a": torch.arange(3, dtype=torch.int8), "b": torch.arange(2, dtype=torch.int16)}
+    _write(path, state, fields={"general.alignment": 1})
+    source = GGUFSource(path)
+    assert source.alignment == 1
+    assert source.raw_span("b").offset == source.raw_span("a").offset + 3
+    assert all(torch.equal(source.load(k), v) for k, v in state.items())
