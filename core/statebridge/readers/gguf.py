@@ -290,8 +290,8 @@ class GGUFSource(Source):
                 info.path, f"tensor {key!r}: {info.qtype.name} data in a big-endian GGUF file cannot be dequantized"
             )
         block_size, type_size = GGML_QUANT_SIZES[info.qtype]
-        row = info.shape[-1] if info.shape else 1
-        byte_shape = (*info.shape[:-1], row // block_size * type_size)
+        # a quantized tensor has a row: the header check refused rows (1 without a shape) that are not whole blocks
+        byte_shape = (*info.shape[:-1], info.shape[-1] // block_size * type_size)
         blocks = np.frombuffer(buffer, dtype=np.uint8, count=info.nbytes, offset=info.offset).reshape(byte_shape)
         try:
             values = gguf_quants.dequantize(blocks, info.qtype)
@@ -303,10 +303,8 @@ class GGUFSource(Source):
             ) from None
         except Exception as e:  # a kernel failing on bad bytes; name the tensor rather than leak numpy internals
             raise SourceError(info.path, f"tensor {key!r}: cannot dequantize {info.qtype.name} data: {e}") from None
-        values = np.ascontiguousarray(values, dtype=np.float32)
-        if values.shape != info.shape:
-            values = values.reshape(info.shape)
-        return torch.from_numpy(values)
+        # gguf gives the blocks' shape with each row of blocks turned into its values: the tensor's own shape
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
 
     def _info(self, key: str) -> _TensorInfo:
         try:

@@ -217,7 +217,8 @@ def _flatten(root: Any, path: Path, out: dict[str, torch.Tensor], skipped: list[
         else:
             return False, []
         if id(obj) in parents:
-            raise SourceError(path, f"the {type(obj).__name__} at {shown(prefix or '<root>')} contains itself; not a state dict")
+            # never at the root: a container is found inside itself one level down, at least
+            raise SourceError(path, f"the {type(obj).__name__} at {shown(prefix)} contains itself; not a state dict")
         if len(parents) >= MAX_NESTING:
             raise SourceError(path, f"containers nested more than {MAX_NESTING} deep (at {shown(prefix)}); not a state dict")
         found, parts = False, []

@@ -317,12 +317,13 @@ class GGUFWriter(Writer):
                     f"GGUF output {self.path}: metadata {key!r} is a {type(value).__name__}; "
                     "use str, int, float, bool or a list of one of them"
                 ) from None
-            sub_type = GGUFValueType.get_type(value[0]) if vtype == GGUFValueType.ARRAY and value else None
             if vtype == GGUFValueType.INT32 and not -(2**31) <= value < 2**31:
                 vtype = GGUFValueType.INT64
             if key == ALIGNMENT_KEY:
                 vtype = GGUFValueType.UINT32  # the format requires it
-            field = GGUFField(value, vtype, sub_type)
+            # A plain list's element type is left to _encode_value, which, as gguf does, checks every item against
+            # the first's: taking the first item's type here let [1, "a"] fail inside struct with a bare "not an integer".
+            field = GGUFField(value, vtype)
         if field.type == GGUFValueType.ARRAY and not field.count:
             raise ConfigError(f"GGUF output {self.path}: metadata {key!r} is an empty array, which gguf cannot write")
         return field
@@ -364,7 +365,7 @@ class GGUFWriter(Writer):
             if meta.encode:  # a type a quantize step asked for: the gguf library's own blocks of the float values
                 from gguf.quants import quantize
 
-                data = quantize(tensor.detach().to("cpu").contiguous().numpy(), GGMLQuantizationType[meta.stored]).reshape(-1)
+                data = quantize(tensor.detach().to("cpu").contiguous().numpy(), GGMLQuantizationType[meta.stored])
                 if data.nbytes != self._nbytes[key]:
                     raise ExecutionError(f"{self.path}: {key!r} encoded to {data.nbytes} bytes of {meta.stored}, not {self._nbytes[key]}")
             else:
