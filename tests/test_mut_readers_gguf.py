@@ -23,6 +23,7 @@ from statebridge.errors import SourceError
 from statebridge.readers.gguf import GGUFField, GGUFSource, _field_to_string, open_gguf, split_names, split_path
 from statebridge.tensors.meta import TensorMeta
 from statebridge.writers.gguf import GGUFWriter
+from statebridge.testing import mapped_file
 
 
 def _s(text: str | bytes) -> bytes:
@@ -511,16 +512,6 @@ def test_our_own_split_output_reads_back(tmp_path: Path) -> None:
     assert sys.byteorder == "little"
 
 
-def _mapped_from(address: int) -> str | None:
-    """The file mapped at ``address`` in this process, from /proc/self/maps."""
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        low, high = (int(x, 16) for x in fields[0].split("-"))
-        if low <= address < high:
-            return fields[5] if len(fields) == 6 else None
-    return None
-
-
 def test_aligned_tensors_are_views_of_the_map_and_misaligned_ones_copies(tmp_path: Path) -> None:
     path = tmp_path / "m.gguf"
     path.write_bytes(_gguf([u32("general.alignment", 1)], [info("odd", [2], Q.F32, 1), info("even", [2], Q.F32, 12)],
@@ -529,8 +520,8 @@ def test_aligned_tensors_are_views_of_the_map_and_misaligned_ones_copies(tmp_pat
     assert (source.data_offset + 12) % 4 == 0 and (source.data_offset + 1) % 4 != 0
     even, odd = source.load("even"), source.load("odd")
     assert torch.equal(even, torch.tensor([3.0, 4.0])) and torch.equal(odd, torch.tensor([1.5, -2.5]))
-    assert _mapped_from(even.data_ptr()) == str(path)
-    assert _mapped_from(odd.data_ptr()) != str(path)
+    assert mapped_file(even.data_ptr()) == str(path)
+    assert mapped_file(odd.data_ptr()) != str(path)
 
 
 def test_a_file_emptied_after_opening_cannot_be_mapped(tmp_path: Path) -> None:

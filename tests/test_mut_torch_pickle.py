@@ -18,6 +18,7 @@ import torch
 
 from statebridge.errors import SourceError
 from statebridge.readers.torch_pickle import TorchPickle, _first_sentence, _unpickling_message
+from statebridge.testing import mapped_file
 
 NOT_READABLE = "not a readable torch checkpoint (truncated or corrupt?): "
 REFUSED = (
@@ -164,16 +165,6 @@ def test_what_holds_no_tensor_is_listed_once_at_its_largest(tmp_path: Path) -> N
     assert empty.skipped == ["<root>"] and dict(empty.metas()) == {}
 
 
-def _mapped_from(address: int) -> str | None:
-    """The file mapped at ``address`` in this process, from /proc/self/maps."""
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        low, high = (int(x, 16) for x in fields[0].split("-"))
-        if low <= address < high:
-            return fields[5] if len(fields) == 6 else None
-    return None
-
-
 def test_zip_checkpoints_are_memory_mapped_and_legacy_ones_read_whole(tmp_path: Path) -> None:
     state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "h": torch.arange(4, dtype=torch.float16)}
     torch.save(state, tmp_path / "zip.pt")
@@ -182,7 +173,7 @@ def test_zip_checkpoints_are_memory_mapped_and_legacy_ones_read_whole(tmp_path: 
     for key, value in state.items():
         loaded = source.load(key)
         assert loaded.device.type == "cpu" and torch.equal(loaded, value)
-        assert _mapped_from(loaded.data_ptr()) == str(tmp_path / "zip.pt")  # mapped, not read
+        assert mapped_file(loaded.data_ptr()) == str(tmp_path / "zip.pt")  # mapped, not read
     with pytest.raises(SourceError) as e:
         source.load("x")
     assert str(e.value) == f"{tmp_path / 'zip.pt'}: no tensor named 'x'"
@@ -191,7 +182,7 @@ def test_zip_checkpoints_are_memory_mapped_and_legacy_ones_read_whole(tmp_path: 
         source.load("w")
     torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     legacy = TorchPickle(tmp_path / "legacy.pt")
-    assert all(torch.equal(legacy.load(k), v) and _mapped_from(legacy.load(k).data_ptr()) != str(tmp_path / "legacy.pt") for k, v in state.items())
+    assert all(torch.equal(legacy.load(k), v) and mapped_file(legacy.load(k).data_ptr()) != str(tmp_path / "legacy.pt") for k, v in state.items())
 
 
 def test_torchs_refusals_become_one_line() -> None:

@@ -172,6 +172,17 @@ def assert_plugin_loads(entry_point: str, distribution: str) -> PluginInfo:
     return plugin
 
 
+def mapped_file(address: int) -> str | None:
+    """The file mapped at memory ``address`` in this process (from /proc/self/maps), or None: a test's way to
+    tell a tensor that is a view of a memory-mapped file from one read into memory."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5] if len(fields) == 6 else None
+    return None
+
+
 def run_cli(args: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``statebridge ARGS`` in a fresh Python process (plugins load as for a user); never raises on exit status."""
     return subprocess.run(
