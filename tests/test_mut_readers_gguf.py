@@ -668,3 +668,14 @@ def test_a_tensor_name_that_is_not_utf8_is_named_by_its_place(tmp_path: Path) ->
     path = tmp_path / "m.gguf"
     bad = _s(b"\xffw") + struct.pack("<I1QIQ", 1, 4, Q.F32, 0)
     assert _error(path, _gguf([], [bad], _f32([1, 2, 3, 4]))) == "the name of tensor #0 b'\\xffw' is not valid UTF-8"
+
+
+def test_big_endian_arrays_nest_four_deep_too(path: Path) -> None:
+    # a big-endian file's arrays are decoded at once, not kept encoded: their depth still starts at the field
+    payload = struct.pack(">IQ", V.UINT8, 1) + b"\x07"
+    for _ in range(3):
+        payload = struct.pack(">IQ", V.ARRAY, 1) + payload
+    key = b"a"
+    path.write_bytes(b"GGUF" + struct.pack(">IQQ", 3, 0, 1) + struct.pack(">Q", len(key)) + key + struct.pack(">I", V.ARRAY) + payload)
+    source = open_gguf(path)
+    assert source.byte_order == "big" and source.fields["a"] == [[[[7]]]]
