@@ -659,3 +659,31 @@ def test_a_tensor_name_that_is_not_utf8_is_named_by_its_place(tmp_path: Path) ->
     path = tmp_path / "m.gguf"
     bad = _s(b"\xffw") + struct.pack("<I1QIQ", 1, 4, Q.F32, 0)
     assert _error(path, _gguf([], [bad], _f32([1, 2, 3, 4]))) == "the name of tensor #0 b'\\xffw' is not valid UTF-8"
+
+
+def test_big_endian_arrays_nest_four_deep_too(path: Path) -> None:
+    # a big-endian file's arrays are decoded at once, not kept encoded: their depth still starts at the field
+    payload = struct.pack(">IQ", V.UINT8, 1) + b"\x07"
+    for _ in range(3):
+        payload = struct.pack(">IQ", V.ARRAY, 1) + payload
+    key = b"a"
+    path.write_bytes(b"GGUF" + struct.pack(">IQQ", 3, 0, 1) + struct.pack(">Q", len(key)) + key + struct.pack(">I", V.ARRAY) + payload)
+    source = open_gguf(path)
+    assert source.byte_order == "big" and source.fields["a"] == [[[[7]]]]
+
+
+def test_a_tensor_info_cut_short_names_the_tensor_and_the_part(path: Path) -> None:
+    name = "w" * 40  # long enough that the tensor count's minimum fits and each cut reaches its own read
+    full = _gguf([], [info(name, [2, 3], 0, 0)])
+    at = 24 + 8 + len(name)
+    for cut, what, where, needs in ((at + 2, "dimension count", at, 4), (at + 7, "shape", at + 4, 8),
+                                    (at + 22, "type", at + 20, 4), (at + 27, "data offset", at + 24, 8)):
+        line = f"header is cut short reading the {what} of tensor {name!r} at byte {where} (needs {needs} bytes, file has {cut}; truncated?)"
+        assert _error(path, full[:cut]) == line
+
+
+def test_a_file_that_cannot_be_read_is_one_line() -> None:
+    # /proc/self/mem opens as a regular file of size 0, but reading its first page (never mapped) is EIO
+    with pytest.raises(SourceError) as e:
+        open_gguf(Path("/proc/self/mem"))
+    assert str(e.value) == "/proc/self/mem: cannot read: Input/output error"

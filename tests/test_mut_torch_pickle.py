@@ -260,3 +260,15 @@ def test_torchs_unfilled_placeholders_are_cut_off(tmp_path: Path) -> None:
     path = tmp_path / "m.pt"
     path.write_bytes(data[:at] + struct.pack("<q", 4) + data[at + 8 :])
     assert _error(path) == NOT_READABLE + "storage has wrong byte size"
+
+
+def test_a_long_malformed_pickle_message_is_cut_at_200_characters(tmp_path: Path) -> None:
+    # a legacy checkpoint whose list of storage keys names one the file does not hold: torch's assertion repeats it
+    buffer = io.BytesIO()
+    torch.save({}, buffer, _use_new_zipfile_serialization=False)
+    data = buffer.getvalue()
+    no_keys = pickle.dumps([], protocol=2)
+    assert data.endswith(no_keys)
+    path = tmp_path / "m.pt"
+    path.write_bytes(data[: -len(no_keys)] + pickle.dumps(["k" * 300], protocol=2))
+    assert _error(path) == NOT_READABLE + "its pickle is malformed (AssertionError: storage key '" + "k" * 187 + ")"

@@ -325,6 +325,9 @@ def test_the_carried_file_type_is_kept_only_while_every_quantized_tensor_is(tmp_
     assert file_type(plain) == (FT.ALL_F32, carried_type)  # f16, f32, f32
     writer = GGUFWriter(tmp_path / "o.gguf")
     assert "general.file_type" not in writer._key_values(plain)  # nothing carried: none made up
+    # the layout plans with the same key-values: a carried file type is recomputed there too
+    writer.carry(source)
+    assert [(f.name, sorted(f.keys)) for f in writer.layout(plain)] == [("o.gguf", sorted(plain))]
 
 
 def test_carry_keeps_the_sources_fields_but_its_own_provenance_and_split_keys(tmp_path: Path) -> None:
