@@ -133,3 +133,6 @@ def test_command_line_reads_the_head_size_from_the_folder(tmp_path: Path) -> Non
     assert max_delta(src, tmp_path / "out") <= 1e-4
     bad = run_cli(["grow", "width", str(src), str(tmp_path / "bad"), "--factor", "2", "--new-head-dim", "32"])
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "function_preserving" in bad.stderr
+    missing = run_cli(["grow", "width", str(tmp_path / "nope"), str(tmp_path / "never"), "--factor", "2"])
+    assert missing.returncode == 2 and missing.stderr.strip() == f"statebridge: error: {tmp_path / 'nope'}: no such file or folder"
+    assert not (tmp_path / "never").exists()

@@ -125,6 +125,8 @@ def depth(source: str, out: str, method: str, num_layers: int | None, slices: st
 
 def _head_dim(source: str) -> int:
     """The head size config.json of the SOURCE folder gives (head_dim, or hidden_size / num_attention_heads)."""
+    if not Path(source).exists():
+        raise statebridge.ConfigError(f"{source}: no such file or folder")
     path = Path(source) / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
