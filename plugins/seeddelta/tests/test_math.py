@@ -163,8 +163,12 @@ def test_weight_metrics_from_the_parts_equal_the_dense_ones(base: str) -> None:
 
     torch.manual_seed(8)
     w = torch.randn(96, 4) @ torch.randn(4, 160) + 0.3 * torch.randn(96, 160)
+    if base == "xor_circulant":  # a weight the base fits, so that it is kept
+        term = xorc.XorTerm(xorc.term_seed(0, 0, 0), torch.randn(2, 3, 64), torch.rand(96) + 0.5)
+        w = xorc.term_dense(term, 96, 160) + 0.1 * torch.randn(96, 160)
     x = torch.randn(300, 160)
     f = sdfit.fit_tensor(w, x.square().mean(0), sdfit.FitSpec(K=24, base=base, scheme="block", block=8), x)
+    assert f.base == base
     dense = metrics.weight_metrics(w, f.approx())
     for key, value in f.weight_metrics(w).items():
         assert value == pytest.approx(dense[key], abs=1e-5), key

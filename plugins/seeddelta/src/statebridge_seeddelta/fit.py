@@ -108,17 +108,17 @@ class Fit:
             y += (x @ self.v.T) @ self.u.T
         return y * self.row_scale if scaled and self.row_scale is not None else y
 
-    def weight_metrics(self, w: torch.Tensor) -> dict[str, float]:
-        """``cos_mean_w`` and ``rel_l2`` from per-row dot products and norms, without ``Ŵ`` when the base allows.
+    def weight_metrics(self, w: torch.Tensor, *, base: torch.Tensor | None = None,
+                       w_norm2: torch.Tensor | None = None) -> dict[str, float]:
+        """``cos_mean_w`` and ``rel_l2`` from per-row dot products and norms, never forming ``Ŵ``.
 
-        ``⟨W_i, Ŵ_i⟩`` and ``‖Ŵ_i‖²`` come from the residual's entries and, for ``lowrank``, from
-        ``r``-wide products (``W Vᵀ``, ``V Vᵀ``, ``U V`` at the residual's columns); the row scale
-        multiplies them by ``s_i`` and ``s_i²``. The xor-circulant base is formed densely.
+        ``⟨W_i, Ŵ_i⟩`` and ``‖Ŵ_i‖²`` come from the residual's entries plus the base's share:
+        for ``lowrank`` from ``r``-wide products (``W Vᵀ``, ``V Vᵀ``, ``U V`` at the residual's
+        columns), for ``xor_circulant`` from its dense matrix (``base``, when the caller has it);
+        the row scale multiplies them by ``s_i`` and ``s_i²``. ``w_norm2``: ``‖W_i‖²`` when known.
         """
         import torch
 
-        if self.base == "xor_circulant":
-            return metrics.weight_metrics(w, self.approx())
         rows, val = self.residual.row_index(), self.residual.val
         dot = (w.gather(1, rows) * val).sum(1)
         norm2 = val.square().sum(1)
@@ -128,9 +128,13 @@ class Fit:
             dot = dot + ((w @ v.T) * u).sum(1)
             low_at = torch.einsum("or,rok->ok", u, v[:, rows])
             norm2 = norm2 + ((u @ (v @ v.T)) * u).sum(1) + 2 * (low_at * val).sum(1)
+        elif self.base == "xor_circulant":
+            b = self.base_dense() if base is None else base
+            dot = dot + torch.einsum("ij,ij->i", w, b)
+            norm2 = norm2 + torch.einsum("ij,ij->i", b, b) + 2 * (b.gather(1, rows) * val).sum(1)
         if self.row_scale is not None:
             dot, norm2 = dot * self.row_scale, norm2 * self.row_scale.square()
-        return metrics.row_metrics(w.square().sum(1), dot, norm2)
+        return metrics.row_metrics(torch.einsum("ij,ij->i", w, w) if w_norm2 is None else w_norm2, dot, norm2)
 
     def nbytes(self) -> int:
         out, inp = self.shape
@@ -190,12 +194,13 @@ def fit_tensor(
     x_fit: torch.Tensor,
     x_eval: torch.Tensor | None = None,
     *,
-    cache: dict[str, Any] | None = None,
+    cache: dict[Any, Any] | None = None,
 ) -> Fit:
     """Fit ``w`` ``(out, in)`` with importance ``d`` ``(in,)`` by ``spec``; measure on ``x_eval`` (else ``x_fit``).
 
     ``cache`` (one dict per tensor, shared by its autotune attempts) keeps what does not
-    depend on ``K``: the dense outputs and the xor-circulant stack.
+    depend on ``K``: the dense outputs, the xor-circulant stack, the residual's selection
+    scores and the rows' norms.
     """
     import torch
 
@@ -211,7 +216,7 @@ def fit_tensor(
     y_fit = cache["y_fit"]
     budget = residual.nbytes(out, inp, spec.K, spec.scheme, spec.block)
 
-    fit = Fit((out, inp), spec, "none", _residual(w, d, spec.K, spec, cache))
+    fit = Fit((out, inp), spec, "none", _residual(w, d, spec.K, spec, cache, "w"))
     if spec.base != "none":
         candidate = _with_base(w, d, spec, budget, cache)
         if candidate is None:
@@ -220,7 +225,7 @@ def fit_tensor(
         else:
             alone = Fit((out, inp), spec, "none",
                         _residual(w, d, residual.k_for_bytes(max(candidate.nbytes(), budget), out, inp, spec.scheme, spec.block),
-                                  spec, cache))
+                                  spec, cache, "w"))
             with_base, without = _score(candidate, x_fit, y_fit), _score(alone, x_fit, y_fit)
             kept = with_base > without
             fit = candidate if kept else alone
@@ -233,40 +238,57 @@ def fit_tensor(
     if spec.row_scale:
         fit.row_scale = _row_scale(y_fit, fit.outputs(x_fit))
     x_eval_used = x_fit if x_eval is None else x_eval
-    weights = fit.weight_metrics(w)
+    if "w_norm2" not in cache:
+        cache["w_norm2"] = torch.einsum("ij,ij->i", w, w)
+    stack = cache.get(_stack_key(spec)) if fit.base == "xor_circulant" else None
+    weights = fit.weight_metrics(w, base=None if stack is None else stack[1], w_norm2=cache["w_norm2"])
     fit.metrics = {**weights, **metrics.output_metrics(cache["y_eval"], fit.outputs(x_eval_used))}
     fit.metrics_fit = fit.metrics if x_eval is None else {**weights, **metrics.output_metrics(y_fit, fit.outputs(x_fit))}
     k_eq = residual.k_for_bytes(fit.nbytes(), out, inp, "coo", 1)
-    plain = residual.fit(w, d, k_eq, "coo", 1)
+    plain = residual.fit(w, d, k_eq, "coo", 1, score=_scores(w, d, "coo", 1, cache, "w"))
     fit.topk_same_bytes = {"K": k_eq, "bytes": plain.nbytes(inp), "metrics": {
-        **Fit((out, inp), spec, "none", plain).weight_metrics(w), **metrics.output_metrics(cache["y_eval"], plain.apply(x_eval_used))}}
+        **Fit((out, inp), spec, "none", plain).weight_metrics(w, w_norm2=cache["w_norm2"]), **metrics.output_metrics(cache["y_eval"], plain.apply(x_eval_used))}}
     fit.seconds = time.perf_counter() - start
     return fit
+
+
+def _scores(target: torch.Tensor, d: torch.Tensor, scheme: residual.Scheme, block: int, cache: dict[Any, Any],
+            name: Any) -> torch.Tensor:
+    """The residual's selection scores of ``target`` (:func:`.residual.scores`), kept in ``cache`` for the tensor's other attempts."""
+    key = ("scores", name, scheme, block)
+    if key not in cache:
+        cache[key] = residual.scores(target, d, scheme, block)
+    return cache[key]
 
 
 #: the widest input whose Gram matrix (``in²`` float32) :func:`fit_tensor` builds for ``refit``
 MAX_REFIT_INPUTS = 8192
 
 
-def _residual(target: torch.Tensor, d: torch.Tensor, k: int, spec: FitSpec, cache: dict[str, Any]) -> residual.Residual:
-    """The residual of ``target`` at ``k``, its values solved on the fit activations when ``cache`` holds their Gram matrix."""
-    res = residual.fit(target, d, k, spec.scheme, spec.block)
+def _residual(target: torch.Tensor, d: torch.Tensor, k: int, spec: FitSpec, cache: dict[Any, Any], name: Any) -> residual.Residual:
+    """The residual of ``target`` (called ``name`` in ``cache``) at ``k``, its values solved on the fit activations when ``cache`` holds their Gram matrix."""
+    res = residual.fit(target, d, k, spec.scheme, spec.block, score=_scores(target, d, spec.scheme, spec.block, cache, name))
     if spec.refit and cache.get("gram") is not None and k > 0:
         residual.refit(res, target, cache["gram"], spec.ridge)
     return res
 
 
-def _with_base(w: torch.Tensor, d: torch.Tensor, spec: FitSpec, budget: int, cache: dict[str, Any]) -> Fit | None:
+def _stack_key(spec: FitSpec) -> tuple[Any, ...]:
+    """What an xor-circulant stack depends on (not ``K``): its place in a tensor's cache."""
+    return ("xor", spec.depth, spec.perm_trials, spec.tile, spec.seed)
+
+
+def _with_base(w: torch.Tensor, d: torch.Tensor, spec: FitSpec, budget: int, cache: dict[Any, Any]) -> Fit | None:
     """The fit with ``spec.base`` inside ``budget`` (xor: its few bytes on top), or None if it cannot be had."""
     import torch
 
     out, inp = w.shape
     if spec.base == "xor_circulant":
-        key = ("xor", spec.depth, spec.perm_trials, spec.tile, spec.seed)
+        key = _stack_key(spec)
         if key not in cache:
             cache[key] = xorc.fit_stack(w, d, depth=spec.depth, trials=spec.perm_trials, seed=spec.seed, n=spec.tile)
         terms, base = cache[key]
-        return Fit((out, inp), spec, "xor_circulant", _residual(w - base, d, spec.K, spec, cache), terms=terms)
+        return Fit((out, inp), spec, "xor_circulant", _residual(w - base, d, spec.K, spec, cache, key), terms=terms)
     rank = lowrank.rank_for_bytes(int(spec.rank_share * budget), out, inp)
     k = residual.k_for_bytes(budget - 2 * rank * (out + inp), out, inp, spec.scheme, spec.block)
     if rank == 0:

@@ -13,6 +13,7 @@ the stable argsort of the keys, and a sign is ``-1`` where the key's top bit is 
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,21 +34,32 @@ def is_pow2(n: int) -> bool:
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
-    """``x @ H`` over the last dimension (``H`` symmetric), unnormalised; a new tensor, ``x`` untouched."""
+    """``x @ H`` over the last dimension (``H`` symmetric), unnormalised; a new tensor, ``x`` untouched.
+
+    ``H`` of size ``n = 2^(h+l)`` is the Kronecker product ``H_{2^h} ⊗ H_{2^l}``, so with the
+    last dimension viewed as ``(2^h, 2^l)`` the transform is ``H_{2^h} · X · H_{2^l}``: two small
+    matrix products (about ``2·√n`` multiply-adds per element, done by BLAS in two passes over
+    the data) instead of ``log2 n`` butterfly passes, which is several times faster for the
+    sizes a base uses. The products are exact sums of ±x, deterministic for any thread count.
+    """
     n = x.shape[-1]
     if not is_pow2(n):
         raise ValueError(f"fwht needs a power-of-two length, not {n}")
+    bits = n.bit_length() - 1
+    low = bits // 2
+    y = x.reshape(-1, n >> low, 1 << low) @ _hadamard(low, x.dtype)
+    return (_hadamard(bits - low, x.dtype) @ y).reshape(x.shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard(bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The Sylvester Hadamard matrix of size ``2^bits``."""
     import torch
 
-    lead = x.shape[:-1]
-    y = x.reshape(-1, n)
-    h = 1
-    while h < n:  # one butterfly stage: pairs (i, i + h) inside blocks of 2h become (a + b, a - b)
-        y = y.view(-1, n // (2 * h), 2, h)
-        a, b = y[:, :, 0, :], y[:, :, 1, :]
-        y = torch.stack((a + b, a - b), dim=-2)
-        h *= 2
-    return y.reshape(*lead, n)
+    h = torch.ones(1, 1, dtype=dtype)
+    for _ in range(bits):
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)))
+    return h
 
 
 def keys(seed: int, stream: int, n: int) -> np.ndarray:

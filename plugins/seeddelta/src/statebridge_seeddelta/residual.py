@@ -78,13 +78,15 @@ def row_index(idx: torch.Tensor, scheme: Scheme, block: int, out: int) -> torch.
     return idx if scheme == "coo" else idx.repeat_interleave(block, 0)[:out]
 
 
-def support(r: torch.Tensor, d: torch.Tensor | None, k: int, scheme: Scheme, block: int, *,
-            inplace: bool = False) -> torch.Tensor:
-    """The chosen column indices (sorted) of the largest ``d_j · R_ij²`` (``d`` None: all ones; ``inplace``: ``r`` is consumed)."""
+def scores(r: torch.Tensor, d: torch.Tensor | None, scheme: Scheme, block: int, *, inplace: bool = False) -> torch.Tensor:
+    """``d_j · R_ij²`` per row (``coo``) or summed over each block of rows (``block``); ``d`` None: all ones.
+
+    It does not depend on ``K``, so a caller trying several ``K`` on one target computes it once.
+    ``inplace``: ``r`` is consumed.
+    """
     import torch
 
     out, inp = r.shape
-    k = min(k, inp)
     score = r.square_() if inplace else r.square()
     if d is not None:
         score *= d
@@ -93,12 +95,29 @@ def support(r: torch.Tensor, d: torch.Tensor | None, k: int, scheme: Scheme, blo
         if groups * block != out:
             score = torch.cat([score, torch.zeros(groups * block - out, inp)])
         score = score.view(groups, block, inp).sum(1)
-    return torch.topk(score, k, dim=1, sorted=False).indices.sort(dim=1).values
+    return score
 
 
-def fit(target: torch.Tensor, d: torch.Tensor, k: int, scheme: Scheme, block: int) -> Residual:
-    """The residual of ``target`` at ``k``: support by weighted magnitude, values = the target there, rounded to float16."""
-    idx = support(target, d, k, scheme, block)
+def pick(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The column indices (sorted) of the ``k`` highest scores in each row of ``score`` (:func:`scores`)."""
+    import torch
+
+    return torch.topk(score, min(k, score.shape[1]), dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def support(r: torch.Tensor, d: torch.Tensor | None, k: int, scheme: Scheme, block: int, *,
+            inplace: bool = False) -> torch.Tensor:
+    """The chosen column indices (sorted) of the largest ``d_j · R_ij²`` (``d`` None: all ones; ``inplace``: ``r`` is consumed)."""
+    return pick(scores(r, d, scheme, block, inplace=inplace), k)
+
+
+def fit(target: torch.Tensor, d: torch.Tensor, k: int, scheme: Scheme, block: int, *,
+        score: torch.Tensor | None = None) -> Residual:
+    """The residual of ``target`` at ``k``: support by weighted magnitude, values = the target there, rounded to float16.
+
+    ``score``: ``scores(target, d, scheme, block)`` when the caller has it.
+    """
+    idx = pick(scores(target, d, scheme, block) if score is None else score, k)
     return Residual(scheme, block, idx, target.gather(1, row_index(idx, scheme, block, target.shape[0])).half().float())
 
 

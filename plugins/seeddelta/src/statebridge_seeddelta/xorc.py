@@ -27,7 +27,6 @@ the column tiles of a row tile are summed in the Hadamard domain, before the one
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -58,80 +57,103 @@ class Layout:
     def __init__(self, seed: int, out: int, inp: int, n: int) -> None:
         import torch
 
-        self.out, self.inp, self.n = out, inp, n
+        self.seed, self.out, self.inp, self.n = seed, out, inp, n
         self.ta, self.tb = -(-out // n), -(-inp // n)
         self.rows = torch.from_numpy(permutation(seed, ROWS, out))
         self.cols = torch.from_numpy(permutation(seed, COLS, inp))
         self.s = torch.from_numpy(signs(seed, inp))
 
+        self.positions = torch.empty(out, dtype=torch.int64)  # where row i sits in the permuted order
+        self.positions[self.rows] = torch.arange(out)
+        # a slot is the bit fields [row tile | sign | column tile | xor offset]: u ^ k sets the low
+        # ones, so a row's fields xor a column's fields give the slot with no carries
+        self._off = n.bit_length() - 1
+        self._tiles = self._off + max(self.tb - 1, 0).bit_length()
+        self.table_size = self.ta << (self._tiles + 1)
 
-@functools.lru_cache(maxsize=4)
-def _xor_index(n: int) -> torch.Tensor:
-    """``[u, k] = u ^ k`` for ``u, k < n`` (kept: every trial of a tensor uses it)."""
-    import torch
+    def slots(self) -> torch.Tensor:
+        """``(out, in)`` int32: the slot of the signed table (:meth:`signed`) that each entry of the weight meets.
 
-    u = torch.arange(n)
-    return u.unsqueeze(1) ^ u.unsqueeze(0)
+        Row ``i`` sits at permuted position ``p`` (row tile ``p // n``, offset ``u = p % n``),
+        column ``j`` at ``q`` (column tile ``q // n``, offset ``q % n``, sign ``s_j``), so the
+        entry meets ``c[p // n, q // n, u ^ (q % n)]``, negated where ``s_j = -1``. Gathering the
+        table at these slots forms the term in the original order, scattering into it sums the
+        xor-diagonals: no permuted copy of a matrix is ever made.
+        """
+        import torch
+
+        n = self.n
+        cols = torch.empty(self.inp, dtype=torch.int64)
+        cols[self.cols] = torch.arange(self.inp)
+        row_key = ((self.positions // n) << (self._tiles + 1)) | (self.positions % n)
+        col_key = ((self.s < 0).long() << self._tiles) | ((cols // n) << self._off) | (cols % n)
+        return torch.bitwise_xor(row_key.int().unsqueeze(1), col_key.int().unsqueeze(0))
+
+    def signed(self, c: torch.Tensor) -> torch.Tensor:
+        """The flat table of coefficients ``c`` ``(Ta, Tb, n)``: ``c`` and ``-c`` in their slots, zero elsewhere."""
+        import torch
+
+        table = torch.zeros(self.ta, 2, self.table_size // (2 * self.ta * self.n), self.n)
+        table[:, 0, : self.tb] = c
+        table[:, 1, : self.tb] = -c
+        return table.view(-1)
+
+    def unsigned(self, table: torch.Tensor) -> torch.Tensor:
+        """``(Ta, Tb, n)`` sums from a flat table filled at :meth:`slots`: the ``+`` half minus the ``-`` half."""
+        halves = table.view(self.ta, 2, -1, self.n)
+        return halves[:, 0, : self.tb] - halves[:, 1, : self.tb]
+
+    def gather(self, c: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``(out, in)``: ``s_j · c[...]`` at each entry, the term before its row scales."""
+        return self.signed(c).index_select(0, slots.view(-1)).view(self.out, self.inp)
 
 
 def fit_term(target: torch.Tensor, d: torch.Tensor, seed: int, n: int) -> tuple[XorTerm, float]:
-    """One term fitted to ``target`` under importance ``d``: the term and its weighted-error reduction.
+    """One term fitted to ``target`` under importance ``d``: the term and its weighted-error reduction."""
+    return _fit_term(target * d, d, Layout(seed, *target.shape, n))
 
-    Works one row tile at a time, never forming the permuted matrix or the term's own: the
-    xor-gathered tile ``G[u, b, k] = (A·d)[u, b·n + (u ^ k)]`` gives both the coefficients
-    (``Σ_u G``) and each row's ``Σ_j d_j A_ij B_ij`` (``Σ_bk G·c``), and ``Σ_j d_j B_ij²`` is an
-    xor-convolution of ``d`` with ``c²``.
+
+def _fit_term(weighted: torch.Tensor, d: torch.Tensor, lay: Layout) -> tuple[XorTerm, float]:
+    """:func:`fit_term` given ``weighted = target·d`` (shared by a term's trials).
+
+    Scattering ``target·d`` into the table at :meth:`Layout.slots` gives the xor-diagonal
+    sums, so the coefficients; gathering them back and summing against the same matrix
+    gives each row's ``Σ_j d_j A_ij B_ij``; ``Σ_j d_j B_ij²`` is an xor-convolution of ``d``
+    with ``c²``, per row tile.
     """
     import torch
 
-    out, inp = target.shape
-    lay = Layout(seed, out, inp, n)
-    w_p = torch.zeros(lay.tb * n)
-    w_p[:inp] = d[lay.cols]
-    hw = fwht(w_p.view(lay.tb, n))
-    weight = lay.s * d
-    xi = _xor_index(n)
-    c = torch.zeros(lay.ta, lay.tb, n)
-    r_p = torch.zeros(lay.ta * n)
-    gain = 0.0
-    for a in range(lay.ta):
-        rows = lay.rows[a * n : (a + 1) * n]
-        m = rows.numel()
-        tile = torch.zeros(m, lay.tb * n)
-        tile[:, :inp] = (target.index_select(0, rows) * weight).index_select(1, lay.cols)
-        g = tile.view(m, lay.tb, n).gather(2, xi[:m].unsqueeze(1).expand(m, lay.tb, n))
-        del tile
-        mask = torch.zeros(n)
-        mask[:m] = 1.0
-        den = fwht(fwht(mask) * hw) / n  # (Tb, n): Σ_u mask[u] d'[u ^ k]
-        ca = torch.where(den > 0, g.sum(0) / den.clamp_min(1e-30), torch.zeros(())).half().float()
-        c[a] = ca
-        num_r = (g * ca).sum((1, 2))
-        del g
-        den_r = (fwht(hw * fwht(ca.square())).sum(0) / n)[:m]
-        ok = den_r > 0
-        r_p[a * n : a * n + m] = torch.where(ok, num_r / den_r.clamp_min(1e-30), torch.zeros(()))
-        gain += float((num_r.square() / den_r.clamp_min(1e-30))[ok].sum())
-    r = torch.empty(out)
-    r[lay.rows] = r_p[:out]
-    return XorTerm(seed, c, r.half().float()), gain
+    n, tb = lay.n, lay.tb
+    slots = lay.slots()
+    sums = lay.unsigned(torch.zeros(lay.table_size).index_add_(0, slots.view(-1), weighted.view(-1)))
+    w_p = torch.zeros(tb * n)
+    w_p[: lay.inp] = d[lay.cols]
+    hw = fwht(w_p.view(tb, n))
+    mask = torch.zeros(lay.ta * n)
+    mask[: lay.out] = 1.0
+    den = fwht(fwht(mask.view(lay.ta, 1, n)) * hw) / n  # (Ta, Tb, n): Σ_u mask[a, u] d'[u ^ k]
+    c = torch.where(den > 0, sums / den.clamp_min(1e-30), torch.zeros(())).half().float()
+    num_r = torch.einsum("ij,ij->i", weighted, lay.gather(c, slots))
+    del slots
+    den_r = (fwht(hw * fwht(c.square())).sum(1) / n).view(-1)[lay.positions]
+    ok = den_r > 0
+    r = torch.where(ok, num_r / den_r.clamp_min(1e-30), torch.zeros(()))
+    gain = float((num_r.square() / den_r.clamp_min(1e-30))[ok].sum())
+    return XorTerm(lay.seed, c, r.half().float()), gain
+
+
+def _add_term(target: torch.Tensor, term: XorTerm, alpha: float = 1.0) -> None:
+    """``target += alpha · B`` for one term."""
+    lay = Layout(term.seed, *target.shape, term.c.shape[-1])
+    target.addcmul_(lay.gather(term.c, lay.slots()), term.r.unsqueeze(1), value=alpha)
 
 
 def term_dense(term: XorTerm, out: int, inp: int) -> torch.Tensor:
-    """The explicit ``(out, in)`` matrix of one term, built a row tile at a time."""
+    """The explicit ``(out, in)`` matrix of one term."""
     import torch
 
-    n = term.c.shape[-1]
-    lay = Layout(term.seed, out, inp, n)
-    pos = torch.empty(inp, dtype=torch.int64)
-    pos[lay.cols] = torch.arange(inp)  # where column j sits in the permuted order
-    xi = _xor_index(n)
-    m_all = torch.empty(out, inp)
-    for a in range(lay.ta):
-        rows = lay.rows[a * n : (a + 1) * n]
-        m = rows.numel()
-        tile = term.c[a][:, xi[:m]].permute(1, 0, 2).reshape(m, lay.tb * n)  # [u, b·n + v] = c[a, b, u ^ v]
-        m_all[rows] = tile.index_select(1, pos) * lay.s * term.r[rows].unsqueeze(1)
+    m_all = torch.zeros(out, inp)
+    _add_term(m_all, term)
     return m_all
 
 
@@ -139,17 +161,17 @@ def fit_stack(
     w: torch.Tensor, d: torch.Tensor, *, depth: int, trials: int, seed: int, n: int | None = None
 ) -> tuple[list[XorTerm], torch.Tensor]:
     """``depth`` terms, each the best of ``trials`` seeds on what the previous left; the terms and their dense sum."""
-    import torch
-
     out, inp = w.shape
     n = n or tile_size(out, inp)
     left = w.float().clone()
     terms = []
     for t in range(depth):
-        fits = [fit_term(left, d, term_seed(seed, t, k), n) for k in range(trials)]
+        weighted = left * d
+        fits = [_fit_term(weighted, d, Layout(term_seed(seed, t, k), out, inp, n)) for k in range(trials)]
+        del weighted
         term = max(fits, key=lambda f: f[1])[0]  # the first of equal gains
         terms.append(term)
-        left -= term_dense(term, out, inp)
+        _add_term(left, term, alpha=-1.0)
     return terms, w.float() - left
 
 
@@ -170,10 +192,9 @@ def apply(terms: list[XorTerm], x: torch.Tensor, out: int) -> torch.Tensor:
         xp[:, : x.shape[1]] = (x.float() * lay.s).index_select(1, lay.cols)
         hx = fwht(xp.view(-1, tb, n))
         hc = fwht(term.c)
-        yp = fwht(torch.einsum("Nbk,abk->Nak", hx, hc)).reshape(x.shape[0], ta * n) / n
-        part = torch.empty(x.shape[0], out)
-        part[:, lay.rows] = yp[:, :out]
-        y += part * term.r
+        # Σ over column tiles in the Hadamard domain, one row tile at a time (a (N, Tb, n) product each)
+        yp = fwht(torch.stack([(hx * hc[a]).sum(1) for a in range(ta)], 1)).reshape(x.shape[0], ta * n) / n
+        y += yp[:, lay.positions] * term.r
     return y
 
 
