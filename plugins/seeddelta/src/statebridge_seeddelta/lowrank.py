@@ -41,24 +41,6 @@ def _truncate(q: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, t
     return (q @ ub[:, :r]) * root, vt[:r] * root.unsqueeze(1)
 
 
-class _Sparse:
-    """The residual in the scaled space as (rows, cols, values), for the thin products of the power step."""
-
-    def __init__(self, cols: torch.Tensor, vals: torch.Tensor) -> None:
-        self.cols, self.vals = cols, vals
-
-    def times(self, z: torch.Tensor) -> torch.Tensor:
-        """``S @ z`` for ``z`` ``(in, w)``."""
-        return (z[self.cols] * self.vals.unsqueeze(2)).sum(1)
-
-    def t_times(self, q: torch.Tensor, inp: int) -> torch.Tensor:
-        """``Sᵀ @ q`` for ``q`` ``(out, w)``."""
-        import torch
-
-        contrib = (self.vals.unsqueeze(2) * q.unsqueeze(1)).reshape(-1, q.shape[1])
-        return torch.zeros(inp, q.shape[1]).index_add_(0, self.cols.reshape(-1), contrib)
-
-
 def fit(
     w: torch.Tensor, d: torch.Tensor, rank: int, k: int, scheme: res.Scheme, block: int, *, alternations: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, res.Residual]:
@@ -66,7 +48,7 @@ def fit(
 
     Memory stays at about three copies of ``W``: the scaled matrix, one work matrix for
     ``W̃ - L̃`` (its square picks the support; the values there are computed from the factors),
-    and the input. The power step's products with ``W̃ - S̃`` use the sparse part as index lists.
+    and the input. The power step's products with ``W̃ - S̃`` take the sparse part as a CSR matrix.
     """
     import torch
 
@@ -78,17 +60,19 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     q = torch.linalg.qr(scaled @ torch.randn(inp, width, generator=gen)).Q
     q = torch.linalg.qr(scaled @ (scaled.T @ q)).Q
-    u, v = _truncate(q, q.T @ scaled, rank)
+    projected = q.T @ scaled  # qᵀ W̃, kept: it is also the next step's W̃ᵀ q
+    u, v = _truncate(q, projected, rank)
     work = torch.empty_like(scaled)
     for _ in range(alternations):
         torch.addmm(scaled, u, v, alpha=-1.0, out=work)  # W̃ - L̃
         cols = res.support(work, None, k, scheme, block, inplace=True)
         rows = res.row_index(cols, scheme, block, out)
         vals = scaled.gather(1, rows) - torch.einsum("or,rok->ok", u, v[:, rows])
-        sp = _Sparse(rows, vals)
-        z = scaled.T @ q - sp.t_times(q, inp)           # Mᵀ q with M = W̃ - S̃
-        q = torch.linalg.qr(scaled @ z - sp.times(z)).Q  # M Mᵀ q
-        u, v = _truncate(q, (q.T @ scaled) - sp.t_times(q, inp).T, rank)
+        sp = res.csr(rows, vals, inp)
+        z = projected.T - sp.t() @ q                 # Mᵀ q with M = W̃ - S̃
+        q = torch.linalg.qr(scaled @ z - sp @ z).Q  # M Mᵀ q
+        projected = q.T @ scaled
+        u, v = _truncate(q, projected - (sp.t() @ q).T, rank)
     del work
     u, v = u.half().float(), (v / root).half().float()
     left = torch.addmm(w.float(), u, v, alpha=-1.0)
