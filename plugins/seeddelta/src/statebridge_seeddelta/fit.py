@@ -183,8 +183,8 @@ def _row_scale(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
     return (s / ratio if float(ratio) > 0 else s).half().float()
 
 
-def _score(fit: Fit, x: torch.Tensor, y: torch.Tensor) -> float:
-    return metrics.output_metrics(y, fit.outputs(x)).get("cos_mean_x_w", float("nan"))
+def _cos_mean(y: torch.Tensor, y_hat: torch.Tensor) -> float:
+    return metrics.output_metrics(y, y_hat).get("cos_mean_x_w", float("nan"))
 
 
 def fit_tensor(
@@ -216,34 +216,37 @@ def fit_tensor(
     y_fit = cache["y_fit"]
     budget = residual.nbytes(out, inp, spec.K, spec.scheme, spec.block)
 
-    fit = Fit((out, inp), spec, "none", _residual(w, d, spec.K, spec, cache, "w"))
-    if spec.base != "none":
-        candidate = _with_base(w, d, spec, budget, cache)
-        if candidate is None:
+    candidate = _with_base(w, d, spec, budget, cache) if spec.base != "none" else None
+    if candidate is None:
+        fit = Fit((out, inp), spec, "none", _residual(w, d, spec.K, spec, cache, "w"))
+        y_hat = fit.outputs(x_fit)
+        if spec.base != "none":
             fit.base_check = {"requested": spec.base, "kept": False,
                               "reason": "the budget leaves no bytes for the base, or its float16 factors overflow"}
-        else:
-            alone = Fit((out, inp), spec, "none",
-                        _residual(w, d, residual.k_for_bytes(max(candidate.nbytes(), budget), out, inp, spec.scheme, spec.block),
-                                  spec, cache, "w"))
-            with_base, without = _score(candidate, x_fit, y_fit), _score(alone, x_fit, y_fit)
-            kept = with_base > without
-            fit = candidate if kept else alone
-            fit.base_check = {
-                "requested": spec.base, "kept": kept, "cos_mean_x_w_fit_with_base": round(with_base, 6),
-                "cos_mean_x_w_fit_residual_only": round(without, 6),
-                "reason": "improves the fit-set cos_mean_x_w at equal bytes" if kept
-                else "residual alone at the same bytes fits the fit set as well or better",
-            }
-    if spec.row_scale:
-        fit.row_scale = _row_scale(y_fit, fit.outputs(x_fit))
+    else:
+        alone = Fit((out, inp), spec, "none",
+                    _residual(w, d, residual.k_for_bytes(max(candidate.nbytes(), budget), out, inp, spec.scheme, spec.block),
+                              spec, cache, "w"))
+        y_with, y_without = candidate.outputs(x_fit), alone.outputs(x_fit)
+        with_base, without = _cos_mean(y_fit, y_with), _cos_mean(y_fit, y_without)
+        kept = with_base > without
+        fit, y_hat = (candidate, y_with) if kept else (alone, y_without)
+        fit.base_check = {
+            "requested": spec.base, "kept": kept, "cos_mean_x_w_fit_with_base": round(with_base, 6),
+            "cos_mean_x_w_fit_residual_only": round(without, 6),
+            "reason": "improves the fit-set cos_mean_x_w at equal bytes" if kept
+            else "residual alone at the same bytes fits the fit set as well or better",
+        }
+    if spec.row_scale:  # y_hat: the fit's outputs on the fit set, computed once and scaled here
+        fit.row_scale = _row_scale(y_fit, y_hat)
+        y_hat = y_hat * fit.row_scale
     x_eval_used = x_fit if x_eval is None else x_eval
     if "w_norm2" not in cache:
         cache["w_norm2"] = torch.einsum("ij,ij->i", w, w)
     stack = cache.get(_stack_key(spec)) if fit.base == "xor_circulant" else None
     weights = fit.weight_metrics(w, base=None if stack is None else stack[1], w_norm2=cache["w_norm2"])
-    fit.metrics = {**weights, **metrics.output_metrics(cache["y_eval"], fit.outputs(x_eval_used))}
-    fit.metrics_fit = fit.metrics if x_eval is None else {**weights, **metrics.output_metrics(y_fit, fit.outputs(x_fit))}
+    fit.metrics_fit = {**weights, **metrics.output_metrics(y_fit, y_hat)}
+    fit.metrics = fit.metrics_fit if x_eval is None else {**weights, **metrics.output_metrics(cache["y_eval"], fit.outputs(x_eval))}
     k_eq = residual.k_for_bytes(fit.nbytes(), out, inp, "coo", 1)
     plain = residual.fit(w, d, k_eq, "coo", 1, score=_scores(w, d, "coo", 1, cache, "w"))
     fit.topk_same_bytes = {"K": k_eq, "bytes": plain.nbytes(inp), "metrics": {
