@@ -71,15 +71,26 @@ def test_an_xor_circulant_matrix_is_recovered_exactly() -> None:
     assert gain == pytest.approx(float(target.square().sum()), rel=1e-3)
 
 
+def _reduction(w: torch.Tensor, d: torch.Tensor, term: xorc.XorTerm) -> float:
+    """``Σ d·(W² - (W - B)²)``: how much the term lowers the weighted error, from its dense matrix."""
+    dense = xorc.term_dense(term, *w.shape)
+    return float(((w.square() - (w - dense).square()) * d).sum())
+
+
 def test_the_best_trial_is_kept_and_its_gain_is_the_weighted_error_reduction() -> None:
+    """Trials are ranked by their coefficients' gain (every row scale 1); the kept one then gets its scales."""
     torch.manual_seed(1)
     w, d = torch.randn(128, 256), torch.rand(256) + 0.1
-    fits = [xorc.fit_term(w, d, xorc.term_seed(5, 0, k), 128) for k in range(3)]
+    fits = [xorc.fit_term(w, d, xorc.term_seed(5, 0, k), 128) for k in range(4)]
     for term, gain in fits:
-        dense = xorc.term_dense(term, 128, 256)
-        assert gain == pytest.approx(float(((w.square() - (w - dense).square()) * d).sum()), rel=2e-3)
-    terms, _ = xorc.fit_stack(w, d, depth=1, trials=3, seed=5)
-    assert terms[0].seed == max(fits, key=lambda f: f[1])[0].seed
+        assert gain == pytest.approx(_reduction(w, d, term), rel=2e-3)
+    unscaled = [_reduction(w, d, xorc.XorTerm(term.seed, term.c, torch.ones(128))) for term, _ in fits]
+    assert len({round(g, 3) for g in unscaled}) == 4  # distinct, so the choice is meaningful
+    terms, base = xorc.fit_stack(w, d, depth=1, trials=4, seed=5)
+    best = max(range(4), key=lambda k: unscaled[k])
+    assert terms[0].seed == fits[best][0].seed
+    assert torch.equal(terms[0].r, fits[best][0].r)
+    assert torch.allclose(base, xorc.term_dense(terms[0], 128, 256), atol=1e-6)
 
 
 def test_coo_and_block_pick_by_importance_weighted_magnitude() -> None:

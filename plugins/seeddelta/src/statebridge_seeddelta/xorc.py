@@ -16,8 +16,9 @@ minimises ``Σ_ij d_j (R_ij - B_ij)²``: with ``r = 1`` the coefficients are wei
 along the xor-diagonals, ``c[a,b,k] = Σ_u R'[u, u^k]·d'[u^k] / Σ_u d'[u^k]`` (the
 denominator is an xor-convolution, by FWHT), then each row's scale is its weighted least
 squares ``r_i = Σ_j d_j R_ij B_ij / Σ_j d_j B_ij²``, which lowers the weighted error by
-``(Σ_j d_j R_ij B_ij)² / Σ_j d_j B_ij²``. Of ``perm_trials`` seeds the one lowering it most
-is kept; ``depth`` terms are fitted in turn, each to what the previous ones left.
+``(Σ_j d_j R_ij B_ij)² / Σ_j d_j B_ij²``. Of ``perm_trials`` seeds the one whose coefficients
+lower it most (with ``r = 1``) is kept and gets its row scales; ``depth`` terms are fitted in
+turn, each to what the previous ones left.
 Coefficients and scales are rounded to float16 before the next step, so what is measured
 is what is stored.
 
@@ -71,14 +72,15 @@ class Layout:
         self._tiles = self._off + max(self.tb - 1, 0).bit_length()
         self.table_size = self.ta << (self._tiles + 1)
 
-    def slots(self) -> torch.Tensor:
+    def slots(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """``(out, in)`` int32: the slot of the signed table (:meth:`signed`) that each entry of the weight meets.
 
         Row ``i`` sits at permuted position ``p`` (row tile ``p // n``, offset ``u = p % n``),
         column ``j`` at ``q`` (column tile ``q // n``, offset ``q % n``, sign ``s_j``), so the
         entry meets ``c[p // n, q // n, u ^ (q % n)]``, negated where ``s_j = -1``. Gathering the
         table at these slots forms the term in the original order, scattering into it sums the
-        xor-diagonals: no permuted copy of a matrix is ever made.
+        xor-diagonals: no permuted copy of a matrix is ever made. ``out``: a buffer to fill
+        (a fresh ``(out, in)`` tensor costs its page faults, which a loop over seeds need not pay).
         """
         import torch
 
@@ -87,7 +89,7 @@ class Layout:
         cols[self.cols] = torch.arange(self.inp)
         row_key = ((self.positions // n) << (self._tiles + 1)) | (self.positions % n)
         col_key = ((self.s < 0).long() << self._tiles) | ((cols // n) << self._off) | (cols % n)
-        return torch.bitwise_xor(row_key.int().unsqueeze(1), col_key.int().unsqueeze(0))
+        return torch.bitwise_xor(row_key.int().unsqueeze(1), col_key.int().unsqueeze(0), out=out)
 
     def signed(self, c: torch.Tensor) -> torch.Tensor:
         """The flat table of coefficients ``c`` ``(Ta, Tb, n)``: ``c`` and ``-c`` in their slots, zero elsewhere."""
@@ -103,28 +105,35 @@ class Layout:
         halves = table.view(self.ta, 2, -1, self.n)
         return halves[:, 0, : self.tb] - halves[:, 1, : self.tb]
 
-    def gather(self, c: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """``(out, in)``: ``s_j · c[...]`` at each entry, the term before its row scales."""
-        return self.signed(c).index_select(0, slots.view(-1)).view(self.out, self.inp)
+    def gather(self, c: torch.Tensor, slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(out, in)``: ``s_j · c[...]`` at each entry, the term before its row scales (into ``out`` if given)."""
+        import torch
+
+        flat = None if out is None else out.view(-1)
+        return torch.index_select(self.signed(c), 0, slots.view(-1), out=flat).view(self.out, self.inp)
 
 
-def fit_term(target: torch.Tensor, d: torch.Tensor, seed: int, n: int) -> tuple[XorTerm, float]:
-    """One term fitted to ``target`` under importance ``d``: the term and its weighted-error reduction."""
-    return _fit_term(target * d, d, Layout(seed, *target.shape, n))
+@dataclass
+class _Coefficients:
+    """One seed's coefficients on a target, before row scales: ``c``, their gain with ``r = 1``, and ``H d'``."""
+
+    lay: Layout
+    c: torch.Tensor
+    gain: float
+    hw: torch.Tensor
 
 
-def _fit_term(weighted: torch.Tensor, d: torch.Tensor, lay: Layout) -> tuple[XorTerm, float]:
-    """:func:`fit_term` given ``weighted = target·d`` (shared by a term's trials).
+def _coefficients(weighted: torch.Tensor, d: torch.Tensor, lay: Layout, slots: torch.Tensor | None = None) -> _Coefficients:
+    """The xor-diagonal weighted means, from one scatter of ``weighted = target·d`` into the table at :meth:`Layout.slots`.
 
-    Scattering ``target·d`` into the table at :meth:`Layout.slots` gives the xor-diagonal
-    sums, so the coefficients; gathering them back and summing against the same matrix
-    gives each row's ``Σ_j d_j A_ij B_ij``; ``Σ_j d_j B_ij²`` is an xor-convolution of ``d``
-    with ``c²``, per row tile.
+    The gain with every ``r_i = 1`` is ``Σ 2·c·sums - c²·den`` (``sums``: the diagonals' sums of
+    ``s·d·R``, ``den``: of ``d``, an xor-convolution by FWHT), with ``c`` already rounded.
+    ``slots``: a buffer for them.
     """
     import torch
 
     n, tb = lay.n, lay.tb
-    slots = lay.slots()
+    slots = lay.slots(slots)
     sums = lay.unsigned(torch.zeros(lay.table_size).index_add_(0, slots.view(-1), weighted.view(-1)))
     w_p = torch.zeros(tb * n)
     w_p[: lay.inp] = d[lay.cols]
@@ -133,45 +142,69 @@ def _fit_term(weighted: torch.Tensor, d: torch.Tensor, lay: Layout) -> tuple[Xor
     mask[: lay.out] = 1.0
     den = fwht(fwht(mask.view(lay.ta, 1, n)) * hw) / n  # (Ta, Tb, n): Σ_u mask[a, u] d'[u ^ k]
     c = torch.where(den > 0, sums / den.clamp_min(1e-30), torch.zeros(())).half().float()
-    num_r = torch.einsum("ij,ij->i", weighted, lay.gather(c, slots))
-    del slots
-    den_r = (fwht(hw * fwht(c.square())).sum(1) / n).view(-1)[lay.positions]
+    return _Coefficients(lay, c, float((2 * c * sums - c.square() * den).sum()), hw)
+
+
+def _row_scales(weighted: torch.Tensor, co: _Coefficients, slots: torch.Tensor | None = None,
+                unscaled: torch.Tensor | None = None) -> tuple[XorTerm, float, torch.Tensor]:
+    """The term with each row's least-squares scale, its gain, and the term before its scales (``s·c`` per entry).
+
+    ``Σ_j d_j R_ij B_ij`` is a row's sum against the gathered coefficients; ``Σ_j d_j B_ij²``
+    an xor-convolution of ``d`` with ``c²``, per row tile. ``slots``, ``unscaled``: buffers.
+    """
+    import torch
+
+    lay = co.lay
+    unscaled = lay.gather(co.c, lay.slots(slots), out=unscaled)
+    num_r = torch.einsum("ij,ij->i", weighted, unscaled)
+    den_r = (fwht(co.hw * fwht(co.c.square())).sum(1) / lay.n).view(-1)[lay.positions]
     ok = den_r > 0
     r = torch.where(ok, num_r / den_r.clamp_min(1e-30), torch.zeros(()))
     gain = float((num_r.square() / den_r.clamp_min(1e-30))[ok].sum())
-    return XorTerm(lay.seed, c, r.half().float()), gain
+    return XorTerm(lay.seed, co.c, r.half().float()), gain, unscaled
 
 
-def _add_term(target: torch.Tensor, term: XorTerm, alpha: float = 1.0) -> None:
-    """``target += alpha · B`` for one term."""
-    lay = Layout(term.seed, *target.shape, term.c.shape[-1])
-    target.addcmul_(lay.gather(term.c, lay.slots()), term.r.unsqueeze(1), value=alpha)
+def fit_term(target: torch.Tensor, d: torch.Tensor, seed: int, n: int) -> tuple[XorTerm, float]:
+    """One term fitted to ``target`` under importance ``d``: the term and its weighted-error reduction."""
+    weighted = target * d
+    term, gain, _ = _row_scales(weighted, _coefficients(weighted, d, Layout(seed, *target.shape, n)))
+    return term, gain
 
 
 def term_dense(term: XorTerm, out: int, inp: int) -> torch.Tensor:
     """The explicit ``(out, in)`` matrix of one term."""
-    import torch
-
-    m_all = torch.zeros(out, inp)
-    _add_term(m_all, term)
-    return m_all
+    lay = Layout(term.seed, out, inp, term.c.shape[-1])
+    return lay.gather(term.c, lay.slots()).mul_(term.r.unsqueeze(1))
 
 
 def fit_stack(
     w: torch.Tensor, d: torch.Tensor, *, depth: int, trials: int, seed: int, n: int | None = None
 ) -> tuple[list[XorTerm], torch.Tensor]:
-    """``depth`` terms, each the best of ``trials`` seeds on what the previous left; the terms and their dense sum."""
+    """``depth`` terms, each the best of ``trials`` seeds on what the previous left; the terms and their dense sum.
+
+    Trials are ranked by their coefficients' gain (one scatter pass each); only the kept
+    seed gets its row scales (one gather pass), which can only add to its gain.
+    """
+    import torch
+
     out, inp = w.shape
     n = n or tile_size(out, inp)
     left = w.float().clone()
+    weighted = torch.empty_like(left)
+    slots = torch.empty(out, inp, dtype=torch.int32)  # buffers for every seed's slots and the kept terms
+    unscaled = torch.empty_like(left)
     terms = []
     for t in range(depth):
-        weighted = left * d
-        fits = [_fit_term(weighted, d, Layout(term_seed(seed, t, k), out, inp, n)) for k in range(trials)]
-        del weighted
-        term = max(fits, key=lambda f: f[1])[0]  # the first of equal gains
+        torch.mul(left, d, out=weighted)
+        best = None
+        for k in range(trials):
+            co = _coefficients(weighted, d, Layout(term_seed(seed, t, k), out, inp, n), slots)
+            if best is None or co.gain > best.gain:  # the first of equal gains
+                best = co
+        assert best is not None
+        term, _, unscaled = _row_scales(weighted, best, slots, unscaled)
         terms.append(term)
-        _add_term(left, term, alpha=-1.0)
+        left.addcmul_(unscaled, term.r.unsqueeze(1), value=-1.0)
     return terms, w.float() - left
 
 
