@@ -179,7 +179,7 @@ def build(
     model: str,
     out: str | None,
     *,
-    policy: Policy,
+    policy: Policy | str | None,
     inputs: Inputs,
     layers: set[int] | None = None,
     kinds: set[str] | None = None,
@@ -192,7 +192,10 @@ def build(
 ) -> dict[str, Any]:
     """Fit, gate, decide, write; returns the report (see docs/seeddelta.md for its fields).
 
-    ``progress`` receives one line per weight as its fit finishes (the command line prints them on stderr).
+    ``policy``: a :class:`.policy.Policy`, or the path of its JSON file (None: the built-in defaults), read
+    inside the build, so that in a distributed build a file one rank cannot read is reported as that rank's
+    failure on every rank. ``progress`` receives one line per weight as its fit finishes (the command line
+    prints them on stderr).
 
     ``distributed`` is :class:`statebridge.options.RunOptions`' option of that name: ``None``
     (auto) shares the weights over the ranks when ``torchrun`` started this process, ``True``
@@ -202,14 +205,9 @@ def build(
     rank raises :class:`statebridge.ExecutionError` on every rank, in the same words
     (``rank 1 of 2 failed: SourceError: ...``), and leaves no target.
     """
-    # What the ranks of a distributed build must have in common: ranks given different models, targets,
-    # policies or inputs would otherwise write one rank's fits under another's settings.
-    agree = {"models": _identity(model), "outputs": (_identity(out), sidecar, overwrite), "policies": policy.hash,
-             "inputs": ([_identity(path) for path in (inputs.activations, inputs.imatrix, inputs.eval_x)],
-                        json.dumps(inputs.extra_gates, sort_keys=True, default=repr))}
     with session(distributed) as ranks:
-        (weights, metas, jobs_list, report), offers = _together(ranks, lambda: (
-            _prepare(model, out, policy, inputs, layers, kinds, sidecar, dry_run), agree))
+        (weights, metas, jobs_list, report, loaded), offers = _together(ranks, lambda: _prepare(
+            model, out, policy, inputs, layers, kinds, sidecar, overwrite, dry_run))
         if ranks is not None:
             for what in offers[0]:
                 ranks.require_same([offer[what] for offer in offers], what)
@@ -225,7 +223,7 @@ def build(
                                   [metas[job[1]].numel * _attempts(job[2]) for job in jobs_list])
 
         def finish() -> tuple[None, None]:
-            tensors, kv, strip = _assemble(report, weights, jobs_list, results, policy.hash, start)
+            tensors, kv, strip = _assemble(report, weights, jobs_list, results, loaded.hash, start)
             if out is not None and (ranks is None or ranks.rank == 0):
                 _write(model, out, tensors, kv, strip, sidecar=sidecar, overwrite=overwrite)
             return None, None
@@ -264,14 +262,18 @@ def _together(ranks: Ranks | None, part: Callable[[], tuple[T, Any]]) -> tuple[T
     return kept, [payload for payload, _ in outcomes]
 
 
-def _prepare(model: str, out: str | None, policy: Policy, inputs: Inputs, layers: set[int] | None,
-             kinds: set[str] | None, sidecar: bool, dry_run: bool) -> tuple[list[str], dict[str, Any], list[Job],
-                                                                            dict[str, Any]]:
-    """The selected weights, the model's metas, the weights to fit, and the report so far (its header, the
-    weights the policy disables, and in a dry run what would be fitted)."""
+def _prepare(model: str, out: str | None, policy: Policy | str | None, inputs: Inputs, layers: set[int] | None,
+             kinds: set[str] | None, sidecar: bool, overwrite: bool, dry_run: bool) -> tuple[
+                 tuple[list[str], dict[str, Any], list[Job], dict[str, Any], Policy], dict[str, Any]]:
+    """The selected weights, the model's metas, the weights to fit, the report so far (its header, the
+    weights the policy disables, and in a dry run what would be fitted) and the policy; and what the ranks
+    of a distributed build must have in common: ranks given different models, targets, policies or inputs
+    would otherwise write one rank's fits under another's settings."""
     from statebridge.plugins import installed
     from statebridge.trust.gates import Gates
 
+    if not isinstance(policy, Policy):
+        policy = Policy.load(policy)
     Gates(installed().gates, {gating.NAME: True, **inputs.extra_gates})  # an unknown gate name fails now, before any fit
     weights, metas = targets(model, layers, kinds)
     if not weights:
@@ -299,7 +301,10 @@ def _prepare(model: str, out: str | None, policy: Policy, inputs: Inputs, layers
                                     "would_fit": {"base": spec.base, "scheme": spec.scheme, "K": ks}})
         else:
             jobs_list.append((model, weight, resolved, inputs))
-    return weights, metas, jobs_list, report
+    agree = {"models": _identity(model), "outputs": (_identity(out), sidecar, overwrite), "policies": policy.hash,
+             "inputs": ([_identity(path) for path in (inputs.activations, inputs.imatrix, inputs.eval_x)],
+                        json.dumps(inputs.extra_gates, sort_keys=True, default=repr))}
+    return (weights, metas, jobs_list, report, policy), agree
 
 
 def _attempts(resolved: Resolved) -> int:

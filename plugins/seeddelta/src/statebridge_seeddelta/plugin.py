@@ -87,22 +87,22 @@ def build(model: str, out: str | None, policy_path: str | None, activations: str
     from .build import Inputs
     from .build import build as run_build
     from .names import TENSOR_TYPES
-    from .policy import Policy
 
-    if out is None and not dry_run:
-        raise statebridge.ConfigError("give OUT (or --dry-run)")
-    kind_set = None
-    if kinds:
-        kind_set = {k.strip() for k in kinds.split(",")}
-        if not kind_set <= set(TENSOR_TYPES):
-            raise statebridge.ConfigError(f"--tensors: {sorted(kind_set - set(TENSOR_TYPES))} not among {TENSOR_TYPES}")
-    policy, inputs, layer_set = Policy.load(policy_path), Inputs(activations, imatrix, eval_x, _gates(gates)), _layers(layers)
-    # As `statebridge run` does, under torchrun only rank 0 speaks. A failure inside the build reaches every
-    # rank (each raises the same error), so the others end quietly with status 0: a rank ending in failure
-    # would have torchrun stop rank 0 (SIGTERM) before it printed the error.
+    # As `statebridge run` does, under torchrun only rank 0 speaks. Every rank meets the same errors in the
+    # arguments, and a failure inside the build reaches every rank (each raises the same error); so the
+    # others end quietly with status 0: a rank ending in failure would have torchrun stop rank 0 (SIGTERM)
+    # before it printed the error.
     speaks = distributed is False or int(os.environ.get("RANK", "0")) == 0
     try:
-        report = run_build(model, None if dry_run else out, policy=policy, inputs=inputs, layers=layer_set,
+        if out is None and not dry_run:
+            raise statebridge.ConfigError("give OUT (or --dry-run)")
+        kind_set = None
+        if kinds:
+            kind_set = {k.strip() for k in kinds.split(",")}
+            if not kind_set <= set(TENSOR_TYPES):
+                raise statebridge.ConfigError(f"--tensors: {sorted(kind_set - set(TENSOR_TYPES))} not among {TENSOR_TYPES}")
+        report = run_build(model, None if dry_run else out, policy=policy_path,
+                           inputs=Inputs(activations, imatrix, eval_x, _gates(gates)), layers=_layers(layers),
                            kinds=kind_set, sidecar=sidecar, overwrite=overwrite, jobs=jobs, distributed=distributed,
                            dry_run=dry_run, progress=(lambda line: click.echo(line, err=True)) if speaks else None)
     except statebridge.StatebridgeError:
