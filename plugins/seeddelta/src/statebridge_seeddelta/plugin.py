@@ -113,8 +113,13 @@ def build(model: str, out: str | None, policy_path: str | None, activations: str
         return
     if report_json:
         partial = Path(f"{report_json}.{os.getpid()}.part")  # the report appears whole, or not at all
-        partial.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
-        os.replace(partial, report_json)
+        try:
+            partial.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+            os.replace(partial, report_json)
+        except OSError as e:
+            raise statebridge.ConfigError(f"--report-json {report_json}: cannot write it: {e.strerror or e}") from None
+        finally:
+            partial.unlink(missing_ok=True)
     click.echo(render(report))
 
 
