@@ -10,9 +10,13 @@ tensors and key-values plus the SeedΔ tensors and ``seeddelta.*`` fields, or wi
 ``sidecar`` the SeedΔ tensors alone in their own GGUF (``general.type = "seeddelta"``), so
 llama.cpp loads the untouched model. The target appears only when complete.
 
-Tensors are fitted in ``jobs`` worker processes when asked; each weight's fit depends on
-its own inputs alone, and results are assembled in weight order, so the bytes are the same
-as a sequential run's.
+Tensors are fitted in ``jobs`` worker processes when asked, and under ``torchrun`` shared
+over its ranks (:func:`statebridge.execute.distributed.session`, as ``statebridge run``
+does): each rank fits a contiguous share of the weights (``jobs`` workers each), the ranks
+gather every rank's report entries and SeedΔ tensors, and rank 0 alone writes the target.
+Each weight's fit and gate decisions depend on its own inputs alone, and results are
+assembled in weight order, so the bytes are the same as a sequential run's however the work
+was split.
 """
 
 from __future__ import annotations
@@ -20,15 +24,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import statebridge as sb
+from statebridge.execute.distributed import Ranks, session
 
 from . import fit as sdfit
 from . import gating, names, storage
@@ -155,7 +161,12 @@ def fit_weight(model: str, weight: str, resolved: Resolved, inputs: Inputs) -> t
     return entry, final
 
 
-def _work(job: tuple[str, str, Resolved, Inputs]) -> tuple[dict[str, Any], dict[str, Any] | None, list | None]:
+#: one weight's result: its report entry, its SeedΔ tensors and its storage entries (Nones: it stays dense)
+Result = tuple[dict[str, Any], dict[str, Any] | None, list | None]
+Job = tuple[str, str, Resolved, Inputs]
+
+
+def _work(job: Job) -> Result:
     """A worker's task: fit one weight; its report entry, its SeedΔ tensors and storage entry (or Nones)."""
     model, weight, resolved, inputs = job
     entry, fitted = fit_weight(model, weight, resolved, inputs)
@@ -168,23 +179,101 @@ def build(
     model: str,
     out: str | None,
     *,
-    policy: Policy,
+    policy: Policy | str | None,
     inputs: Inputs,
     layers: set[int] | None = None,
     kinds: set[str] | None = None,
     sidecar: bool = False,
     overwrite: bool = False,
     jobs: int = 1,
+    distributed: bool | None = None,
     dry_run: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Fit, gate, decide, write; returns the report (see docs/seeddelta.md for its fields).
 
-    ``progress`` receives one line per weight as its fit finishes (the command line prints them on stderr).
+    ``policy``: a :class:`.policy.Policy`, or the path of its JSON file (None: the built-in defaults), read
+    inside the build, so that in a distributed build a file one rank cannot read is reported as that rank's
+    failure on every rank. ``progress`` receives one line per weight as its fit finishes (the command line
+    prints them on stderr).
+
+    ``distributed`` is :class:`statebridge.options.RunOptions`' option of that name: ``None``
+    (auto) shares the weights over the ranks when ``torchrun`` started this process, ``True``
+    also over a process group the caller initialised, ``False`` fits in this process alone.
+    In a distributed build every rank calls this with the same arguments and returns the same
+    report once rank 0 has written ``out``; only rank 0 calls ``progress``. A failure on any
+    rank raises :class:`statebridge.ExecutionError` on every rank, in the same words
+    (``rank 1 of 2 failed: SourceError: ...``), and leaves no target.
     """
+    with session(distributed) as ranks:
+        (weights, metas, jobs_list, report, loaded), offers = _together(ranks, lambda: _prepare(
+            model, out, policy, inputs, layers, kinds, sidecar, overwrite, dry_run))
+        if ranks is not None:
+            for what in offers[0]:
+                ranks.require_same([offer[what] for offer in offers], what)
+        if dry_run:
+            report["summary"] = {"dry_run": True, "would_fit": len(jobs_list) or sum(
+                1 for L in report["layers"].values() for t in L["tensors"].values() if "would_fit" in t)}
+            return report
+        start = time.perf_counter()
+        if ranks is None:
+            results = _fit_all(jobs_list, jobs, progress)
+        else:
+            results = _fit_shared(ranks, jobs_list, jobs, progress,
+                                  [metas[job[1]].numel * _attempts(job[2]) for job in jobs_list])
+
+        def finish() -> tuple[None, None]:
+            tensors, kv, strip = _assemble(report, weights, jobs_list, results, loaded.hash, start)
+            if out is not None and (ranks is None or ranks.rank == 0):
+                _write(model, out, tensors, kv, strip, sidecar=sidecar, overwrite=overwrite)
+            return None, None
+
+        _together(ranks, finish)  # every rank returns once rank 0 has committed, or raises its failure
+    return report
+
+
+T = TypeVar("T")
+
+
+def _together(ranks: Ranks | None, part: Callable[[], tuple[T, Any]]) -> tuple[T, list[Any]]:
+    """Run this rank's ``part`` (what it keeps, what it sends), then meet the other ranks: what it keeps, and what
+    each rank sent, in rank order.
+
+    Every rank reaches the exchange, having failed or not, so no rank waits for ever on one that gave up. A
+    failure on some ranks raises :class:`statebridge.ExecutionError` on every rank, in the same words, naming
+    them (``rank 1 of 2 failed: SourceError: ...``); one that every rank met alike (a malformed policy, a
+    missing model) is the build's own and is raised as it is.
+    """
+    try:
+        kept, sent = part()
+        failure: Exception | None = None
+    except Exception as e:
+        if ranks is None:
+            raise
+        kept, sent, failure = None, None, e  # type: ignore[assignment]
+    if ranks is None:
+        return kept, [sent]
+    outcomes = ranks.sync((sent, None if failure is None else f"{type(failure).__name__}: {failure}"))
+    failed = [(rank, error) for rank, (_, error) in enumerate(outcomes) if error is not None]
+    if failure is not None and len(failed) == ranks.world and len({error for _, error in failed}) == 1:
+        raise failure
+    if failed:
+        raise sb.ExecutionError("; ".join(f"rank {rank} of {ranks.world} failed: {error}" for rank, error in failed))
+    return kept, [payload for payload, _ in outcomes]
+
+
+def _prepare(model: str, out: str | None, policy: Policy | str | None, inputs: Inputs, layers: set[int] | None,
+             kinds: set[str] | None, sidecar: bool, overwrite: bool, dry_run: bool) -> tuple[
+                 tuple[list[str], dict[str, Any], list[Job], dict[str, Any], Policy], dict[str, Any]]:
+    """The selected weights, the model's metas, the weights to fit, the report so far (its header, the
+    weights the policy disables, and in a dry run what would be fitted) and the policy; and what the ranks
+    of a distributed build must have in common: ranks given different models, targets, policies or inputs
+    would otherwise write one rank's fits under another's settings."""
     from statebridge.plugins import installed
     from statebridge.trust.gates import Gates
 
+    if not isinstance(policy, Policy):
+        policy = Policy.load(policy)
     Gates(installed().gates, {gating.NAME: True, **inputs.extra_gates})  # an unknown gate name fails now, before any fit
     weights, metas = targets(model, layers, kinds)
     if not weights:
@@ -198,11 +287,10 @@ def build(
                   "gates": [gating.NAME, *inputs.extra_gates]},
         "layers": {},
     }
-    jobs_list, resolved_of = [], {}
+    jobs_list: list[Job] = []
     for weight in weights:
         layer, kind = names.classify(weight)  # type: ignore[misc]
         resolved = policy.resolve(layer, kind)
-        resolved_of[weight] = resolved
         if not resolved.enable:
             _place(report, weight, {"weight": weight, "resolved": resolved.report(), "decision": {
                 "emit_delta": False, "strip_applied": False, "reason": "disabled by the policy"}})
@@ -213,19 +301,66 @@ def build(
                                     "would_fit": {"base": spec.base, "scheme": spec.scheme, "K": ks}})
         else:
             jobs_list.append((model, weight, resolved, inputs))
-    if dry_run:
-        report["summary"] = {"dry_run": True, "would_fit": len(jobs_list) or sum(
-            1 for L in report["layers"].values() for t in L["tensors"].values() if "would_fit" in t)}
-        return report
-    start = time.perf_counter()
+    agree = {"models": _identity(model), "outputs": (_identity(out), sidecar, overwrite), "policies": policy.hash,
+             "inputs": ([_identity(path) for path in (inputs.activations, inputs.imatrix, inputs.eval_x)],
+                        json.dumps(inputs.extra_gates, sort_keys=True, default=repr))}
+    return (weights, metas, jobs_list, report, policy), agree
+
+
+def _attempts(resolved: Resolved) -> int:
+    """How many fits a weight may take (its share of the work scales with them)."""
+    return min(len(resolved.autotune.schedule), resolved.autotune.max_iters) if resolved.autotune.enabled else 1
+
+
+def _identity(path: str | None) -> tuple[str, int, int] | None:
+    """Real path, size and modification time of a file or folder (None when absent): what ranks can compare."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (os.path.realpath(path), -1, -1)  # missing: the fit names it, on every rank alike
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+def _line(i: int, n: int, entry: dict[str, Any]) -> str:
+    return f"[{i + 1}/{n}] {entry['weight']}: {entry['decision']['reason']}"
+
+
+def _fit_all(jobs_list: list[Job], jobs: int, progress: Callable[[str], None] | None, first: int = 0,
+             total: int | None = None) -> list[Result]:
+    """Fit these weights in this process or in ``jobs`` workers, in order; a progress line per weight (numbered
+    ``first + 1`` onwards of ``total``)."""
+    total = len(jobs_list) if total is None else total
     results = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=_spawn()) if jobs > 1 and len(jobs_list) > 1 else \
             contextlib.nullcontext() as pool:
         for i, result in enumerate(pool.map(_work, jobs_list) if pool is not None else map(_work, jobs_list)):
             results.append(result)
             if progress is not None:
-                entry = result[0]
-                progress(f"[{i + 1}/{len(jobs_list)}] {entry['weight']}: {entry['decision']['reason']}")
+                progress(_line(first + i, total, result[0]))
+    return results
+
+
+def _fit_shared(ranks: Ranks, jobs_list: list[Job], jobs: int, progress: Callable[[str], None] | None,
+                work: list[int]) -> list[Result]:
+    """Every rank's results, in weight order: this rank fits its contiguous share (balanced by ``work``), then
+    the ranks exchange them. Rank 0 prints its own share's lines as they come and the others' once gathered, so
+    the lines are a sequential run's."""
+    share = ranks.share(work)
+    _, parts = _together(ranks, lambda: (None, _fit_all(
+        [jobs_list[i] for i in share], jobs, progress if ranks.rank == 0 else None, share.start, len(jobs_list))))
+    results = [result for part in parts for result in part]
+    if progress is not None and ranks.rank == 0:
+        for i in range(len(parts[0]), len(results)):
+            progress(_line(i, len(results), results[i][0]))
+    return results
+
+
+def _assemble(report: dict[str, Any], weights: list[str], jobs_list: list[Job], results: list[Result],
+              policy_hash: str, start: float) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Place each result in the report, in weight order, and add the summary; the tensors, key-values and
+    stripped weights to write."""
     tensors: dict[str, Any] = {}
     entries: list[storage.Entry] = []
     unsafe = []
@@ -237,7 +372,7 @@ def build(
             continue
         tensors.update(fitted)
         entries.extend(stored or [])
-    kv = storage.key_values(entries, policy_hash=policy.hash, unsafe=unsafe)
+    kv = storage.key_values(entries, policy_hash=policy_hash, unsafe=unsafe)
     strip = [e.weight for e in entries if e.stripped]
     dense_bytes = sum(2 * e.in_features * e.out_features for e in entries)
     sd_bytes = sum(int(t.numel() * t.element_size()) for t in tensors.values())
@@ -249,9 +384,7 @@ def build(
               if any(k.startswith(w.removesuffix(".weight") + ".sd_") for w in strip)),
         "fit_seconds": round(time.perf_counter() - start, 3),
     }
-    if out is not None:
-        _write(model, out, tensors, kv, strip, sidecar=sidecar, overwrite=overwrite)
-    return report
+    return tensors, kv, strip
 
 
 def _spawn():  # noqa: ANN202
@@ -267,7 +400,11 @@ def _place(report: dict[str, Any], weight: str, entry: dict[str, Any]) -> None:
 
 def _write(model: str, out: str, tensors: dict[str, Any], kv: dict[str, Any], strip: list[str], *, sidecar: bool,
            overwrite: bool) -> None:
-    """Stage the SeedΔ tensors, then one atomic statebridge run into ``out``."""
+    """Stage the SeedΔ tensors, then one atomic statebridge run into ``out``.
+
+    The run is this process's alone (``distributed=False``), even under torchrun: in a distributed build rank 0
+    writes what every rank fitted, and a GGUF target cannot be shared by several writers anyway.
+    """
     from safetensors.torch import save
 
     from .emit import SeedDeltaEmit
@@ -290,10 +427,11 @@ def _write(model: str, out: str, tensors: dict[str, Any], kv: dict[str, Any], st
                 if not tensors:
                     raise sb.ConfigError("sidecar: no tensor passed gating, so there is nothing to write")
                 sb.run(str(staged), [], target, format="gguf", overwrite=overwrite, progress=False,
-                       metadata={**kv, "general.type": "seeddelta"})
+                       metadata={**kv, "general.type": "seeddelta"}, distributed=False)
             else:
                 step = SeedDeltaEmit(tensors=str(staged), strip=strip)
-                sb.run(model, [step], target, format="gguf", overwrite=overwrite, progress=False, metadata=kv)
+                sb.run(model, [step], target, format="gguf", overwrite=overwrite, progress=False, metadata=kv,
+                       distributed=False)
         except sb.SourceError as e:
             raise sb.ExecutionError(str(e)) from None
     finally:

@@ -9,6 +9,7 @@ inside the hooks and commands: statebridge imports this module at start-up.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -69,31 +70,56 @@ def _gates(values: tuple[str, ...]) -> dict:
 @click.option("--gate", "gates", multiple=True, help="another registered gate that must accept, NAME or NAME=JSON")
 @click.option("--sidecar", is_flag=True, help="write only the SeedΔ tensors to OUT (general.type = seeddelta)")
 @click.option("--report-json", type=click.Path(), help="write the build report here")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="worker processes fitting tensors")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="worker processes fitting tensors (per rank under torchrun)")
+@click.option("--distributed/--no-distributed", default=None,
+              help="share the tensors over torchrun's ranks (default: when started by torchrun)")
 @click.option("--dry-run", is_flag=True, help="show what would be fitted; fit and write nothing")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 def build(model: str, out: str | None, policy_path: str | None, activations: str | None, imatrix: str | None,
           eval_x: str | None, layers: str | None, kinds: str | None, gates: tuple[str, ...], sidecar: bool,
-          report_json: str | None, jobs: int, dry_run: bool, overwrite: bool) -> None:
-    """Fit SeedΔ for MODEL's FFN weights by the policy, gate them, and write OUT (a GGUF)."""
+          report_json: str | None, jobs: int, distributed: bool | None, dry_run: bool, overwrite: bool) -> None:
+    """Fit SeedΔ for MODEL's FFN weights by the policy, gate them, and write OUT (a GGUF).
+
+    Under torchrun the ranks share the tensors; rank 0 alone prints, writes OUT and the report, and
+    sets the job's exit status.
+    """
     from .build import Inputs
     from .build import build as run_build
     from .names import TENSOR_TYPES
-    from .policy import Policy
 
-    if out is None and not dry_run:
-        raise statebridge.ConfigError("give OUT (or --dry-run)")
-    kind_set = None
-    if kinds:
-        kind_set = {k.strip() for k in kinds.split(",")}
-        if not kind_set <= set(TENSOR_TYPES):
-            raise statebridge.ConfigError(f"--tensors: {sorted(kind_set - set(TENSOR_TYPES))} not among {TENSOR_TYPES}")
-    report = run_build(model, None if dry_run else out, policy=Policy.load(policy_path),
-                       inputs=Inputs(activations, imatrix, eval_x, _gates(gates)), layers=_layers(layers),
-                       kinds=kind_set, sidecar=sidecar, overwrite=overwrite, jobs=jobs, dry_run=dry_run,
-                       progress=lambda line: click.echo(line, err=True))
+    # As `statebridge run` does, under torchrun only rank 0 speaks. Every rank meets the same errors in the
+    # arguments, and a failure inside the build reaches every rank (each raises the same error); so the
+    # others end quietly with status 0: a rank ending in failure would have torchrun stop rank 0 (SIGTERM)
+    # before it printed the error.
+    speaks = distributed is False or int(os.environ.get("RANK", "0")) == 0
+    try:
+        if out is None and not dry_run:
+            raise statebridge.ConfigError("give OUT (or --dry-run)")
+        kind_set = None
+        if kinds:
+            kind_set = {k.strip() for k in kinds.split(",")}
+            if not kind_set <= set(TENSOR_TYPES):
+                raise statebridge.ConfigError(f"--tensors: {sorted(kind_set - set(TENSOR_TYPES))} not among {TENSOR_TYPES}")
+        report = run_build(model, None if dry_run else out, policy=policy_path,
+                           inputs=Inputs(activations, imatrix, eval_x, _gates(gates)), layers=_layers(layers),
+                           kinds=kind_set, sidecar=sidecar, overwrite=overwrite, jobs=jobs, distributed=distributed,
+                           dry_run=dry_run, progress=(lambda line: click.echo(line, err=True)) if speaks else None)
+    except statebridge.StatebridgeError:
+        if speaks:
+            raise
+        raise click.exceptions.Exit(0) from None
+    if not speaks:
+        return
     if report_json:
-        Path(report_json).write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+        partial = Path(f"{report_json}.{os.getpid()}.part")  # the report appears whole, or not at all
+        try:
+            partial.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+            os.replace(partial, report_json)
+        except OSError as e:
+            raise statebridge.ConfigError(f"--report-json {report_json}: cannot write it: {e.strerror or e}") from None
+        finally:
+            partial.unlink(missing_ok=True)
     click.echo(render(report))
 
 
