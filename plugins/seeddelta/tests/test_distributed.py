@@ -1,8 +1,8 @@
 """torchrun: two ranks share the tensors of a build and rank 0 writes what a sequential build writes, or fail together.
 
-Every process here runs with one intra-op thread (``OMP_NUM_THREADS=1``, torchrun's default
-for its ranks): the fits' float reductions depend on the thread count, so a sequential build
-is byte-identical to a distributed one at equal threads per process (docs/seeddelta.md).
+The sequential build runs with two intra-op threads and torchrun's ranks with their default
+one: a fit pins itself to one thread, so the bytes do not depend on the thread count
+(docs/seeddelta.md).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ POLICY = {"version": 1, "defaults": {"K": 16, "gating": {"min_mean": 0.0}},
 ARGS = ["../llama.safetensors", "out.gguf", "--policy", "../policy.json", "--activations"]
 
 
-def environment() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
+def environment(threads: int = 1) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "policy-k8.json").write_text(json.dumps({**POLICY, "defaults": {**POLICY["defaults"], "K": 8}}))
     (root / "seq").mkdir()
     done = subprocess.run([sys.executable, "-m", "statebridge", "seeddelta", "build", *ARGS, "../fit.safetensors",
-                           "--report-json", "report.json"], cwd=root / "seq", env=environment(),
+                           "--report-json", "report.json"], cwd=root / "seq", env=environment(2),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     (root / "seq.err").write_text(done.stderr)

@@ -200,3 +200,20 @@ def test_refit_survives_dead_inputs_and_more_entries_than_samples() -> None:
     residual.refit(res, w, x.T @ x, ridge=0.0)
     assert torch.isfinite(res.val).all() and float(res.val.abs().max()) < 100
     assert float((x @ (w - res.dense(64)).T).norm()) <= before
+
+
+def test_a_fit_is_the_same_at_any_thread_count_and_leaves_the_setting_alone() -> None:
+    """BLAS splits the low-rank base's thin products by thread count; a fit pins one thread, then restores it."""
+    before = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(128, 4, generator=gen) @ torch.randn(4, 64, generator=gen) + 0.3 * torch.randn(128, 64, generator=gen)
+    x = torch.randn(256, 64, generator=gen)
+    fits = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            fits.append(sdfit.fit_tensor(w, x.square().mean(0), sdfit.FitSpec(K=8, base="lowrank"), x))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert fits[0].base == "lowrank" and torch.equal(fits[0].approx(), fits[1].approx())

@@ -25,7 +25,9 @@ Without activations the "fit activations" are Gaussian samples with the imatrix 
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -201,11 +203,33 @@ def fit_tensor(
     ``cache`` (one dict per tensor, shared by its autotune attempts) keeps what does not
     depend on ``K``: the dense outputs, the xor-circulant stack, the residual's selection
     scores and the rows' norms.
+
+    The fit runs on one torch thread (the setting is restored after): BLAS splits some products
+    differently at other thread counts, and a last-bit difference would change the file, so
+    this keeps a build's bytes the same on any machine size. Tensors are fitted in parallel
+    instead (``--jobs``, torchrun ranks), which is also faster on a shared machine.
     """
+    with _one_thread():
+        return _fit_tensor(w, d, spec, x_fit, x_eval, {} if cache is None else cache)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fit_tensor(w: torch.Tensor, d: torch.Tensor, spec: FitSpec, x_fit: torch.Tensor, x_eval: torch.Tensor | None,
+                cache: dict[Any, Any]) -> Fit:
     import torch
 
     start = time.perf_counter()
-    cache = {} if cache is None else cache
     w = w.float()
     out, inp = w.shape
     d = d.float()
