@@ -205,7 +205,8 @@ def fit_stack(
         term, _, unscaled = _row_scales(weighted, best, slots, unscaled)
         terms.append(term)
         left.addcmul_(unscaled, term.r.unsqueeze(1), value=-1.0)
-    return terms, w.float() - left
+    del weighted, slots, unscaled
+    return terms, left.neg_().add_(w)  # the stack's sum, W - (what it left), in place
 
 
 def term_seed(seed: int, term: int, trial: int) -> int:
