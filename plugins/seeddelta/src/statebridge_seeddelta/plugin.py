@@ -2,7 +2,7 @@
 
 Registers the ``seeddelta`` transform (adds fitted SeedΔ tensors, strips the dense weights they
 replace), the ``seeddelta.quality`` gate, and the commands ``statebridge seeddelta build``,
-``report`` and ``capture``. The math, the policy, the runtime and matplotlib are imported
+``report``, ``capture`` and ``eval``. The math, the policy, the runtime and matplotlib are imported
 inside the hooks and commands: statebridge imports this module at start-up.
 """
 
@@ -15,6 +15,8 @@ from pathlib import Path
 import click
 
 import statebridge
+
+from . import reports
 
 
 @statebridge.hookimpl
@@ -112,14 +114,7 @@ def build(model: str, out: str | None, policy_path: str | None, activations: str
     if not speaks:
         return
     if report_json:
-        partial = Path(f"{report_json}.{os.getpid()}.part")  # the report appears whole, or not at all
-        try:
-            partial.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
-            os.replace(partial, report_json)
-        except OSError as e:
-            raise statebridge.ConfigError(f"--report-json {report_json}: cannot write it: {e.strerror or e}") from None
-        finally:
-            partial.unlink(missing_ok=True)
+        reports.write(report_json, report, "--report-json")
     click.echo(render(report))
 
 
@@ -168,14 +163,38 @@ def capture(model: str, text_file: str, out: str, layers: str | None, max_tokens
 
     from .capture import capture as run_capture
 
-    try:
-        text = Path(text_file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise statebridge.ConfigError(f"{text_file}: cannot read the text: {e}") from None
-    found = run_capture(model, text, layers=_layers(layers), max_tokens=max_tokens)
+    found = run_capture(model, _text(text_file), layers=_layers(layers), max_tokens=max_tokens)
     save_file(found, out)
     n = next(iter(found.values())).shape[0]
     click.echo(f"wrote {out}: {len(found)} weights, {n} tokens each")
+
+
+@seeddelta.command(name="eval")
+@click.argument("model", type=click.Path())
+@click.argument("seeded", type=click.Path())
+@click.option("--text", "text_file", type=click.Path(), required=True, help="held-out UTF-8 text to run through the model")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=1024, show_default=True)
+@click.option("--chunk", type=click.IntRange(min=2), default=512, show_default=True, help="tokens per context")
+@click.option("--report", "report_json", type=click.Path(), help="add the figures to this build report (end_to_end)")
+@click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
+def evaluate(model: str, seeded: str, text_file: str, max_tokens: int, chunk: int, report_json: str | None,
+             as_json: bool) -> None:
+    """MODEL with SEEDED's SeedΔ layers swapped in, against MODEL: mean KLD, same top-1, bytes (transformers)."""
+    from .evaluate import end_to_end, render as render_eval
+
+    text = _text(text_file)
+    report = reports.read(report_json, "--report") if report_json else None
+    result = end_to_end(model, seeded, text, max_tokens=max_tokens, chunk=chunk)
+    if report_json and report is not None:
+        reports.write(report_json, {**report, "end_to_end": result}, "--report")
+    click.echo(json.dumps(result, indent=2) if as_json else render_eval(result))
+
+
+def _text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise statebridge.ConfigError(f"{path}: cannot read the text: {e}") from None
 
 
 @statebridge.hookimpl
