@@ -63,11 +63,12 @@ class Residual:
         return nbytes(self.val.shape[0], inp, self.val.shape[1], self.scheme, self.block)
 
 
-def csr(rows: torch.Tensor, vals: torch.Tensor, inp: int) -> torch.Tensor:
+def csr(rows: torch.Tensor, vals: torch.Tensor, inp: int, *, check: bool = False) -> torch.Tensor:
     """The ``(out, in)`` sparse CSR matrix holding ``vals`` ``(out, K)`` at columns ``rows`` ``(out, K)``.
 
     Its products with dense matrices (``S @ z``, ``S.t() @ q``) are far faster than gathers
-    and index-adds of the same entries, and sum each output in one fixed order.
+    and index-adds of the same entries, and sum each output in one fixed order. ``check``:
+    validate the indices (they came from a file, not from a fit).
     """
     import warnings
 
@@ -77,7 +78,7 @@ def csr(rows: torch.Tensor, vals: torch.Tensor, inp: int) -> torch.Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the products used here are long-standing
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(torch.arange(0, out * k + 1, k, dtype=torch.int64), rows.reshape(-1),
-                                       vals.reshape(-1), size=(out, inp), check_invariants=False)
+                                       vals.reshape(-1), size=(out, inp), check_invariants=check)
 
 
 def row_index(idx: torch.Tensor, scheme: Scheme, block: int, out: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 from statebridge import ConfigError, ExecutionError
 
-from . import names, storage, xorc
+from . import names, residual, storage, xorc
 
 
 class SeedDeltaLinear(torch.nn.Module):
@@ -53,12 +53,7 @@ class SeedDeltaLinear(torch.nn.Module):
         self.register_buffer("dense", None if dense is None else dense.float())
         self.register_buffer("bias", None if bias is None else bias.float())
         rows = self.idx if entry.scheme == "coo" else self.idx.repeat_interleave(entry.block, 0)[: self.out_features]
-        k = rows.shape[1]
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long-standing
-            warnings.simplefilter("ignore", UserWarning)
-            self._delta = torch.sparse_csr_tensor(
-                torch.arange(0, self.out_features * k + 1, k, dtype=torch.int64), rows.reshape(-1).contiguous(),
-                self.val.reshape(-1), size=(self.out_features, self.in_features), check_invariants=True)
+        self._delta = residual.csr(rows, self.val, self.in_features, check=True)
         self._warned = False
 
     def _compute(self, flat: torch.Tensor) -> torch.Tensor:
