@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from statebridge_seeddelta import fit as sdfit
 from statebridge_seeddelta import lowrank, residual, xorc
@@ -187,8 +193,8 @@ def test_weight_metrics_from_the_parts_equal_the_dense_ones(base: str) -> None:
 
 
 def test_refit_survives_dead_inputs_and_more_entries_than_samples() -> None:
-    """Near-dead, collinear inputs and K above the number of fit vectors (as in Gemma's ffn_down at
-    K=384): the values stay finite in float16, where a bare solve gave values beyond its range."""
+    """A column no input reaches, near-dead collinear ones, and K above the number of fit vectors
+    (``G_SS`` singular without the floor): finite values, no worse on the fit set."""
     torch.manual_seed(9)
     x = torch.randn(20, 64)
     x[:, 5] = 0.0
@@ -217,3 +223,88 @@ def test_a_fit_is_the_same_at_any_thread_count_and_leaves_the_setting_alone() ->
     finally:
         torch.set_num_threads(before)
     assert fits[0].base == "lowrank" and torch.equal(fits[0].approx(), fits[1].approx())
+
+
+#: solves one refit in a child process with two intra-op threads: argv ``IN OUT`` (safetensors)
+_REFIT_ON_TWO_THREADS = (
+    "import sys, torch\n"
+    "from safetensors.torch import load_file, save_file\n"
+    "from statebridge_seeddelta import residual\n"
+    "torch.set_num_threads(2)\n"
+    "t = load_file(sys.argv[1])\n"
+    "res = residual.Residual('coo', 1, t['idx'], t['val'])\n"
+    "residual.refit(res, t['w'], t['gram'], 0.0)\n"
+    "save_file({'val': res.val}, sys.argv[2])\n"
+    "print(torch.get_num_threads())\n"
+)
+
+
+def test_refit_solves_150_and_more_unknowns_on_two_threads(tmp_path: Path) -> None:
+    """The strict Gemma build's ``ffn_down`` attempts at K = 192…384 came out non-finite (or the build
+    died in ``lu_solve``): torch's batched LU on CPU with two threads gives bad pivots from 150
+    unknowns on (MKL "Parameter 6 was incorrect on entry to SLASWP", then an error, a hang or wrong
+    values). Here K = 160 on two threads must give the float64 solution of the documented system and
+    leave the thread count as it was; the refit runs in a child process so that a hang fails by the
+    timeout instead of stalling the suite."""
+    torch.manual_seed(11)
+    x = torch.randn(384, 192) @ torch.randn(192, 192) / 192 ** 0.5
+    w = torch.randn(4, 192)
+    res = residual.fit(w, x.square().mean(0), 160, "coo", 1)
+    gram = x.T @ x
+    save_file({"gram": gram, "w": w, "idx": res.idx, "val": res.val}, tmp_path / "in.safetensors")
+    src = str(Path(residual.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", _REFIT_ON_TWO_THREADS, str(tmp_path / "in.safetensors"),
+                           str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0 and "SLASWP" not in done.stderr, done.stderr[-400:]
+    assert done.stdout.split() == ["2"]  # the caller's thread count is back
+    got = load_file(tmp_path / "out.safetensors")["val"].double()
+    g = gram.double()
+    floor = 1e-3 * float(g.diagonal().mean())
+    for i, s in enumerate(res.idx):
+        want = torch.linalg.solve(g[s][:, s] + floor * torch.eye(160, dtype=torch.float64), (w[i].double() @ g)[s])
+        assert float((got[i] - want).abs().max()) < 1e-2 * float(want.abs().max()), i
+
+
+def test_refit_does_not_fit_noise_on_an_input_that_almost_never_fires() -> None:
+    """An input at 1e-3 of the others' scale on the fit set gets whatever value fits that set's
+    noise (tens to hundreds with the old floor, 1e-6·mean diag); where it then fires (held-out
+    inputs), such values wreck the outputs. The floor keeps them small, and the refit still gains."""
+    torch.manual_seed(5)
+    mix = torch.randn(32, 32) / 32 ** 0.5
+    x, held = torch.randn(256, 32) @ mix, torch.randn(256, 32) @ mix  # correlated: the refit has something to recover
+    x[:, 3] = 1e-3 * torch.randn(256)
+    w = torch.randn(4, 32)
+    res = residual.fit(w, torch.ones(32), 16, "coo", 1)
+    copied = res.dense(32)
+    assert bool((res.row_index() == 3).any(dim=1).all())  # every row keeps input 3
+    residual.refit(res, w, x.T @ x, ridge=0.0)
+    fitted = res.dense(32)
+    assert float(fitted[:, 3].abs().max()) < 1
+    assert float((x @ (w - fitted).T).norm()) < 0.7 * float((x @ (w - copied).T).norm())
+    assert float((held @ (w - fitted).T).norm()) < 0.95 * float((held @ (w - copied).T).norm())
+
+
+def test_refit_keeps_copied_values_that_would_overflow_float16() -> None:
+    """Inputs 0 and 1 are always equal and row 0 keeps only 0, so its solved value is the sum of the
+    two weights, 80000: infinite in float16. That row keeps its copied values; row 1 is solved."""
+    torch.manual_seed(1)
+    x = torch.randn(32, 3)
+    x[:, 1] = x[:, 0]
+    w = torch.tensor([[40000.0, 40000.0, 1.0], [2.0, 2.0, 1.0]])
+    res = residual.Residual("coo", 1, torch.tensor([[0, 2], [0, 2]]), w[:, [0, 2]].half().float())
+    residual.refit(res, w, x.T @ x, ridge=0.0)
+    assert res.val[0].tolist() == [40000.0, 1.0]
+    assert res.val[1].tolist() == pytest.approx([4.0, 1.0], abs=1e-2)
+
+
+def test_refit_keeps_copied_values_where_the_system_is_not_positive_definite() -> None:
+    """A Gram matrix that is not one (``[[1, 2], [2, 1]]`` on row 0's support: an eigenvalue −1)
+    fails its Cholesky factorization, whose solution is then finite garbage: that row keeps its copied
+    values; row 1, whose support sees the positive part, is solved."""
+    gram = torch.tensor([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    w = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]])
+    res = residual.Residual("coo", 1, torch.tensor([[0, 1], [0, 2]]), torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
+    residual.refit(res, w, gram, ridge=0.0)
+    assert res.val[0].tolist() == [0.5, 0.5]
+    assert res.val[1].tolist() == pytest.approx([1.0, 1.0], abs=2e-3)

@@ -25,13 +25,11 @@ Without activations the "fit activations" are Gaussian samples with the imatrix 
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import lowrank, metrics, residual, xorc
+from . import lowrank, metrics, residual, threads, xorc
 
 if TYPE_CHECKING:
     import torch
@@ -204,25 +202,12 @@ def fit_tensor(
     depend on ``K``: the dense outputs, the xor-circulant stack, the residual's selection
     scores and the rows' norms.
 
-    The fit runs on one torch thread (the setting is restored after): BLAS splits some products
-    differently at other thread counts, and a last-bit difference would change the file, so
-    this keeps a build's bytes the same on any machine size. Tensors are fitted in parallel
-    instead (``--jobs``, torchrun ranks), which is also faster on a shared machine.
+    The fit runs on one torch thread (:mod:`.threads`; the setting is restored after), so a
+    build's bytes are the same on any machine size. Tensors are fitted in parallel instead
+    (``--jobs``, torchrun ranks), which is also faster on a shared machine.
     """
-    with _one_thread():
+    with threads.one():
         return _fit_tensor(w, d, spec, x_fit, x_eval, {} if cache is None else cache)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _fit_tensor(w: torch.Tensor, d: torch.Tensor, spec: FitSpec, x_fit: torch.Tensor, x_eval: torch.Tensor | None,

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from . import threads
+
 if TYPE_CHECKING:
     import torch
 
@@ -144,8 +146,15 @@ def refit(res: Residual, target: torch.Tensor, gram: torch.Tensor, ridge: float)
     over-fitting a small fit set. Magnitude-picked values assume uncorrelated inputs; real
     inputs are correlated, and the solved values recover much of what the dropped entries
     carried. A floor of ``1e-3·mean(diag G)`` on the diagonal keeps inputs that (almost) never
-    fire from getting huge fitted values; a row whose system still fails, or whose values would
-    overflow float16, keeps its copied values. Rounded to float16 like any stored value.
+    fire from getting huge fitted values; a row whose system is not positive definite, or whose
+    values would overflow float16, keeps its copied values. Rounded to float16 like any stored value.
+
+    The systems are positive definite by construction, so they are solved by Cholesky, on one
+    intra-op thread: torch's batched LU on CPU with two or more threads gives wrong pivots for
+    systems of 150 or more unknowns (MKL "Parameter 6 was incorrect on entry to SLASWP", then an
+    error, a hang or silently wrong values; pytorch/pytorch#142815), which is what broke the
+    ``ffn_down`` refits at K ≥ 192 of a strict Gemma build; and a batch of such small systems
+    only loses time to MKL's threads on a busy machine.
     """
     import torch
 
@@ -153,14 +162,17 @@ def refit(res: Residual, target: torch.Tensor, gram: torch.Tensor, ridge: float)
     gt = target @ gram
     floor = 1e-3 * float(torch.diagonal(gram).mean()) + 1e-30  # near-dead inputs: bounded values, not fitted noise
     vals = res.val.clone()
-    for start in range(0, rows.shape[0], REFIT_ROWS):
-        idx = rows[start : start + REFIT_ROWS]
-        sub = gram[idx.unsqueeze(2), idx.unsqueeze(1)]
-        diag = torch.diagonal(sub, dim1=1, dim2=2)
-        sub = sub + torch.diag_embed(ridge * diag + floor)
-        rhs = gt[start : start + REFIT_ROWS].gather(1, idx)
-        solved, info = torch.linalg.solve_ex(sub, rhs.unsqueeze(2))
-        # a row that cannot be solved, or whose values would not fit float16, keeps its copied values
-        good = (info == 0) & (solved.abs() < FLOAT16_MAX).all(dim=2).all(dim=1)
-        vals[start : start + REFIT_ROWS][good] = solved.squeeze(2)[good]
+    with threads.one():
+        for start in range(0, rows.shape[0], REFIT_ROWS):
+            idx = rows[start : start + REFIT_ROWS]
+            sub = gram[idx.unsqueeze(2), idx.unsqueeze(1)]
+            diag = torch.diagonal(sub, dim1=1, dim2=2)
+            sub = sub + torch.diag_embed(ridge * diag + floor)
+            rhs = gt[start : start + REFIT_ROWS].gather(1, idx)
+            chol, info = torch.linalg.cholesky_ex(sub)
+            solved = torch.cholesky_solve(rhs.unsqueeze(2), chol)
+            # a row whose factorization failed (its solution is garbage, often finite), or whose values
+            # would not fit float16, keeps its copied values
+            good = (info == 0) & (solved.abs() < FLOAT16_MAX).all(dim=2).all(dim=1)
+            vals[start : start + REFIT_ROWS][good] = solved.squeeze(2)[good]
     res.val = vals.half().float()
