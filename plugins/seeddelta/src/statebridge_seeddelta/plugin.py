@@ -16,8 +16,6 @@ import click
 
 import statebridge
 
-from . import reports
-
 
 @statebridge.hookimpl
 def register_transforms(register):
@@ -114,6 +112,8 @@ def build(model: str, out: str | None, policy_path: str | None, activations: str
     if not speaks:
         return
     if report_json:
+        from . import reports
+
         reports.write(report_json, report, "--report-json")
     click.echo(render(report))
 
@@ -180,6 +180,7 @@ def capture(model: str, text_file: str, out: str, layers: str | None, max_tokens
 def evaluate(model: str, seeded: str, text_file: str, max_tokens: int, chunk: int, report_json: str | None,
              as_json: bool) -> None:
     """MODEL with SEEDED's SeedΔ layers swapped in, against MODEL: mean KLD, same top-1, bytes (transformers)."""
+    from . import reports
     from .evaluate import end_to_end, render as render_eval
 
     text = _text(text_file)
